@@ -1,0 +1,5 @@
+import sys
+
+from memckpt.agent.daemon import main
+
+sys.exit(main())

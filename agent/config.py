@@ -1,0 +1,60 @@
+"""AgentConfig: every setting of `memckpt-agent`, with its reason and its checks."""
+
+from __future__ import annotations
+
+import os
+import socket as _socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from memckpt.config import field
+from memckpt.errors import ConfigError
+from memckpt.names import check_name
+from memckpt.sizes import format_size
+
+DEFAULT_MEMORY_FRACTION = 0.5
+SOCKET_ENV = "MEMCKPT_SOCKET"
+
+
+def default_socket() -> Path:
+    """Where agent and client meet by default: a per-user directory, so users never collide."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    base = Path(runtime) / "memckpt" if runtime else Path(f"/tmp/memckpt-{os.getuid()}")
+    return base / "agent.sock"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AgentConfig:
+    socket: Path = field(default_socket(), "unix socket the trainer ranks of this node connect to (made 0600)")
+    """Its directory is created 0700 if missing, and must belong to the agent's user."""
+    node: str = field(_socket.gethostname().split(".")[0] or "node", "node id shown in status and logs")
+    shm_dir: Path = field(Path("/dev/shm"), "directory of POSIX shared memory")
+    shm_prefix: str = field("memckpt.", "prefix of every shm segment this agent owns (one prefix per agent)")
+    """Two agents on one machine must have different prefixes; a restarted agent re-adopts its prefix."""
+    memory_limit: int | None = field(
+        None, "budget for snapshot slots, e.g. 8GiB", size=True, default_text="half of the memory available at start"
+    )
+    on_exit: str = field("keep", "what a clean stop does with the slots", choices=("keep", "remove"))
+    """`keep` leaves them for the next agent to re-adopt (upgrades, restarts); `remove` unlinks them."""
+    max_message_bytes: int = field(64 << 20, "largest gRPC message accepted (layout metadata)", size=True)
+    log_level: str = field("INFO", "log level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+
+    def __post_init__(self) -> None:
+        check_name(self.node, "node")
+        if not self.shm_prefix or not self.shm_prefix.endswith(".") or "/" in self.shm_prefix:
+            raise ConfigError(f"shm_prefix {self.shm_prefix!r} must be a plain name ending in '.'")
+        check_name(self.shm_prefix[:-1], "shm_prefix")
+        if self.memory_limit is not None and self.memory_limit <= 0:
+            raise ConfigError(f"memory_limit must be positive, got {self.memory_limit}")
+        if len(str(self.socket)) > 100:
+            raise ConfigError(f"socket path {self.socket} is longer than a unix socket allows (~107 bytes)")
+
+    def memory_limit_bytes(self) -> int:
+        if self.memory_limit is not None:
+            return self.memory_limit
+        return int(psutil.virtual_memory().available * DEFAULT_MEMORY_FRACTION)
+
+    def describe_budget(self) -> str:
+        return format_size(self.memory_limit_bytes())

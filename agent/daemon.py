@@ -1,0 +1,120 @@
+"""`memckpt-agent`: config -> slot store -> gRPC server on a unix socket; signals; main."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from memckpt import config as config_mod
+from memckpt.agent.config import AgentConfig
+from memckpt.agent.service import AgentServicer
+from memckpt.agent.shm import ShmDir
+from memckpt.agent.slots import MemoryBudget
+from memckpt.agent.store import SlotStore
+from memckpt.errors import ConfigError
+from memckpt.protos import agent_pb2_grpc as pb_grpc
+from memckpt.sizes import format_size
+
+log = logging.getLogger("memckpt.agent")
+
+GRACE_S = 5.0
+SERVICE_NAME = "memckpt.v1.AgentService"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="memckpt-agent",
+        description=(
+            "The memckpt node agent: holds the in-memory snapshots of this node's trainer ranks in "
+            "shared memory, serves them over a unix socket, and keeps them across its own restarts. "
+            "Run one per node, as the user of the training job."
+        ),
+    )
+    config_mod.add_flags(parser, AgentConfig)
+    return parser
+
+
+def prepare_socket(path: Path) -> None:
+    """Makes the socket's directory (0700) and removes a stale socket; refuses a live one."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = path.parent.stat()
+    if info.st_uid != os.getuid() or info.st_mode & 0o022:
+        raise ConfigError(f"socket directory {path.parent} must belong to uid {os.getuid()} and not be writable by others")
+    if not path.exists():
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        path.unlink()  # nobody listens: left by a dead agent
+        return
+    finally:
+        probe.close()
+    raise ConfigError(f"another agent is serving {path}; stop it or choose another --socket")
+
+
+def serve(config: AgentConfig, stop: threading.Event) -> int:
+    limit = config.memory_limit_bytes()
+    store = SlotStore(shm=ShmDir(config.shm_dir), prefix=config.shm_prefix, budget=MemoryBudget(limit_bytes=limit))
+    adopted = store.adopt()
+    store.start()
+    prepare_socket(config.socket)
+    options = [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+    ]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="rpc"), options=options)
+    pb_grpc.add_AgentServiceServicer_to_server(AgentServicer(store, config.node), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    server.add_insecure_port(f"unix:{config.socket}")
+    server.start()
+    os.chmod(config.socket, 0o600)
+    health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    log.info(
+        "agent ready node=%s socket=%s budget=%s adopted_ranks=%d pid=%d",
+        config.node, config.socket, format_size(limit), adopted, os.getpid(),
+    )
+    stop.wait()
+    log.info("stopping: grace=%.1fs on_exit=%s", GRACE_S, config.on_exit)
+    health_servicer.enter_graceful_shutdown()
+    server.stop(GRACE_S).wait()
+    store.stop(remove=config.on_exit == "remove")
+    config.socket.unlink(missing_ok=True)
+    log.info("agent stopped")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = config_mod.load_config(AgentConfig, args)
+    except ConfigError as exc:
+        print(f"memckpt-agent: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.umask(0o077)  # everything the agent creates is private to the job's user
+    log.info("config %s", config_mod.to_json(config))
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        return serve(config, stop)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

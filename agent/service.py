@@ -1,0 +1,58 @@
+"""AgentService over gRPC: a thin layer over SlotStore. Errors map through `memckpt.rpc`."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from memckpt import __version__
+from memckpt.agent import wire
+from memckpt.agent.store import SlotStore
+from memckpt.protos import agent_pb2 as pb
+from memckpt.protos import agent_pb2_grpc as pb_grpc
+from memckpt.rpc import map_errors
+
+
+class AgentServicer(pb_grpc.AgentServiceServicer):
+    def __init__(self, store: SlotStore, node: str) -> None:
+        self._store = store
+        self._node = node
+
+    @map_errors
+    def RegisterRank(self, request: pb.RegisterRankRequest, context: Any) -> pb.RegisterRankResponse:
+        slots = self._store.register(request.job, request.rank, request.world_size, request.slot_size_bytes)
+        latest = slots.latest_committed()
+        return pb.RegisterRankResponse(
+            slot_size_bytes=request.slot_size_bytes,
+            has_committed=latest is not None,
+            committed_step=latest.step if latest else -1,
+        )
+
+    @map_errors
+    def BeginSnapshot(self, request: pb.BeginSnapshotRequest, context: Any) -> pb.BeginSnapshotResponse:
+        grant = self._store.begin(request.job, request.rank, request.step, request.size_bytes)
+        return wire.grant_to_proto(grant)
+
+    @map_errors
+    def CommitSnapshot(self, request: pb.CommitSnapshotRequest, context: Any) -> pb.CommitSnapshotResponse:
+        slot = self._store.commit(
+            request.job, request.rank, request.step, request.slot_index, request.data_size_bytes, request.meta
+        )
+        return pb.CommitSnapshotResponse(step=slot.step)
+
+    @map_errors
+    def OpenRestore(self, request: pb.OpenRestoreRequest, context: Any) -> pb.OpenRestoreResponse:
+        return wire.restore_to_proto(self._store.open_restore(request.job, request.rank))
+
+    @map_errors
+    def ReleaseJob(self, request: pb.ReleaseJobRequest, context: Any) -> pb.ReleaseJobResponse:
+        ranks, freed = self._store.release_job(request.job)
+        return pb.ReleaseJobResponse(ranks_released=ranks, bytes_released=freed)
+
+    @map_errors
+    def GetStatus(self, request: pb.GetStatusRequest, context: Any) -> pb.GetStatusResponse:
+        ranks, used, limit = self._store.snapshot_status()
+        return pb.GetStatusResponse(
+            node=self._node, memory_used_bytes=used, memory_limit_bytes=limit, version=__version__, pid=os.getpid(),
+            ranks=[wire.rank_status(r, self._store.slot_names(r)) for r in ranks],
+        )

@@ -1,0 +1,112 @@
+"""POSIX shared memory: the only module that maps segments. Used by the agent and the client.
+
+On Linux a POSIX shm object is a file in /dev/shm; we use that directly so segments can be
+created owner-only, pre-faulted and listed. Every segment is 0600 and owned by the job's
+user; `open_segment` refuses one that is not.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import stat
+from pathlib import Path
+
+from memckpt.errors import BudgetExceeded, InvalidRequest, NotFound
+from memckpt.names import safe_join
+from memckpt.sizes import format_size
+
+DEFAULT_ROOT = Path("/dev/shm")
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+
+
+class Segment:
+    """A mapped shm segment. `buffer` aliases the mapping until `close()`."""
+
+    def __init__(self, name: str, mapping: mmap.mmap, size_bytes: int) -> None:
+        self.name = name
+        self.size_bytes = size_bytes
+        self._mapping = mapping
+        self.buffer = memoryview(mapping)
+
+    def close(self) -> None:
+        """Unmaps; fails if views of `buffer` are still alive (callers drop them first)."""
+        self.buffer.release()
+        try:
+            self._mapping.close()
+        except BufferError:
+            pass  # a tensor still aliases it; the mapping goes when that tensor does
+
+    def __repr__(self) -> str:
+        return f"Segment({self.name!r}, {format_size(self.size_bytes)})"
+
+
+class ShmDir:
+    """Shared-memory objects of one agent, under `root` (normally /dev/shm)."""
+
+    def __init__(self, root: Path = DEFAULT_ROOT) -> None:
+        self.root = root
+
+    def create_segment(self, name: str, size_bytes: int) -> Segment:
+        """Creates an owner-only segment, allocated and pre-faulted so the first copy is fast."""
+        path = safe_join(self.root, name)
+        if path.exists():
+            path.unlink()  # a leftover that no manifest adopted
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        try:
+            try:
+                os.posix_fallocate(fd, 0, max(size_bytes, 1))
+            except OSError as exc:
+                path.unlink(missing_ok=True)
+                if exc.errno in (errno.ENOSPC, errno.ENOMEM):
+                    raise BudgetExceeded(
+                        f"shared memory in {self.root} is full: cannot allocate {format_size(size_bytes)} for {name}"
+                    ) from exc
+                raise
+            return self._map(fd, name, size_bytes)
+        finally:
+            os.close(fd)
+
+    def open_segment(self, name: str) -> Segment:
+        """Maps an existing segment read-write; it must be ours and private to us."""
+        path = safe_join(self.root, name)
+        try:
+            fd = os.open(path, os.O_RDWR | getattr(os, "O_NOFOLLOW", 0))
+        except FileNotFoundError as exc:
+            raise NotFound(f"shared memory segment {name} does not exist in {self.root}") from exc
+        try:
+            info = os.fstat(fd)
+            if info.st_uid != os.getuid() or stat.S_IMODE(info.st_mode) & 0o077:
+                raise InvalidRequest(f"segment {name} is not private to uid {os.getuid()}; refusing it")
+            return self._map(fd, name, info.st_size)
+        finally:
+            os.close(fd)
+
+    def unlink(self, name: str) -> None:
+        safe_join(self.root, name).unlink(missing_ok=True)
+
+    def write_file_atomic(self, name: str, data: bytes) -> None:
+        """Writes a small file so that readers see the old or the new bytes, never a mix."""
+        path = safe_join(self.root, name)
+        tmp = path.with_name(path.name + ".tmp")
+        fd = os.open(tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o600)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)  # tmpfs: no fsync needed, rename is the commit
+
+    def read_file(self, name: str) -> bytes:
+        return safe_join(self.root, name).read_bytes()
+
+    def list_names(self, prefix: str) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir() if p.name.startswith(prefix))
+
+    @staticmethod
+    def _map(fd: int, name: str, size_bytes: int) -> Segment:
+        if size_bytes == 0:
+            size_bytes = 1
+            os.ftruncate(fd, 1)
+        mapping = mmap.mmap(fd, size_bytes, flags=mmap.MAP_SHARED | _POPULATE)
+        return Segment(name, mapping, size_bytes)

@@ -1,0 +1,182 @@
+"""The slot state machine of one (job, rank), and the agent's memory budget. Pure logic.
+
+Each rank owns two slots. Invariants:
+- a slot goes FREE -> WRITING(step) -> COMMITTED(step) -> FREE, nothing else;
+- the latest committed slot is never handed out for writing; it is released only
+  when a newer snapshot commits, so a restore always finds a whole snapshot.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field, replace
+
+from memckpt.errors import BudgetExceeded, InvalidRequest, StaleGeneration
+from memckpt.sizes import format_size
+
+SLOTS_PER_RANK = 2
+
+
+class SlotState(enum.Enum):
+    FREE = "free"
+    WRITING = "writing"
+    COMMITTED = "committed"
+
+
+ALLOWED: dict[SlotState, frozenset[SlotState]] = {
+    SlotState.FREE: frozenset({SlotState.WRITING}),
+    SlotState.WRITING: frozenset({SlotState.COMMITTED, SlotState.FREE, SlotState.WRITING}),
+    SlotState.COMMITTED: frozenset({SlotState.FREE}),
+}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RankKey:
+    job: str
+    rank: int
+
+    def __str__(self) -> str:
+        return f"job {self.job!r} rank {self.rank}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Slot:
+    """One shared-memory segment and what it holds. `version` changes when it is reallocated."""
+
+    index: int
+    version: int
+    size_bytes: int
+    state: SlotState = SlotState.FREE
+    step: int = -1
+    data_size_bytes: int = 0
+    checksum: int | None = None
+    meta: bytes = b""
+    commit_id: int = 0  # grows with every commit of the rank: tells a re-commit of one step apart
+
+    def moved_to(self, state: SlotState, **changes: object) -> Slot:
+        if state not in ALLOWED[self.state]:
+            raise AssertionError(f"slot {self.index}: {self.state.value} -> {state.value} is not allowed")
+        return replace(self, state=state, **changes)  # type: ignore[arg-type]
+
+
+@dataclass(slots=True, kw_only=True)
+class RankSlots:
+    """The two slots of one rank and the order of its snapshots.
+
+    Call order: `begin(step)` -> the client writes the slot -> `commit(index, step, ...)`.
+    `session_step` is the newest step begun since the rank (re)registered: steps must grow
+    within a session, and may go back only after a new registration (a restored job).
+    """
+
+    key: RankKey
+    world_size: int
+    slots: list[Slot]
+    session_step: int = -1
+    latest: int | None = None  # index of the latest committed slot
+    commits: int = 0
+
+    def latest_committed(self) -> Slot | None:
+        return None if self.latest is None else self.slots[self.latest]
+
+    def begin(self, step: int, size_bytes: int) -> tuple[Slot, bool]:
+        """Moves the slot that is not the latest committed to WRITING(step).
+
+        Returns the slot and whether it must be reallocated to fit `size_bytes`.
+        """
+        if step <= self.session_step:
+            raise StaleGeneration(
+                f"{self.key}: snapshot of step {step} after step {self.session_step} in the same session"
+            )
+        index = 1 - self.latest if self.latest is not None else self._first_free()
+        slot = self.slots[index]
+        grow = slot.size_bytes < size_bytes
+        self.slots[index] = slot.moved_to(
+            SlotState.WRITING, step=step, data_size_bytes=0, checksum=None, meta=b"",
+            size_bytes=max(slot.size_bytes, size_bytes), version=slot.version + int(grow),
+        )
+        self.session_step = step
+        return self.slots[index], grow
+
+    def commit(self, index: int, step: int, data_size_bytes: int, meta: bytes) -> Slot:
+        """Makes slot `index` the latest committed snapshot and frees the previous one."""
+        if not 0 <= index < len(self.slots):
+            raise InvalidRequest(f"{self.key}: slot index {index} out of range 0..{len(self.slots) - 1}")
+        slot = self.slots[index]
+        if slot.state is not SlotState.WRITING or slot.step != step:
+            raise StaleGeneration(
+                f"{self.key}: commit of step {step} into slot {index}, which is "
+                f"{slot.state.value} at step {slot.step}"
+            )
+        if data_size_bytes > slot.size_bytes:
+            raise InvalidRequest(
+                f"{self.key} step {step}: {data_size_bytes} bytes claimed in a slot of {slot.size_bytes}"
+            )
+        previous = self.latest
+        self.commits += 1
+        self.slots[index] = slot.moved_to(
+            SlotState.COMMITTED, data_size_bytes=data_size_bytes, meta=meta, commit_id=self.commits
+        )
+        if previous is not None and previous != index:
+            self.slots[previous] = self.slots[previous].moved_to(SlotState.FREE, checksum=None, meta=b"")
+        self.latest = index
+        return self.slots[index]
+
+    def is_current(self, index: int, commit_id: int) -> bool:
+        """Whether slot `index` still holds the commit `commit_id` (readers check this)."""
+        slot = self.slots[index]
+        return slot.state is SlotState.COMMITTED and slot.commit_id == commit_id
+
+    def set_checksum(self, index: int, commit_id: int, checksum: int) -> bool:
+        """Records the checksum of a committed slot; False if the slot moved on meanwhile."""
+        slot = self.slots[index]
+        if not self.is_current(index, commit_id):
+            return False
+        self.slots[index] = replace(slot, checksum=checksum)
+        return True
+
+    def abandon_writes(self) -> None:
+        """Frees slots left WRITING (by a dead writer); committed ones are kept."""
+        for i, slot in enumerate(self.slots):
+            if slot.state is SlotState.WRITING:
+                self.slots[i] = slot.moved_to(SlotState.FREE, step=-1, data_size_bytes=0, meta=b"")
+        self.session_step = -1
+
+    def reserved_bytes(self) -> int:
+        return sum(slot.size_bytes for slot in self.slots)
+
+    def _first_free(self) -> int:
+        for i, slot in enumerate(self.slots):
+            if slot.state is not SlotState.COMMITTED:
+                return i
+        raise AssertionError(f"{self.key}: no free slot while none is latest")
+
+
+def new_rank_slots(key: RankKey, world_size: int, slot_size_bytes: int) -> RankSlots:
+    slots = [Slot(index=i, version=0, size_bytes=slot_size_bytes) for i in range(SLOTS_PER_RANK)]
+    return RankSlots(key=key, world_size=world_size, slots=slots)
+
+
+@dataclass(slots=True, kw_only=True)
+class MemoryBudget:
+    """Bytes the agent may hold in shared memory, and who holds how much."""
+
+    limit_bytes: int
+    held: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(self.held.values())
+
+    def reserve(self, owner: str, size_bytes: int, why: str) -> None:
+        """Sets `owner`'s holding to `size_bytes`, or raises BudgetExceeded naming the sizes."""
+        extra = size_bytes - self.held.get(owner, 0)
+        free = self.limit_bytes - self.used_bytes
+        if extra > free:
+            raise BudgetExceeded(
+                f"{why} asks {format_size(extra)} more; {format_size(free)} free of "
+                f"{format_size(self.limit_bytes)} budget ({format_size(self.used_bytes)} used)"
+            )
+        self.held[owner] = size_bytes
+
+    def release(self, owner: str) -> None:
+        self.held.pop(owner, None)

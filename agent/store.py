@@ -1,0 +1,296 @@
+"""The agent's slot store: the slot state machine bound to shared memory and manifests.
+
+Thread-safe. The trainer never waits on a checksum: commits queue the slot for the
+background checksummer, and a restore verifies the stored checksum before handing
+the slot out. A checksum computed over a slot that moved on meanwhile is dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass, replace
+
+import crc32c
+
+from memckpt.agent.manifest import decode_manifest, encode_manifest
+from memckpt.agent.shm import Segment, ShmDir
+from memckpt.agent.slots import MemoryBudget, RankKey, RankSlots, Slot, SlotState, new_rank_slots
+from memckpt.errors import CorruptSnapshot, InvalidRequest, MemckptError, NotFound
+from memckpt.names import check_name
+from memckpt.sizes import format_size
+
+log = logging.getLogger(__name__)
+
+CHECKSUM_CHUNK_BYTES = 64 << 20
+MAX_WORLD_SIZE = 1 << 20
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SlotGrant:
+    index: int
+    name: str
+    size_bytes: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RestoreSource:
+    step: int
+    name: str
+    size_bytes: int
+    data_size_bytes: int
+    meta: bytes
+    checksum: int
+
+
+def slot_checksum(buffer: memoryview, data_size_bytes: int, meta: bytes, keep_going: object = None) -> int | None:
+    """crc32c of the data region then the meta; None if `keep_going()` turned false midway."""
+    value = 0
+    for start in range(0, data_size_bytes, CHECKSUM_CHUNK_BYTES):
+        if keep_going is not None and not keep_going():  # type: ignore[operator]
+            return None
+        value = crc32c.crc32c(buffer[start:min(start + CHECKSUM_CHUNK_BYTES, data_size_bytes)], value)
+    return int(crc32c.crc32c(meta, value))
+
+
+class SlotStore:
+    """Slots of every (job, rank) this agent serves, within one memory budget."""
+
+    def __init__(self, *, shm: ShmDir, prefix: str, budget: MemoryBudget) -> None:
+        self._shm = shm
+        self._prefix = prefix
+        self._budget = budget
+        self._lock = threading.Lock()
+        self._ranks: dict[RankKey, RankSlots] = {}
+        self._segments: dict[tuple[RankKey, int], Segment] = {}
+        self._pending: queue.Queue[tuple[RankKey, int, int] | None] = queue.Queue()
+        self._worker: threading.Thread | None = None
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def start(self) -> None:
+        self._worker = threading.Thread(target=self._checksum_loop, name="checksum", daemon=True)
+        self._worker.start()
+
+    def stop(self, remove: bool) -> None:
+        """Stops the checksummer and unmaps; with `remove`, unlinks every segment and manifest."""
+        self._pending.put(None)
+        if self._worker is not None:
+            self._worker.join(timeout=10)
+        with self._lock:
+            for key in list(self._ranks):
+                self._drop_rank(key, unlink=remove)
+
+    def adopt(self) -> int:
+        """Re-adopts the slots named by manifests left in shm by an earlier agent; returns ranks adopted."""
+        adopted = 0
+        for name in self._shm.list_names(self._prefix):
+            if name.endswith(".manifest"):
+                adopted += self._adopt_manifest(name)
+        keep = {self._manifest_name(k) for k in self._ranks}
+        keep |= {self._slot_name(k, s) for k, r in self._ranks.items() for s in r.slots}
+        for name in self._shm.list_names(self._prefix):
+            if name not in keep:
+                log.info("removing orphan shm segment name=%s", name)
+                self._shm.unlink(name)
+        return adopted
+
+    # -- the RPCs ------------------------------------------------------------------
+
+    def register(self, job: str, rank: int, world_size: int, slot_size_bytes: int) -> RankSlots:
+        key = self._key(job, rank)
+        if not 0 < world_size <= MAX_WORLD_SIZE or rank >= world_size:
+            raise InvalidRequest(f"{key}: world size {world_size} is invalid for this rank")
+        if slot_size_bytes <= 0:
+            raise InvalidRequest(f"{key}: slot size must be positive, got {slot_size_bytes}")
+        with self._lock:
+            slots = self._ranks.get(key)
+            held = slots.reserved_bytes() if slots else 0
+            self._budget.reserve(str(key), max(held, 2 * slot_size_bytes), f"{key} (2 slots of {format_size(slot_size_bytes)})")
+            if slots is None:
+                slots = new_rank_slots(key, world_size, slot_size_bytes)
+                self._ranks[key] = slots
+                try:
+                    for slot in slots.slots:
+                        self._map_new(key, slot)
+                except MemckptError:
+                    self._drop_rank(key, unlink=True)
+                    raise
+            else:
+                slots.abandon_writes()
+                slots.world_size = world_size
+            self._write_manifest(slots)
+            log.info("registered %s world_size=%d slot=%s", key, world_size, format_size(slot_size_bytes))
+            return slots
+
+    def begin(self, job: str, rank: int, step: int, size_bytes: int) -> SlotGrant:
+        key = self._key(job, rank)
+        with self._lock:
+            slots = self._rank(key)
+            if step < 0:
+                raise InvalidRequest(f"{key}: step must be >= 0, got {step}")
+            self._budget.reserve(str(key), self._grown_total(slots, size_bytes), f"{key} step {step} needs {format_size(size_bytes)}")
+            slot, grow = slots.begin(step, size_bytes)
+            if grow:
+                old_name = self._slot_name(key, replace(slot, version=slot.version - 1))
+                self._unmap(key, slot.index, old_name, unlink=True)
+                self._map_new(key, slot)
+                self._write_manifest(slots)
+            return SlotGrant(index=slot.index, name=self._slot_name(key, slot), size_bytes=slot.size_bytes)
+
+    def commit(self, job: str, rank: int, step: int, index: int, data_size_bytes: int, meta: bytes) -> Slot:
+        key = self._key(job, rank)
+        with self._lock:
+            slots = self._rank(key)
+            slot = slots.commit(index, step, data_size_bytes, meta)
+            self._write_manifest(slots)
+        self._pending.put((key, index, slot.commit_id))
+        log.debug("commit %s step=%d slot=%d bytes=%d", key, step, index, data_size_bytes)
+        return slot
+
+    def open_restore(self, job: str, rank: int) -> RestoreSource:
+        """The latest committed snapshot of the rank, after its checksum has been verified."""
+        key = self._key(job, rank)
+        with self._lock:
+            slot = self._rank(key).latest_committed()
+            if slot is None:
+                raise NotFound(f"{key} has no committed snapshot on this agent")
+            segment = self._segments[(key, slot.index)]
+        found = slot_checksum(segment.buffer, slot.data_size_bytes, slot.meta)
+        expected = slot.checksum if slot.checksum is not None else self._record_checksum(key, slot, found)
+        if found != expected:
+            raise CorruptSnapshot(
+                f"{key} step {slot.step}: checksum mismatch in slot {slot.index} "
+                f"(stored {expected:#010x}, found {found:#010x}); the snapshot is not loaded"
+            )
+        return RestoreSource(
+            step=slot.step, name=segment.name, size_bytes=slot.size_bytes,
+            data_size_bytes=slot.data_size_bytes, meta=slot.meta, checksum=expected,
+        )
+
+    def release_job(self, job: str) -> tuple[int, int]:
+        check_name(job, "job")
+        with self._lock:
+            keys = [k for k in self._ranks if k.job == job]
+            if not keys:
+                raise NotFound(f"job {job!r} has no slots on this agent")
+            freed = sum(self._ranks[k].reserved_bytes() for k in keys)
+            for key in keys:
+                self._drop_rank(key, unlink=True)
+        log.info("released job=%s ranks=%d bytes=%d", job, len(keys), freed)
+        return len(keys), freed
+
+    def snapshot_status(self) -> tuple[list[RankSlots], int, int]:
+        """Copies of every rank's slots, memory used and the budget."""
+        with self._lock:
+            ranks = [RankSlots(key=r.key, world_size=r.world_size, slots=list(r.slots), latest=r.latest) for r in self._ranks.values()]
+            return ranks, self._budget.used_bytes, self._budget.limit_bytes
+
+    def slot_names(self, slots: RankSlots) -> list[str]:
+        return [self._slot_name(slots.key, s) for s in slots.slots]
+
+    # -- internals -----------------------------------------------------------------
+
+    def _key(self, job: str, rank: int) -> RankKey:
+        check_name(job, "job")
+        if rank < 0:
+            raise InvalidRequest(f"job {job!r}: rank must be >= 0, got {rank}")
+        return RankKey(job=job, rank=rank)
+
+    def _rank(self, key: RankKey) -> RankSlots:
+        slots = self._ranks.get(key)
+        if slots is None:
+            raise NotFound(f"{key} is not registered with this agent")
+        return slots
+
+    def _grown_total(self, slots: RankSlots, size_bytes: int) -> int:
+        writable = 1 - slots.latest if slots.latest is not None else 0
+        sizes = [s.size_bytes if i != writable else max(s.size_bytes, size_bytes) for i, s in enumerate(slots.slots)]
+        return max(sum(sizes), self._budget.held.get(str(slots.key), 0))
+
+    def _slot_name(self, key: RankKey, slot: Slot) -> str:
+        return f"{self._prefix}{key.job}.r{key.rank}.s{slot.index}.v{slot.version}"
+
+    def _manifest_name(self, key: RankKey) -> str:
+        return f"{self._prefix}{key.job}.r{key.rank}.manifest"
+
+    def _map_new(self, key: RankKey, slot: Slot) -> None:
+        self._segments[(key, slot.index)] = self._shm.create_segment(self._slot_name(key, slot), slot.size_bytes)
+
+    def _unmap(self, key: RankKey, index: int, name: str, unlink: bool) -> None:
+        segment = self._segments.pop((key, index), None)
+        if segment is not None:
+            segment.close()
+        if unlink:
+            self._shm.unlink(name)
+
+    def _drop_rank(self, key: RankKey, unlink: bool) -> None:
+        slots = self._ranks.pop(key)
+        for slot in slots.slots:
+            self._unmap(key, slot.index, self._slot_name(key, slot), unlink)
+        if unlink:
+            self._shm.unlink(self._manifest_name(key))
+        self._budget.release(str(key))
+
+    def _write_manifest(self, slots: RankSlots) -> None:
+        self._shm.write_file_atomic(self._manifest_name(slots.key), encode_manifest(slots))
+
+    def _record_checksum(self, key: RankKey, slot: Slot, checksum: int | None) -> int:
+        assert checksum is not None
+        with self._lock:
+            slots = self._ranks.get(key)
+            if slots is not None and slots.set_checksum(slot.index, slot.commit_id, checksum):
+                self._write_manifest(slots)
+        return checksum
+
+    def _checksum_loop(self) -> None:
+        while (item := self._pending.get()) is not None:
+            key, index, commit_id = item
+            try:
+                self._checksum_one(key, index, commit_id)
+            except Exception:  # one bad slot must not stop the checksummer
+                log.exception("checksum failed %s slot=%d", key, index)
+
+    def _checksum_one(self, key: RankKey, index: int, commit_id: int) -> None:
+        def is_current() -> bool:
+            slots = self._ranks.get(key)
+            return slots is not None and slots.is_current(index, commit_id)
+
+        with self._lock:
+            if not is_current():
+                return
+            slot = self._ranks[key].slots[index]
+            segment = self._segments[(key, index)]
+        checksum = slot_checksum(segment.buffer, slot.data_size_bytes, slot.meta, is_current)
+        if checksum is not None:
+            self._record_checksum(key, slot, checksum)
+
+    def _adopt_manifest(self, name: str) -> int:
+        try:
+            slots = decode_manifest(self._shm.read_file(name))
+            key = self._key(slots.key.job, slots.key.rank)
+        except (MemckptError, OSError) as exc:
+            log.error("ignoring manifest name=%s: %s", name, exc)
+            return 0
+        slots.abandon_writes()
+        for slot in slots.slots:
+            try:
+                segment = self._shm.open_segment(self._slot_name(key, slot))
+                if segment.size_bytes != slot.size_bytes:
+                    raise NotFound(f"segment size {segment.size_bytes} != {slot.size_bytes}")
+                self._segments[(key, slot.index)] = segment
+            except (MemckptError, OSError) as exc:
+                log.error("cannot adopt %s slot=%d: %s; recreating it empty", key, slot.index, exc)
+                if slots.latest == slot.index:
+                    slots.latest = None
+                slots.slots[slot.index] = Slot(index=slot.index, version=slot.version + 1, size_bytes=slot.size_bytes)
+                self._map_new(key, slots.slots[slot.index])
+        self._ranks[key] = slots
+        self._budget.held[str(key)] = slots.reserved_bytes()
+        self._write_manifest(slots)
+        latest = slots.latest_committed()
+        if latest is not None and latest.checksum is None:
+            self._pending.put((key, latest.index, latest.commit_id))
+        log.info("adopted %s committed_step=%s", key, latest.step if latest else None)
+        return 1

@@ -1,0 +1,35 @@
+"""The one exception hierarchy of memckpt; `memckpt.rpc` maps it to gRPC status codes."""
+
+from __future__ import annotations
+
+
+class MemckptError(Exception):
+    """Base of every error memckpt raises on purpose."""
+
+
+class ConfigError(MemckptError):
+    """A configuration value is invalid; the message says which and why."""
+
+
+class InvalidRequest(MemckptError):
+    """A request is malformed: bad name, size, index or order."""
+
+
+class NotFound(MemckptError):
+    """The job, rank or snapshot asked for does not exist here."""
+
+
+class BudgetExceeded(MemckptError):
+    """Granting the request would take the agent over its memory budget."""
+
+
+class StaleGeneration(MemckptError):
+    """The request comes from an older generation or an out-of-order state."""
+
+
+class CorruptSnapshot(MemckptError):
+    """Stored bytes do not match their checksum; they are never loaded."""
+
+
+class Unavailable(MemckptError):
+    """The service cannot be reached or is restarting; retrying later may work."""

@@ -1,0 +1,58 @@
+"""The one place where memckpt errors become gRPC status codes, and back.
+
+Servicers wrap their methods in `map_errors`; clients turn a failed call into the
+same exception type with `error_from_rpc`, so both sides speak `memckpt.errors`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from memckpt import errors
+
+log = logging.getLogger(__name__)
+
+STATUS: dict[type[errors.MemckptError], grpc.StatusCode] = {
+    errors.InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.ConfigError: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.BudgetExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.StaleGeneration: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.CorruptSnapshot: grpc.StatusCode.DATA_LOSS,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+}
+_EXCEPTION = {code: exc for exc, code in STATUS.items() if exc is not errors.ConfigError}
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def map_errors(method: F) -> F:
+    """Aborts the call with the status of a memckpt error; anything else is INTERNAL and logged."""
+
+    @functools.wraps(method)
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return method(self, request, context)
+        except errors.MemckptError as exc:
+            code = STATUS.get(type(exc), grpc.StatusCode.INTERNAL)
+            log.info("rpc=%s status=%s error=%s", method.__name__, code.name, exc)
+            context.abort(code, str(exc))
+        except Exception as exc:  # the servicer must answer, never hang up silently
+            log.exception("rpc=%s failed", method.__name__)
+            context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+
+    return wrapper  # type: ignore[return-value]
+
+
+def error_from_rpc(exc: grpc.RpcError, what: str) -> errors.MemckptError:
+    """The memckpt error that a failed call stands for; `what` says which call it was."""
+    code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
+    details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
+        return errors.Unavailable(f"{what}: {code.name}: {details}")
+    return _EXCEPTION.get(code, errors.MemckptError)(f"{what}: {details}")

@@ -1,0 +1,177 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class SlotState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SLOT_STATE_UNSPECIFIED: _ClassVar[SlotState]
+    SLOT_STATE_FREE: _ClassVar[SlotState]
+    SLOT_STATE_WRITING: _ClassVar[SlotState]
+    SLOT_STATE_COMMITTED: _ClassVar[SlotState]
+SLOT_STATE_UNSPECIFIED: SlotState
+SLOT_STATE_FREE: SlotState
+SLOT_STATE_WRITING: SlotState
+SLOT_STATE_COMMITTED: SlotState
+
+class RegisterRankRequest(_message.Message):
+    __slots__ = ("job", "rank", "world_size", "slot_size_bytes")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SLOT_SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    rank: int
+    world_size: int
+    slot_size_bytes: int
+    def __init__(self, job: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., slot_size_bytes: _Optional[int] = ...) -> None: ...
+
+class RegisterRankResponse(_message.Message):
+    __slots__ = ("slot_size_bytes", "has_committed", "committed_step")
+    SLOT_SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    HAS_COMMITTED_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_STEP_FIELD_NUMBER: _ClassVar[int]
+    slot_size_bytes: int
+    has_committed: bool
+    committed_step: int
+    def __init__(self, slot_size_bytes: _Optional[int] = ..., has_committed: _Optional[bool] = ..., committed_step: _Optional[int] = ...) -> None: ...
+
+class BeginSnapshotRequest(_message.Message):
+    __slots__ = ("job", "rank", "step", "size_bytes")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    rank: int
+    step: int
+    size_bytes: int
+    def __init__(self, job: _Optional[str] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., size_bytes: _Optional[int] = ...) -> None: ...
+
+class BeginSnapshotResponse(_message.Message):
+    __slots__ = ("slot_index", "slot_name", "slot_size_bytes")
+    SLOT_INDEX_FIELD_NUMBER: _ClassVar[int]
+    SLOT_NAME_FIELD_NUMBER: _ClassVar[int]
+    SLOT_SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    slot_index: int
+    slot_name: str
+    slot_size_bytes: int
+    def __init__(self, slot_index: _Optional[int] = ..., slot_name: _Optional[str] = ..., slot_size_bytes: _Optional[int] = ...) -> None: ...
+
+class CommitSnapshotRequest(_message.Message):
+    __slots__ = ("job", "rank", "step", "slot_index", "data_size_bytes", "meta")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    SLOT_INDEX_FIELD_NUMBER: _ClassVar[int]
+    DATA_SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    META_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    rank: int
+    step: int
+    slot_index: int
+    data_size_bytes: int
+    meta: bytes
+    def __init__(self, job: _Optional[str] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., slot_index: _Optional[int] = ..., data_size_bytes: _Optional[int] = ..., meta: _Optional[bytes] = ...) -> None: ...
+
+class CommitSnapshotResponse(_message.Message):
+    __slots__ = ("step",)
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    def __init__(self, step: _Optional[int] = ...) -> None: ...
+
+class OpenRestoreRequest(_message.Message):
+    __slots__ = ("job", "rank")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    rank: int
+    def __init__(self, job: _Optional[str] = ..., rank: _Optional[int] = ...) -> None: ...
+
+class OpenRestoreResponse(_message.Message):
+    __slots__ = ("step", "slot_name", "slot_size_bytes", "data_size_bytes", "meta", "checksum")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    SLOT_NAME_FIELD_NUMBER: _ClassVar[int]
+    SLOT_SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DATA_SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    META_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    slot_name: str
+    slot_size_bytes: int
+    data_size_bytes: int
+    meta: bytes
+    checksum: int
+    def __init__(self, step: _Optional[int] = ..., slot_name: _Optional[str] = ..., slot_size_bytes: _Optional[int] = ..., data_size_bytes: _Optional[int] = ..., meta: _Optional[bytes] = ..., checksum: _Optional[int] = ...) -> None: ...
+
+class ReleaseJobRequest(_message.Message):
+    __slots__ = ("job",)
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    def __init__(self, job: _Optional[str] = ...) -> None: ...
+
+class ReleaseJobResponse(_message.Message):
+    __slots__ = ("ranks_released", "bytes_released")
+    RANKS_RELEASED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_RELEASED_FIELD_NUMBER: _ClassVar[int]
+    ranks_released: int
+    bytes_released: int
+    def __init__(self, ranks_released: _Optional[int] = ..., bytes_released: _Optional[int] = ...) -> None: ...
+
+class GetStatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class SlotStatus(_message.Message):
+    __slots__ = ("index", "name", "state", "step", "size_bytes", "data_size_bytes", "checksum_ready")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DATA_SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_READY_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    name: str
+    state: SlotState
+    step: int
+    size_bytes: int
+    data_size_bytes: int
+    checksum_ready: bool
+    def __init__(self, index: _Optional[int] = ..., name: _Optional[str] = ..., state: _Optional[_Union[SlotState, str]] = ..., step: _Optional[int] = ..., size_bytes: _Optional[int] = ..., data_size_bytes: _Optional[int] = ..., checksum_ready: _Optional[bool] = ...) -> None: ...
+
+class RankStatus(_message.Message):
+    __slots__ = ("job", "rank", "world_size", "has_committed", "committed_step", "slots")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    HAS_COMMITTED_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_STEP_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    rank: int
+    world_size: int
+    has_committed: bool
+    committed_step: int
+    slots: _containers.RepeatedCompositeFieldContainer[SlotStatus]
+    def __init__(self, job: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., has_committed: _Optional[bool] = ..., committed_step: _Optional[int] = ..., slots: _Optional[_Iterable[_Union[SlotStatus, _Mapping]]] = ...) -> None: ...
+
+class GetStatusResponse(_message.Message):
+    __slots__ = ("node", "memory_used_bytes", "memory_limit_bytes", "ranks", "version", "pid")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_LIMIT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RANKS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    memory_used_bytes: int
+    memory_limit_bytes: int
+    ranks: _containers.RepeatedCompositeFieldContainer[RankStatus]
+    version: str
+    pid: int
+    def __init__(self, node: _Optional[str] = ..., memory_used_bytes: _Optional[int] = ..., memory_limit_bytes: _Optional[int] = ..., ranks: _Optional[_Iterable[_Union[RankStatus, _Mapping]]] = ..., version: _Optional[str] = ..., pid: _Optional[int] = ...) -> None: ...

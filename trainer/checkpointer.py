@@ -1,0 +1,255 @@
+"""`Checkpointer`: the client API that a training loop calls to snapshot and restore its state.
+
+Call order: `restore(state)` once at start (returns the step restored, or None), then
+`snapshot(step, state)` after each optimizer step; `wait()` when the snapshot must be
+committed; `close()` at the end. A snapshot failure never stops training unless `strict`.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from memckpt.agent.config import SOCKET_ENV, default_socket
+from memckpt.agent.shm import ShmDir
+from memckpt.agent.store import SlotGrant
+from memckpt.errors import InvalidRequest, MemckptError, NotFound
+from memckpt.names import check_name
+from memckpt.trainer.client import AgentClient
+from memckpt.trainer.copier import Copier, CopyJob, MappedSlot
+from memckpt.trainer.layout import Layout, compute_layout
+from memckpt.trainer.tree import Flat, decode_meta, encode_meta, fill, flatten
+
+log = logging.getLogger(__name__)
+
+
+class SnapshotHandle:
+    """One snapshot in flight or done. `error` is set when it failed; `stall_s` is what training waited."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+        self.error: MemckptError | None = None
+        self.stall_s = 0.0
+        self.copy_s = 0.0
+        self._job: CopyJob | None = None
+        self._done = threading.Event()
+
+    @property
+    def committed(self) -> bool:
+        return self._done.is_set() and self.error is None
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self, timeout_s: float | None = None) -> bool:
+        return self._done.wait(timeout_s)
+
+    def _fail(self, error: MemckptError) -> None:
+        self.error = error
+        self._done.set()
+
+
+@dataclass(slots=True, kw_only=True)
+class CheckpointerStats:
+    snapshots_committed: int = 0
+    failures: collections.Counter[str] = field(default_factory=collections.Counter)
+    last_stall_s: float = 0.0
+    total_stall_s: float = 0.0
+
+
+class Checkpointer:
+    """Snapshots one rank's training state into its node agent's memory.
+
+    Args:
+        job: the job's name (`[A-Za-z0-9._-]{1,64}`), shared by all its ranks.
+        rank, world_size: default to torchrun's RANK and WORLD_SIZE.
+        socket_path: the agent's socket; default MEMCKPT_SOCKET, else the agent's default.
+        strict: raise on snapshot failures instead of logging and counting them.
+    """
+
+    def __init__(
+        self, job: str, *, rank: int | None = None, world_size: int | None = None,
+        socket_path: Path | str | None = None, strict: bool = False,
+    ) -> None:
+        self.job = check_name(job, "job")
+        self.rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+        self.socket_path = Path(socket_path or os.environ.get(SOCKET_ENV) or default_socket())
+        self.strict = strict
+        self.stats = CheckpointerStats()
+        self._client = AgentClient(self.socket_path, self.job, self.rank)
+        self._shm = ShmDir()
+        self._copier = Copier()
+        self._slots: dict[str, MappedSlot] = {}
+        self._slot_names: dict[int, str] = {}
+        self._layout: Layout | None = None
+        self._registered_bytes = 0
+        self._inflight: SnapshotHandle | None = None
+        self._warned: set[str] = set()
+
+    # -- the API ---------------------------------------------------------------------
+
+    def snapshot(self, step: int, state: dict[str, Any]) -> SnapshotHandle:
+        """Starts copying `state` into a slot and returns at once; the copy commits in the background.
+
+        Tensors of `state` must not change until the copy is done: `attach_optimizer` makes
+        `optimizer.step()` wait for it. Values that are not tensors are captured now.
+        """
+        self._finish_previous()  # at most one snapshot in flight
+        start = time.perf_counter()
+        handle = SnapshotHandle(step)
+        try:
+            flat = flatten(state)
+            layout = self._layout_for(flat)
+            grant = self._begin(step, layout.size_bytes)
+            slot = self._map(grant.name, grant.index)
+            views = slot.views(layout, [t.dtype for t in flat.tensors])
+            meta = encode_meta(flat, [p.offset for p in layout.placements], layout.size_bytes)
+            commit = lambda job: self._commit(handle, grant, layout.size_bytes, meta, job)  # noqa: E731
+            handle._job = self._copier.start(list(zip(views, flat.tensors)), commit)
+            self._inflight = handle
+        except MemckptError as exc:
+            self._record_failure(handle, exc)
+        handle.stall_s = time.perf_counter() - start
+        self.stats.last_stall_s = handle.stall_s
+        self.stats.total_stall_s += handle.stall_s
+        return handle
+
+    def wait(self, timeout_s: float | None = None) -> SnapshotHandle | None:
+        """Waits until the snapshot in flight is committed (or failed); returns it."""
+        handle = self._inflight
+        if handle is not None:
+            handle.wait(timeout_s)
+            if self.strict and handle.error is not None:
+                raise handle.error
+        return handle
+
+    def restore(self, state: dict[str, Any]) -> int | None:
+        """Fills `state` in place from this rank's latest committed snapshot; returns its step.
+
+        Returns None when the agent holds no snapshot of this rank. Any other failure
+        (unreachable agent, corrupt bytes) raises: a job must never silently start over.
+        """
+        self.wait()
+        try:
+            source = self._client.open_restore()
+        except NotFound:
+            log.info("restore job=%s rank=%d: no snapshot held, starting fresh", self.job, self.rank)
+            return None
+        start = time.perf_counter()
+        raw = decode_meta(source.meta)
+        slot = self._map(source.name)
+        table = raw["tensors"]
+
+        def stored(i: int) -> torch.Tensor:
+            entry = table[i]
+            if entry["offset"] + entry["nbytes"] > source.data_size_bytes:
+                raise InvalidRequest(f"snapshot tensor {i} lies outside the slot's {source.data_size_bytes} bytes")
+            dtype = getattr(torch, entry["dtype"])
+            return slot.view(entry["offset"], entry["nbytes"], dtype, tuple(entry["shape"]))
+
+        try:
+            fill(state, raw["tree"], stored)
+        finally:
+            if source.name not in self._slot_names.values():
+                self._slots.pop(source.name).close()  # fill copied everything out of it
+        log.info(
+            "restored job=%s rank=%d step=%d bytes=%d s=%.3f",
+            self.job, self.rank, source.step, source.data_size_bytes, time.perf_counter() - start,
+        )
+        return source.step
+
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Makes `optimizer.step()` wait for the snapshot copy before it changes parameters."""
+        optimizer.register_step_pre_hook(lambda *_: self._fence_and_count())
+
+    def close(self) -> None:
+        self.wait()
+        self._copier.close()
+        for slot in self._slots.values():
+            slot.close()
+        self._slots.clear()
+        self._client.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals --------------------------------------------------------------------
+
+    def _fence_and_count(self) -> None:
+        """Waits for the copy in flight; the wait counts as that snapshot's stall."""
+        handle = self._inflight
+        if handle is None or handle._job is None:
+            return
+        waited = handle._job.fence()
+        handle.stall_s += waited
+        self.stats.last_stall_s = handle.stall_s
+        self.stats.total_stall_s += waited
+
+    def _finish_previous(self) -> None:
+        self._fence_and_count()
+        start = time.perf_counter()
+        self.wait()
+        if self._inflight is not None:
+            self._inflight.stall_s += time.perf_counter() - start
+
+    def _layout_for(self, flat: Flat) -> Layout:
+        if self._layout is None or self._layout.specs != flat.specs:
+            self._layout = compute_layout(flat.specs)
+            log.info("layout job=%s rank=%d tensors=%d bytes=%d", self.job, self.rank, len(flat.specs), self._layout.size_bytes)
+        return self._layout
+
+    def _begin(self, step: int, size_bytes: int) -> SlotGrant:
+        if size_bytes > self._registered_bytes:
+            self._client.register(self.world_size, size_bytes)
+            self._registered_bytes = size_bytes
+        try:
+            return self._client.begin(step, size_bytes)
+        except NotFound:  # a fresh agent that never saw this rank: register again
+            self._client.register(self.world_size, size_bytes)
+            return self._client.begin(step, size_bytes)
+
+    def _map(self, name: str, index: int | None = None) -> MappedSlot:
+        """The mapping of slot `name`; a write grant for `index` replaces that index's old mapping."""
+        slot = self._slots.get(name)
+        if slot is None:
+            slot = MappedSlot(self._shm.open_segment(name), pin=torch.cuda.is_available())
+            self._slots[name] = slot
+        if index is not None:
+            old = self._slot_names.get(index)
+            if old is not None and old != name:
+                self._slots.pop(old).close()  # the agent reallocated that slot
+            self._slot_names[index] = name
+        return slot
+
+    def _commit(self, handle: SnapshotHandle, grant: SlotGrant, size: int, meta: bytes, job: CopyJob) -> None:
+        handle.copy_s = job.copy_s
+        try:
+            if job.error is not None:
+                raise MemckptError(f"copy of step {handle.step} failed: {job.error!r}")
+            self._client.commit(handle.step, grant.index, size, meta)
+            self.stats.snapshots_committed += 1
+            handle._done.set()
+        except MemckptError as exc:
+            self._record_failure(handle, exc, raise_strict=False)
+
+    def _record_failure(self, handle: SnapshotHandle, exc: MemckptError, raise_strict: bool = True) -> None:
+        kind = type(exc).__name__
+        self.stats.failures[kind] += 1
+        if kind not in self._warned:
+            self._warned.add(kind)
+            log.warning("snapshot job=%s rank=%d step=%d failed (%s); training goes on: %s", self.job, self.rank, handle.step, kind, exc)
+        handle._fail(exc)
+        if self.strict and raise_strict:
+            raise exc

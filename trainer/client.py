@@ -1,0 +1,64 @@
+"""The trainer's gRPC client of its node agent: typed calls, memckpt errors, fast reconnects."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from memckpt.agent.store import RestoreSource, SlotGrant
+from memckpt.agent.wire import restore_from_proto
+from memckpt.protos import agent_pb2 as pb
+from memckpt.protos import agent_pb2_grpc as pb_grpc
+from memckpt.rpc import error_from_rpc
+
+CALL_TIMEOUT_S = 30.0
+REGISTER_TIMEOUT_S = 600.0  # the agent allocates and pre-faults the slots during the call
+_OPTIONS = [
+    # the agent restarts in seconds: do not back off for minutes
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.max_receive_message_length", 64 << 20),
+    ("grpc.max_send_message_length", 64 << 20),
+]
+
+
+class AgentClient:
+    """Calls of one rank to the agent at `socket_path`; every failure is a memckpt error."""
+
+    def __init__(self, socket_path: Path, job: str, rank: int) -> None:
+        self.socket_path = socket_path
+        self.job = job
+        self.rank = rank
+        self._channel = grpc.insecure_channel(f"unix:{socket_path}", options=_OPTIONS)
+        self._stub = pb_grpc.AgentServiceStub(self._channel)
+
+    def register(self, world_size: int, slot_size_bytes: int) -> None:
+        request = pb.RegisterRankRequest(job=self.job, rank=self.rank, world_size=world_size, slot_size_bytes=slot_size_bytes)
+        self._call("RegisterRank", request, REGISTER_TIMEOUT_S)
+
+    def begin(self, step: int, size_bytes: int) -> SlotGrant:
+        request = pb.BeginSnapshotRequest(job=self.job, rank=self.rank, step=step, size_bytes=size_bytes)
+        response = self._call("BeginSnapshot", request, REGISTER_TIMEOUT_S)
+        return SlotGrant(index=response.slot_index, name=response.slot_name, size_bytes=response.slot_size_bytes)
+
+    def commit(self, step: int, slot_index: int, data_size_bytes: int, meta: bytes) -> None:
+        request = pb.CommitSnapshotRequest(
+            job=self.job, rank=self.rank, step=step, slot_index=slot_index, data_size_bytes=data_size_bytes, meta=meta
+        )
+        self._call("CommitSnapshot", request, CALL_TIMEOUT_S)
+
+    def open_restore(self) -> RestoreSource:
+        response = self._call("OpenRestore", pb.OpenRestoreRequest(job=self.job, rank=self.rank), REGISTER_TIMEOUT_S)
+        return restore_from_proto(response)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _call(self, name: str, request: Any, timeout_s: float) -> Any:
+        try:
+            return getattr(self._stub, name)(request, timeout=timeout_s)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc, f"{name} job={self.job} rank={self.rank}") from None

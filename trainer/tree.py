@@ -1,0 +1,158 @@
+"""A training state as a tree: its tensor leaves, and a JSON description of everything else.
+
+`flatten` turns a nested dict/list/tuple of tensors, DTensors, numpy arrays and plain
+values into (description, tensors); `fill` walks a stored description against a live
+state and writes the stored values into it, in place wherever the state has a tensor.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.distributed.tensor import DTensor
+
+from memckpt.errors import InvalidRequest
+from memckpt.trainer.layout import LeafSpec
+
+FORMAT = 1
+_VALUE_TYPES = (bool, int, float, str, type(None))
+
+
+@dataclass(frozen=True, slots=True)
+class Flat:
+    """A flattened state. `tensors` alias the live state: copy them before it changes."""
+
+    tree: Any
+    tensors: list[torch.Tensor]
+    specs: tuple[LeafSpec, ...]
+    dtensors: list[dict[str, Any] | None]
+
+
+def flatten(state: Any) -> Flat:
+    tensors: list[torch.Tensor] = []
+    dtensors: list[dict[str, Any] | None] = []
+
+    def leaf(tensor: torch.Tensor, info: dict[str, Any] | None) -> int:
+        tensors.append(tensor)
+        dtensors.append(info)
+        return len(tensors) - 1
+
+    def walk(obj: Any, path: str) -> Any:
+        if isinstance(obj, DTensor):
+            return {"dtensor": leaf(obj.to_local(), _dtensor_info(obj))}
+        if isinstance(obj, torch.Tensor):
+            return {"tensor": leaf(obj.detach(), None)}
+        if isinstance(obj, np.ndarray):
+            return {"ndarray": leaf(torch.from_numpy(np.ascontiguousarray(obj)), None)}
+        if isinstance(obj, dict):
+            for key in obj:
+                if not isinstance(key, (str, int)):
+                    raise InvalidRequest(f"state key {key!r} at {path or '/'} is not a str or int")
+            return {"dict": [[k, walk(v, f"{path}/{k}")] for k, v in obj.items()]}
+        if isinstance(obj, (list, tuple)):
+            kind = "list" if isinstance(obj, list) else "tuple"
+            return {kind: [walk(v, f"{path}/{i}") for i, v in enumerate(obj)]}
+        if isinstance(obj, bytes):
+            return {"bytes": base64.b64encode(obj).decode()}
+        if isinstance(obj, _VALUE_TYPES):
+            return {"value": obj}
+        if isinstance(obj, (np.integer, np.floating, np.bool_)):
+            return {"value": obj.item()}
+        raise InvalidRequest(f"state leaf at {path or '/'} has unsupported type {type(obj).__name__}")
+
+    tree = walk(state, "")
+    specs = tuple(LeafSpec(dtype=str(t.dtype).removeprefix("torch."), shape=tuple(t.shape), itemsize=t.element_size()) for t in tensors)
+    return Flat(tree=tree, tensors=tensors, specs=specs, dtensors=dtensors)
+
+
+def encode_meta(flat: Flat, offsets: list[int], size_bytes: int) -> bytes:
+    """The JSON the agent stores beside a slot: tree, tensor table, layout size."""
+    table = [
+        {"dtype": s.dtype, "shape": list(s.shape), "offset": o, "nbytes": s.nbytes, **({"dtensor": d} if d else {})}
+        for s, o, d in zip(flat.specs, offsets, flat.dtensors)
+    ]
+    return json.dumps({"format": FORMAT, "size_bytes": size_bytes, "tree": flat.tree, "tensors": table}).encode()
+
+
+def decode_meta(meta: bytes) -> dict[str, Any]:
+    try:
+        raw: dict[str, Any] = json.loads(meta)
+    except ValueError as exc:
+        raise InvalidRequest(f"snapshot metadata is not JSON: {exc}") from exc
+    if raw.get("format") != FORMAT:
+        raise InvalidRequest(f"snapshot metadata format {raw.get('format')!r} is not {FORMAT}")
+    return raw
+
+
+StoredTensor = Callable[[int], torch.Tensor]
+
+
+def fill(state: dict[str, Any], tree: dict[str, Any], stored: StoredTensor) -> None:
+    """Writes a stored tree into `state` in place; `stored(i)` returns tensor i (aliasing the slot)."""
+    if not isinstance(state, dict) or "dict" not in tree:
+        raise InvalidRequest("restore needs a dict state and a dict snapshot")
+    _fill(state, tree, stored, "")
+
+
+def _fill(live: Any, node: dict[str, Any], stored: StoredTensor, path: str) -> Any:
+    (kind, body), = node.items()
+    if kind in ("tensor", "ndarray", "dtensor"):
+        return _fill_tensor(live, kind, stored(body), path)
+    if kind == "dict":
+        target = live if isinstance(live, dict) else {}
+        for key, child in body:
+            target[key] = _fill(target.get(key), child, stored, f"{path}/{key}")
+        return target
+    if kind in ("list", "tuple"):
+        same = isinstance(live, (list, tuple)) and len(live) == len(body)
+        items = [_fill(live[i] if same else None, c, stored, f"{path}/{i}") for i, c in enumerate(body)]
+        if kind == "list" and isinstance(live, list) and same:
+            live[:] = items
+            return live
+        return items if kind == "list" else tuple(items)
+    if kind == "bytes":
+        return base64.b64decode(body)
+    if kind == "value":
+        return body
+    raise InvalidRequest(f"snapshot has an unknown node kind {kind!r} at {path or '/'}")
+
+
+def _fill_tensor(live: Any, kind: str, src: torch.Tensor, path: str) -> Any:
+    if kind == "ndarray":
+        if isinstance(live, np.ndarray) and live.shape == tuple(src.shape) and live.flags.writeable:
+            np.copyto(live, src.numpy())
+            return live
+        return src.numpy().copy()
+    target = live.to_local() if isinstance(live, DTensor) else live
+    if kind == "dtensor" and not isinstance(live, DTensor):
+        raise InvalidRequest(f"snapshot holds a DTensor shard at {path}; the state must hold that DTensor to restore it")
+    if not isinstance(target, torch.Tensor):
+        return src.clone()
+    if target.shape != src.shape or target.dtype != src.dtype:
+        raise InvalidRequest(
+            f"state at {path} is {target.dtype} {tuple(target.shape)} but the snapshot holds "
+            f"{src.dtype} {tuple(src.shape)}"
+        )
+    with torch.no_grad():
+        target.copy_(src)
+    return live
+
+
+def _dtensor_info(tensor: DTensor) -> dict[str, Any]:
+    """Sharding metadata of a DTensor's local shard, for resharding readers."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    mesh = tensor.device_mesh
+    _, offset = compute_local_shape_and_global_offset(tensor.shape, mesh, tensor.placements)
+    return {
+        "global_shape": list(tensor.shape),
+        "global_offset": list(offset),
+        "placements": [str(p) for p in tensor.placements],
+        "mesh_shape": list(mesh.shape),
+    }
