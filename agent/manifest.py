@@ -65,14 +65,14 @@ def _slot_to_json(slot: Slot) -> dict[str, object]:
         "state": slot.state.value,
         "step": slot.step,
         "data_size_bytes": slot.data_size_bytes,
-        "checksum": slot.checksum,
+        "checksums": None if slot.checksums is None else list(slot.checksums),
         "meta": base64.b64encode(slot.meta).decode(),
         "commit_id": slot.commit_id,
     }
 
 
 def _slot_from_json(raw: dict[str, object]) -> Slot:
-    checksum = raw["checksum"]
+    checksums = raw["checksums"]
     return Slot(
         index=int(raw["index"]),  # type: ignore[call-overload]
         version=int(raw["version"]),  # type: ignore[call-overload]
@@ -80,7 +80,7 @@ def _slot_from_json(raw: dict[str, object]) -> Slot:
         state=SlotState(raw["state"]),
         step=int(raw["step"]),  # type: ignore[call-overload]
         data_size_bytes=int(raw["data_size_bytes"]),  # type: ignore[call-overload]
-        checksum=None if checksum is None else int(checksum),  # type: ignore[call-overload]
+        checksums=None if checksums is None else tuple(int(c) for c in checksums),  # type: ignore[attr-defined]
         meta=base64.b64decode(str(raw["meta"])),
         commit_id=int(raw["commit_id"]),  # type: ignore[call-overload]
     )

@@ -41,8 +41,13 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         return pb.CommitSnapshotResponse(step=slot.step)
 
     @map_errors
+    def ListSnapshots(self, request: pb.ListSnapshotsRequest, context: Any) -> pb.ListSnapshotsResponse:
+        return pb.ListSnapshotsResponse(steps=self._store.list_steps(request.job, request.rank))
+
+    @map_errors
     def OpenRestore(self, request: pb.OpenRestoreRequest, context: Any) -> pb.OpenRestoreResponse:
-        return wire.restore_to_proto(self._store.open_restore(request.job, request.rank))
+        step = request.step if request.HasField("step") else None
+        return wire.restore_to_proto(self._store.open_restore(request.job, request.rank, step))
 
     @map_errors
     def ReleaseJob(self, request: pb.ReleaseJobRequest, context: Any) -> pb.ReleaseJobResponse:

@@ -1,9 +1,11 @@
 """The slot state machine of one (job, rank), and the agent's memory budget. Pure logic.
 
 Each rank owns two slots. Invariants:
-- a slot goes FREE -> WRITING(step) -> COMMITTED(step) -> FREE, nothing else;
-- the latest committed slot is never handed out for writing; it is released only
-  when a newer snapshot commits, so a restore always finds a whole snapshot.
+- a slot goes FREE -> WRITING(step) -> COMMITTED(step), and a committed slot that is not
+  the latest may be written again (COMMITTED -> WRITING) or dropped (-> FREE);
+- the latest committed slot is never handed out for writing, so a restore always finds a
+  whole snapshot; the one before it stays readable until the next write begins, so ranks
+  that died one step apart can still agree on a common step.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ class SlotState(enum.Enum):
 ALLOWED: dict[SlotState, frozenset[SlotState]] = {
     SlotState.FREE: frozenset({SlotState.WRITING}),
     SlotState.WRITING: frozenset({SlotState.COMMITTED, SlotState.FREE, SlotState.WRITING}),
-    SlotState.COMMITTED: frozenset({SlotState.FREE}),
+    SlotState.COMMITTED: frozenset({SlotState.FREE, SlotState.WRITING}),
 }
 
 
@@ -49,7 +51,7 @@ class Slot:
     state: SlotState = SlotState.FREE
     step: int = -1
     data_size_bytes: int = 0
-    checksum: int | None = None
+    checksums: tuple[int, ...] | None = None  # crc32c per chunk of the data, then of the meta
     meta: bytes = b""
     commit_id: int = 0  # grows with every commit of the rank: tells a re-commit of one step apart
 
@@ -78,8 +80,19 @@ class RankSlots:
     def latest_committed(self) -> Slot | None:
         return None if self.latest is None else self.slots[self.latest]
 
+    def committed_steps(self) -> list[int]:
+        """Steps this rank can restore, newest first."""
+        return sorted((s.step for s in self.slots if s.state is SlotState.COMMITTED), reverse=True)
+
+    def committed_at(self, step: int | None) -> Slot | None:
+        """The committed slot of `step` (None: the latest), if this rank still holds it."""
+        if step is None:
+            return self.latest_committed()
+        found = [s for s in self.slots if s.state is SlotState.COMMITTED and s.step == step]
+        return max(found, key=lambda s: s.commit_id) if found else None
+
     def begin(self, step: int, size_bytes: int) -> tuple[Slot, bool]:
-        """Moves the slot that is not the latest committed to WRITING(step).
+        """Moves the slot that is not the latest committed to WRITING(step), whatever it held.
 
         Returns the slot and whether it must be reallocated to fit `size_bytes`.
         """
@@ -91,14 +104,14 @@ class RankSlots:
         slot = self.slots[index]
         grow = slot.size_bytes < size_bytes
         self.slots[index] = slot.moved_to(
-            SlotState.WRITING, step=step, data_size_bytes=0, checksum=None, meta=b"",
+            SlotState.WRITING, step=step, data_size_bytes=0, checksums=None, meta=b"",
             size_bytes=max(slot.size_bytes, size_bytes), version=slot.version + int(grow),
         )
         self.session_step = step
         return self.slots[index], grow
 
     def commit(self, index: int, step: int, data_size_bytes: int, meta: bytes) -> Slot:
-        """Makes slot `index` the latest committed snapshot and frees the previous one."""
+        """Makes slot `index` the latest committed snapshot; the previous one stays as the older."""
         if not 0 <= index < len(self.slots):
             raise InvalidRequest(f"{self.key}: slot index {index} out of range 0..{len(self.slots) - 1}")
         slot = self.slots[index]
@@ -111,14 +124,11 @@ class RankSlots:
             raise InvalidRequest(
                 f"{self.key} step {step}: {data_size_bytes} bytes claimed in a slot of {slot.size_bytes}"
             )
-        previous = self.latest
         self.commits += 1
         self.slots[index] = slot.moved_to(
             SlotState.COMMITTED, data_size_bytes=data_size_bytes, meta=meta, commit_id=self.commits
         )
-        if previous is not None and previous != index:
-            self.slots[previous] = self.slots[previous].moved_to(SlotState.FREE, checksum=None, meta=b"")
-        self.latest = index
+        self.latest = index  # the previous latest stays committed (and readable) until rewritten
         return self.slots[index]
 
     def is_current(self, index: int, commit_id: int) -> bool:
@@ -126,12 +136,12 @@ class RankSlots:
         slot = self.slots[index]
         return slot.state is SlotState.COMMITTED and slot.commit_id == commit_id
 
-    def set_checksum(self, index: int, commit_id: int, checksum: int) -> bool:
+    def set_checksums(self, index: int, commit_id: int, checksums: tuple[int, ...]) -> bool:
         """Records the checksum of a committed slot; False if the slot moved on meanwhile."""
         slot = self.slots[index]
         if not self.is_current(index, commit_id):
             return False
-        self.slots[index] = replace(slot, checksum=checksum)
+        self.slots[index] = replace(slot, checksums=checksums)
         return True
 
     def abandon_writes(self) -> None:

@@ -10,10 +10,10 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
-import crc32c
-
+from memckpt.agent.checksum import chunk_checksums, describe_mismatch
 from memckpt.agent.manifest import decode_manifest, encode_manifest
 from memckpt.agent.shm import Segment, ShmDir
 from memckpt.agent.slots import MemoryBudget, RankKey, RankSlots, Slot, SlotState, new_rank_slots
@@ -23,7 +23,7 @@ from memckpt.sizes import format_size
 
 log = logging.getLogger(__name__)
 
-CHECKSUM_CHUNK_BYTES = 64 << 20
+VERIFY_THREADS = 2
 MAX_WORLD_SIZE = 1 << 20
 
 
@@ -41,17 +41,7 @@ class RestoreSource:
     size_bytes: int
     data_size_bytes: int
     meta: bytes
-    checksum: int
-
-
-def slot_checksum(buffer: memoryview, data_size_bytes: int, meta: bytes, keep_going: object = None) -> int | None:
-    """crc32c of the data region then the meta; None if `keep_going()` turned false midway."""
-    value = 0
-    for start in range(0, data_size_bytes, CHECKSUM_CHUNK_BYTES):
-        if keep_going is not None and not keep_going():  # type: ignore[operator]
-            return None
-        value = crc32c.crc32c(buffer[start:min(start + CHECKSUM_CHUNK_BYTES, data_size_bytes)], value)
-    return int(crc32c.crc32c(meta, value))
+    checksums: tuple[int, ...]
 
 
 class SlotStore:
@@ -66,6 +56,7 @@ class SlotStore:
         self._segments: dict[tuple[RankKey, int], Segment] = {}
         self._pending: queue.Queue[tuple[RankKey, int, int] | None] = queue.Queue()
         self._worker: threading.Thread | None = None
+        self._verifier = ThreadPoolExecutor(max_workers=VERIFY_THREADS, thread_name_prefix="verify")
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -78,6 +69,7 @@ class SlotStore:
         self._pending.put(None)
         if self._worker is not None:
             self._worker.join(timeout=10)
+        self._verifier.shutdown(wait=True)
         with self._lock:
             for key in list(self._ranks):
                 self._drop_rank(key, unlink=remove)
@@ -149,24 +141,33 @@ class SlotStore:
         log.debug("commit %s step=%d slot=%d bytes=%d", key, step, index, data_size_bytes)
         return slot
 
-    def open_restore(self, job: str, rank: int) -> RestoreSource:
-        """The latest committed snapshot of the rank, after its checksum has been verified."""
+    def list_steps(self, job: str, rank: int) -> list[int]:
         key = self._key(job, rank)
         with self._lock:
-            slot = self._rank(key).latest_committed()
+            return self._rank(key).committed_steps()
+
+    def open_restore(self, job: str, rank: int, step: int | None = None) -> RestoreSource:
+        """A committed snapshot of the rank (the latest, or `step`), after its checksums are verified."""
+        key = self._key(job, rank)
+        with self._lock:
+            slots = self._rank(key)
+            slot = slots.committed_at(step)
             if slot is None:
-                raise NotFound(f"{key} has no committed snapshot on this agent")
+                held = slots.committed_steps()
+                which = "a committed snapshot" if step is None else f"step {step} (holds {held or 'none'})"
+                raise NotFound(f"{key} has no {which} on this agent")
             segment = self._segments[(key, slot.index)]
-        found = slot_checksum(segment.buffer, slot.data_size_bytes, slot.meta)
-        expected = slot.checksum if slot.checksum is not None else self._record_checksum(key, slot, found)
+        found = chunk_checksums(segment.buffer, slot.data_size_bytes, slot.meta, mapper=self._verifier.map)
+        assert found is not None
+        expected = slot.checksums if slot.checksums is not None else self._record_checksums(key, slot, found)
         if found != expected:
             raise CorruptSnapshot(
                 f"{key} step {slot.step}: checksum mismatch in slot {slot.index} "
-                f"(stored {expected:#010x}, found {found:#010x}); the snapshot is not loaded"
+                f"({describe_mismatch(expected, found)}); the snapshot is not loaded"
             )
         return RestoreSource(
             step=slot.step, name=segment.name, size_bytes=slot.size_bytes,
-            data_size_bytes=slot.data_size_bytes, meta=slot.meta, checksum=expected,
+            data_size_bytes=slot.data_size_bytes, meta=slot.meta, checksums=expected,
         )
 
     def release_job(self, job: str) -> tuple[int, int]:
@@ -236,13 +237,12 @@ class SlotStore:
     def _write_manifest(self, slots: RankSlots) -> None:
         self._shm.write_file_atomic(self._manifest_name(slots.key), encode_manifest(slots))
 
-    def _record_checksum(self, key: RankKey, slot: Slot, checksum: int | None) -> int:
-        assert checksum is not None
+    def _record_checksums(self, key: RankKey, slot: Slot, checksums: tuple[int, ...]) -> tuple[int, ...]:
         with self._lock:
             slots = self._ranks.get(key)
-            if slots is not None and slots.set_checksum(slot.index, slot.commit_id, checksum):
+            if slots is not None and slots.set_checksums(slot.index, slot.commit_id, checksums):
                 self._write_manifest(slots)
-        return checksum
+        return checksums
 
     def _checksum_loop(self) -> None:
         while (item := self._pending.get()) is not None:
@@ -262,9 +262,10 @@ class SlotStore:
                 return
             slot = self._ranks[key].slots[index]
             segment = self._segments[(key, index)]
-        checksum = slot_checksum(segment.buffer, slot.data_size_bytes, slot.meta, is_current)
-        if checksum is not None:
-            self._record_checksum(key, slot, checksum)
+        # one thread: this runs beside training, which needs the other cores
+        checksums = chunk_checksums(segment.buffer, slot.data_size_bytes, slot.meta, keep_going=is_current)
+        if checksums is not None:
+            self._record_checksums(key, slot, checksums)
 
     def _adopt_manifest(self, name: str) -> int:
         try:
@@ -290,7 +291,7 @@ class SlotStore:
         self._budget.held[str(key)] = slots.reserved_bytes()
         self._write_manifest(slots)
         latest = slots.latest_committed()
-        if latest is not None and latest.checksum is None:
+        if latest is not None and latest.checksums is None:
             self._pending.put((key, latest.index, latest.commit_id))
         log.info("adopted %s committed_step=%s", key, latest.step if latest else None)
         return 1

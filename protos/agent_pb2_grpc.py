@@ -49,6 +49,11 @@ class AgentServiceStub:
                 request_serializer=memckpt_dot_protos_dot_agent__pb2.CommitSnapshotRequest.SerializeToString,
                 response_deserializer=memckpt_dot_protos_dot_agent__pb2.CommitSnapshotResponse.FromString,
                 _registered_method=True)
+        self.ListSnapshots = channel.unary_unary(
+                '/memckpt.v1.AgentService/ListSnapshots',
+                request_serializer=memckpt_dot_protos_dot_agent__pb2.ListSnapshotsRequest.SerializeToString,
+                response_deserializer=memckpt_dot_protos_dot_agent__pb2.ListSnapshotsResponse.FromString,
+                _registered_method=True)
         self.OpenRestore = channel.unary_unary(
                 '/memckpt.v1.AgentService/OpenRestore',
                 request_serializer=memckpt_dot_protos_dot_agent__pb2.OpenRestoreRequest.SerializeToString,
@@ -90,8 +95,15 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListSnapshots(self, request, context):
+        """Steps of the committed snapshots the agent holds for a rank, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def OpenRestore(self, request, context):
-        """Verifies and returns the rank's latest committed snapshot for reading.
+        """Verifies and returns a committed snapshot of the rank (the latest, or `step`) for reading.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -128,6 +140,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.CommitSnapshot,
                     request_deserializer=memckpt_dot_protos_dot_agent__pb2.CommitSnapshotRequest.FromString,
                     response_serializer=memckpt_dot_protos_dot_agent__pb2.CommitSnapshotResponse.SerializeToString,
+            ),
+            'ListSnapshots': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSnapshots,
+                    request_deserializer=memckpt_dot_protos_dot_agent__pb2.ListSnapshotsRequest.FromString,
+                    response_serializer=memckpt_dot_protos_dot_agent__pb2.ListSnapshotsResponse.SerializeToString,
             ),
             'OpenRestore': grpc.unary_unary_rpc_method_handler(
                     servicer.OpenRestore,
@@ -226,6 +243,33 @@ class AgentService:
             '/memckpt.v1.AgentService/CommitSnapshot',
             memckpt_dot_protos_dot_agent__pb2.CommitSnapshotRequest.SerializeToString,
             memckpt_dot_protos_dot_agent__pb2.CommitSnapshotResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSnapshots(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memckpt.v1.AgentService/ListSnapshots',
+            memckpt_dot_protos_dot_agent__pb2.ListSnapshotsRequest.SerializeToString,
+            memckpt_dot_protos_dot_agent__pb2.ListSnapshotsResponse.FromString,
             options,
             channel_credentials,
             insecure,

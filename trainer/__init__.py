@@ -4,5 +4,15 @@
 """
 
 from memckpt.trainer.checkpointer import Checkpointer, CheckpointerStats, SnapshotHandle
+from memckpt.trainer.state import (
+    apply_training_state,
+    refresh_training_state,
+    rng_state,
+    set_rng_state,
+    training_state,
+)
 
-__all__ = ["Checkpointer", "CheckpointerStats", "SnapshotHandle"]
+__all__ = [
+    "Checkpointer", "CheckpointerStats", "SnapshotHandle", "apply_training_state",
+    "refresh_training_state", "rng_state", "set_rng_state", "training_state",
+]

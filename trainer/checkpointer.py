@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from memckpt.agent.config import SOCKET_ENV, default_socket
 from memckpt.agent.shm import ShmDir
@@ -26,6 +27,7 @@ from memckpt.names import check_name
 from memckpt.trainer.client import AgentClient
 from memckpt.trainer.copier import Copier, CopyJob, MappedSlot
 from memckpt.trainer.layout import Layout, compute_layout
+from memckpt.trainer.recovery import StepChoice, choose_common_step
 from memckpt.trainer.tree import Flat, decode_meta, encode_meta, fill, flatten
 
 log = logging.getLogger(__name__)
@@ -132,19 +134,24 @@ class Checkpointer:
                 raise handle.error
         return handle
 
-    def restore(self, state: dict[str, Any]) -> int | None:
-        """Fills `state` in place from this rank's latest committed snapshot; returns its step.
+    def restore(self, state: dict[str, Any], *, coordinate: bool = True) -> int | None:
+        """Fills `state` in place from a committed snapshot; returns its step, or None to start fresh.
 
-        Returns None when the agent holds no snapshot of this rank. Any other failure
-        (unreachable agent, corrupt bytes) raises: a job must never silently start over.
+        With torch.distributed initialized and `coordinate`, every rank calls this together:
+        the ranks agree on the newest step that all of them hold, and all restore that one.
+        Any failure (unreachable agent, corrupt bytes) raises: a job never silently starts over.
+
+        Raises:
+            CorruptSnapshot: the stored bytes fail their checksum (gRPC DATA_LOSS); not loaded.
+            Unavailable: the agent cannot be reached.
         """
         self.wait()
-        try:
-            source = self._client.open_restore()
-        except NotFound:
-            log.info("restore job=%s rank=%d: no snapshot held, starting fresh", self.job, self.rank)
+        choice = self._choose_step(coordinate)
+        if choice.step is None:
+            log.info("restore job=%s rank=%d: %s", self.job, self.rank, choice.reason)
             return None
         start = time.perf_counter()
+        source = self._client.open_restore(choice.step)
         raw = decode_meta(source.meta)
         slot = self._map(source.name)
         table = raw["tensors"]
@@ -157,7 +164,7 @@ class Checkpointer:
             return slot.view(entry["offset"], entry["nbytes"], dtype, tuple(entry["shape"]))
 
         try:
-            fill(state, raw["tree"], stored)
+            self._copier.parallel.copy(fill(state, raw["tree"], stored))
         finally:
             if source.name not in self._slot_names.values():
                 self._slots.pop(source.name).close()  # fill copied everything out of it
@@ -166,6 +173,14 @@ class Checkpointer:
             self.job, self.rank, source.step, source.data_size_bytes, time.perf_counter() - start,
         )
         return source.step
+
+    def _choose_step(self, coordinate: bool) -> StepChoice:
+        held = self._client.list_steps()
+        if coordinate and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            everyone: list[list[int]] = [[] for _ in range(dist.get_world_size())]
+            dist.all_gather_object(everyone, held)
+            return choose_common_step(everyone)
+        return choose_common_step([held])
 
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Makes `optimizer.step()` wait for the snapshot copy before it changes parameters."""
@@ -202,7 +217,9 @@ class Checkpointer:
         start = time.perf_counter()
         self.wait()
         if self._inflight is not None:
-            self._inflight.stall_s += time.perf_counter() - start
+            waited = time.perf_counter() - start
+            self._inflight.stall_s += waited
+            self.stats.total_stall_s += waited
 
     def _layout_for(self, flat: Flat) -> Layout:
         if self._layout is None or self._layout.specs != flat.specs:

@@ -11,6 +11,7 @@ from memckpt.agent.store import RestoreSource, SlotGrant
 from memckpt.agent.wire import restore_from_proto
 from memckpt.protos import agent_pb2 as pb
 from memckpt.protos import agent_pb2_grpc as pb_grpc
+from memckpt.errors import NotFound
 from memckpt.rpc import error_from_rpc
 
 CALL_TIMEOUT_S = 30.0
@@ -50,9 +51,19 @@ class AgentClient:
         )
         self._call("CommitSnapshot", request, CALL_TIMEOUT_S)
 
-    def open_restore(self) -> RestoreSource:
-        response = self._call("OpenRestore", pb.OpenRestoreRequest(job=self.job, rank=self.rank), REGISTER_TIMEOUT_S)
-        return restore_from_proto(response)
+    def list_steps(self) -> list[int]:
+        """Committed steps the agent holds for this rank, newest first; [] if it knows none."""
+        try:
+            response = self._call("ListSnapshots", pb.ListSnapshotsRequest(job=self.job, rank=self.rank), CALL_TIMEOUT_S)
+        except NotFound:
+            return []
+        return list(response.steps)
+
+    def open_restore(self, step: int | None = None) -> RestoreSource:
+        request = pb.OpenRestoreRequest(job=self.job, rank=self.rank)
+        if step is not None:
+            request.step = step
+        return restore_from_proto(self._call("OpenRestore", request, REGISTER_TIMEOUT_S))
 
     def close(self) -> None:
         self._channel.close()

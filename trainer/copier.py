@@ -1,13 +1,17 @@
 """Copies of tensor leaves into a slot, off the training thread.
 
-CPU tensors are copied by one background thread (torch's copy releases the GIL and
-uses the intra-op threads). CUDA tensors are copied on a side stream into slot memory
+CPU tensors are copied as raw byte spans by a few threads calling libc's memmove, which
+uses non-temporal stores for large copies: on the 2-core machine of BASELINES.md this is
+about 1.6x faster than `Tensor.copy_` (50 ms against 79 ms per GiB). CUDA tensors are copied on a side stream into slot memory
 registered as pinned (cudaHostRegister), so the copy runs on the copy engine while the
 next forward/backward runs; `CopyJob.fence()` makes the current stream wait for it.
 """
 
 from __future__ import annotations
 
+import ctypes
+import math
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -19,6 +23,68 @@ import torch
 from memckpt.agent.shm import Segment
 from memckpt.faults import crash_point
 from memckpt.trainer.layout import Layout
+
+
+Span = tuple[int, int, int]  # (destination address, source address, bytes)
+MIN_SPLIT_BYTES = 4 << 20  # below this a span is not worth cutting across threads
+DEFAULT_COPY_THREADS = max(1, min(4, os.cpu_count() or 1))
+
+
+def split_spans(spans: list[Span], parts: int, min_split_bytes: int = MIN_SPLIT_BYTES) -> list[list[Span]]:
+    """Cuts spans into at most `parts` lists of about equal bytes, in order. Pure."""
+    total = sum(n for _, _, n in spans)
+    share = max(math.ceil(total / max(parts, 1)), min_split_bytes)
+    result: list[list[Span]] = [[]]
+    room = share
+    for dst, src, nbytes in spans:
+        while nbytes > 0:
+            if room <= 0:
+                result.append([])
+                room = share
+            piece = nbytes if nbytes - room < min_split_bytes // 4 else room
+            result[-1].append((dst, src, piece))
+            dst, src, nbytes, room = dst + piece, src + piece, nbytes - piece, room - piece
+    return [part for part in result if part]
+
+
+def _is_raw_copyable(dst: torch.Tensor, src: torch.Tensor) -> bool:
+    return (
+        src.device.type == "cpu" and dst.device.type == "cpu" and src.dtype == dst.dtype
+        and src.shape == dst.shape and src.is_contiguous() and dst.is_contiguous()
+        and not src.is_conj() and not src.is_neg()
+    )
+
+
+def _memmove_all(spans: list[Span]) -> None:
+    for i, (dst, src, nbytes) in enumerate(spans):
+        ctypes.memmove(dst, src, nbytes)  # releases the GIL
+        if i == 0:
+            crash_point("trainer.copy.after_first")
+
+
+class ParallelCopy:
+    """Copies many (dst, src) tensor pairs with `threads` threads; other pairs use `copy_`."""
+
+    def __init__(self, threads: int = DEFAULT_COPY_THREADS) -> None:
+        self.threads = threads
+        self._pool = ThreadPoolExecutor(max_workers=max(threads - 1, 1), thread_name_prefix="memckpt-memmove")
+
+    def copy(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        raw = [(d, s) for d, s in pairs if _is_raw_copyable(d, s)]
+        spans = [(d.data_ptr(), s.data_ptr(), s.nbytes) for d, s in raw]
+        parts = split_spans(spans, self.threads)
+        futures = [self._pool.submit(_memmove_all, part) for part in parts[1:]]
+        if parts:
+            _memmove_all(parts[0])
+        for future in futures:
+            future.result()
+        with torch.no_grad():
+            for dst, src in pairs:
+                if not _is_raw_copyable(dst, src):
+                    dst.copy_(src)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
 
 
 class MappedSlot:
@@ -75,9 +141,10 @@ class CopyJob:
 class Copier:
     """Starts copies; at most one runs at a time (the caller fences the previous one first)."""
 
-    def __init__(self) -> None:
+    def __init__(self, threads: int = DEFAULT_COPY_THREADS) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memckpt-copy")
         self._stream: Any = None
+        self.parallel = ParallelCopy(threads)
 
     def start(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], then: Callable[[CopyJob], None]) -> CopyJob:
         """Copies each (dst, src) pair, then calls `then(job)` on the copy thread."""
@@ -91,6 +158,7 @@ class Copier:
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
+        self.parallel.close()
 
     def _start_cuda(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
         if self._stream is None:
@@ -104,15 +172,10 @@ class Copier:
             event.record(self._stream)
         return event
 
-    @staticmethod
-    def _run(job: CopyJob, pairs: list[tuple[torch.Tensor, torch.Tensor]], then: Callable[[CopyJob], None]) -> None:
+    def _run(self, job: CopyJob, pairs: list[tuple[torch.Tensor, torch.Tensor]], then: Callable[[CopyJob], None]) -> None:
         start = time.perf_counter()
         try:
-            with torch.no_grad():
-                for i, (dst, src) in enumerate(pairs):
-                    dst.copy_(src)
-                    if i == 0:
-                        crash_point("trainer.copy.after_first")
+            self.parallel.copy(pairs)
             if job.cuda_event is not None:
                 job.cuda_event.synchronize()
         except BaseException as exc:  # reported through the job, never raised on this thread

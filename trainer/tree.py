@@ -93,25 +93,34 @@ def decode_meta(meta: bytes) -> dict[str, Any]:
 StoredTensor = Callable[[int], torch.Tensor]
 
 
-def fill(state: dict[str, Any], tree: dict[str, Any], stored: StoredTensor) -> None:
-    """Writes a stored tree into `state` in place; `stored(i)` returns tensor i (aliasing the slot)."""
+Pairs = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def fill(state: dict[str, Any], tree: dict[str, Any], stored: StoredTensor) -> Pairs:
+    """Writes a stored tree into `state`; `stored(i)` returns tensor i (aliasing the slot).
+
+    Plain values and tensors the state lacks are set at once; for every tensor the state
+    has, returns a (live, stored) pair that the caller must copy to finish the restore.
+    """
     if not isinstance(state, dict) or "dict" not in tree:
         raise InvalidRequest("restore needs a dict state and a dict snapshot")
-    _fill(state, tree, stored, "")
+    pairs: Pairs = []
+    _fill(state, tree, stored, "", pairs)
+    return pairs
 
 
-def _fill(live: Any, node: dict[str, Any], stored: StoredTensor, path: str) -> Any:
+def _fill(live: Any, node: dict[str, Any], stored: StoredTensor, path: str, pairs: Pairs) -> Any:
     (kind, body), = node.items()
     if kind in ("tensor", "ndarray", "dtensor"):
-        return _fill_tensor(live, kind, stored(body), path)
+        return _fill_tensor(live, kind, stored(body), path, pairs)
     if kind == "dict":
         target = live if isinstance(live, dict) else {}
         for key, child in body:
-            target[key] = _fill(target.get(key), child, stored, f"{path}/{key}")
+            target[key] = _fill(target.get(key), child, stored, f"{path}/{key}", pairs)
         return target
     if kind in ("list", "tuple"):
         same = isinstance(live, (list, tuple)) and len(live) == len(body)
-        items = [_fill(live[i] if same else None, c, stored, f"{path}/{i}") for i, c in enumerate(body)]
+        items = [_fill(live[i] if same else None, c, stored, f"{path}/{i}", pairs) for i, c in enumerate(body)]
         if kind == "list" and isinstance(live, list) and same:
             live[:] = items
             return live
@@ -123,7 +132,7 @@ def _fill(live: Any, node: dict[str, Any], stored: StoredTensor, path: str) -> A
     raise InvalidRequest(f"snapshot has an unknown node kind {kind!r} at {path or '/'}")
 
 
-def _fill_tensor(live: Any, kind: str, src: torch.Tensor, path: str) -> Any:
+def _fill_tensor(live: Any, kind: str, src: torch.Tensor, path: str, pairs: Pairs) -> Any:
     if kind == "ndarray":
         if isinstance(live, np.ndarray) and live.shape == tuple(src.shape) and live.flags.writeable:
             np.copyto(live, src.numpy())
@@ -139,8 +148,7 @@ def _fill_tensor(live: Any, kind: str, src: torch.Tensor, path: str) -> Any:
             f"state at {path} is {target.dtype} {tuple(target.shape)} but the snapshot holds "
             f"{src.dtype} {tuple(src.shape)}"
         )
-    with torch.no_grad():
-        target.copy_(src)
+    pairs.append((target, src))
     return live
 
 

@@ -1,0 +1,135 @@
+"""Processes of a local memckpt cluster on one machine: agents and torchrun trainers.
+
+Used by `memckpt demo` and by the integration tests. Each agent gets its own socket and
+shm prefix; `stop()` ends a process with TERM, a grace period, then KILL.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from memckpt.errors import Unavailable
+
+GRACE_S = 10.0
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str, interval_s: float = 0.05) -> None:
+    """Polls `predicate` until it holds; raises TimeoutError naming `what` after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+        time.sleep(interval_s)
+
+
+def is_serving(socket_path: Path, timeout_s: float = 1.0) -> bool:
+    """Whether an agent answers the gRPC health check on `socket_path`."""
+    with grpc.insecure_channel(f"unix:{socket_path}") as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
+        except grpc.RpcError:
+            return False
+    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+class AgentProcess:
+    """A `memckpt-agent` child process with its own socket and shm prefix."""
+
+    def __init__(self, *, socket_path: Path, shm_prefix: str, memory_limit: str, log_path: Path,
+                 extra_args: Sequence[str] = (), env: dict[str, str] | None = None) -> None:
+        self.socket_path = socket_path
+        self.shm_prefix = shm_prefix
+        self.memory_limit = memory_limit
+        self.log_path = log_path
+        self.extra_args = list(extra_args)
+        self.env = env
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout_s: float = 60.0) -> AgentProcess:
+        command = [
+            sys.executable, "-m", "memckpt.agent", "--socket", str(self.socket_path),
+            "--shm-prefix", self.shm_prefix, "--memory-limit", self.memory_limit, *self.extra_args,
+        ]
+        with open(self.log_path, "ab") as log_file:
+            self.process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+        wait_until(lambda: self._check_alive() and is_serving(self.socket_path), timeout_s, f"agent on {self.socket_path}")
+        return self
+
+    def _check_alive(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise Unavailable(f"agent exited with {self.process.returncode}; see {self.log_path}")
+        return True
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def kill(self) -> None:
+        """SIGKILL: the agent gets no chance to clean up, as in a crash."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def stop(self) -> int | None:
+        """TERM, a grace period, then KILL; returns the exit code."""
+        return stop_process(self.process)
+
+
+def stop_process(process: subprocess.Popen[bytes] | None, grace_s: float = GRACE_S) -> int | None:
+    """Ends a child started in its own session, with everything it started."""
+    if process is None:
+        return None
+    if process.poll() is None:
+        _signal_group(process.pid, signal.SIGTERM)
+        try:
+            process.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            _signal_group(process.pid, signal.SIGKILL)
+            process.wait()
+    _signal_group(process.pid, signal.SIGKILL)  # stragglers of the group, if any
+    return process.returncode
+
+
+def _signal_group(pid: int, signum: int) -> None:
+    try:
+        os.killpg(pid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def torchrun_command(*, nproc: int, max_restarts: int, trainer_args: Sequence[str]) -> list[str]:
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+        f"--max-restarts={max_restarts}", "--monitor-interval=0.2", "-m", "memckpt.trainer", *trainer_args,
+    ]
+
+
+def start_torchrun(command: list[str], log_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    with open(log_path, "ab") as log_file:
+        return subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def read_events(path: Path) -> list[dict[str, Any]]:
+    """The trainer's JSON-lines events; a line still being written is skipped."""
+    if not path.exists():
+        return []
+    events = []
+    for line in path.read_text().splitlines():
+        try:
+            events.append(json.loads(line))
+        except ValueError:
+            continue
+    return events

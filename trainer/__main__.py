@@ -1,0 +1,5 @@
+import sys
+
+from memckpt.trainer.train import main
+
+sys.exit(main())
