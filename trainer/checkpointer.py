@@ -117,9 +117,10 @@ class Checkpointer:
             meta = encode_meta(flat, [p.offset for p in layout.placements], layout.size_bytes)
             commit = lambda job: self._commit(handle, grant, layout.size_bytes, meta, job)  # noqa: E731
             handle._job = self._copier.start(list(zip(views, flat.tensors)), commit)
-            self._inflight = handle
         except MemckptError as exc:
             self._record_failure(handle, exc)
+        finally:
+            self._inflight = handle
         handle.stall_s = time.perf_counter() - start
         self.stats.last_stall_s = handle.stall_s
         self.stats.total_stall_s += handle.stall_s
@@ -187,7 +188,9 @@ class Checkpointer:
         optimizer.register_step_pre_hook(lambda *_: self._fence_and_count())
 
     def close(self) -> None:
-        self.wait()
+        """Waits for the snapshot in flight (its error, if any, was already reported), then frees all."""
+        if self._inflight is not None:
+            self._inflight.wait()
         self._copier.close()
         for slot in self._slots.values():
             slot.close()

@@ -54,7 +54,8 @@ class AgentClient:
     def list_steps(self) -> list[int]:
         """Committed steps the agent holds for this rank, newest first; [] if it knows none."""
         try:
-            response = self._call("ListSnapshots", pb.ListSnapshotsRequest(job=self.job, rank=self.rank), CALL_TIMEOUT_S)
+            request = pb.ListSnapshotsRequest(job=self.job, rank=self.rank)
+            response = self._call("ListSnapshots", request, CALL_TIMEOUT_S, wait_for_ready=True)
         except NotFound:
             return []
         return list(response.steps)
@@ -63,13 +64,15 @@ class AgentClient:
         request = pb.OpenRestoreRequest(job=self.job, rank=self.rank)
         if step is not None:
             request.step = step
-        return restore_from_proto(self._call("OpenRestore", request, REGISTER_TIMEOUT_S))
+        return restore_from_proto(self._call("OpenRestore", request, REGISTER_TIMEOUT_S, wait_for_ready=True))
 
     def close(self) -> None:
         self._channel.close()
 
-    def _call(self, name: str, request: Any, timeout_s: float) -> Any:
+    def _call(self, name: str, request: Any, timeout_s: float, wait_for_ready: bool = False) -> Any:
+        """One call. Snapshot calls fail fast while the agent is away (the next snapshot retries);
+        restore and registration wait for it (`wait_for_ready`), up to their timeout."""
         try:
-            return getattr(self._stub, name)(request, timeout=timeout_s)
+            return getattr(self._stub, name)(request, timeout=timeout_s, wait_for_ready=wait_for_ready)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc, f"{name} job={self.job} rank={self.rank}") from None

@@ -56,10 +56,8 @@ def _is_raw_copyable(dst: torch.Tensor, src: torch.Tensor) -> bool:
 
 
 def _memmove_all(spans: list[Span]) -> None:
-    for i, (dst, src, nbytes) in enumerate(spans):
+    for dst, src, nbytes in spans:
         ctypes.memmove(dst, src, nbytes)  # releases the GIL
-        if i == 0:
-            crash_point("trainer.copy.after_first")
 
 
 class ParallelCopy:
@@ -76,6 +74,7 @@ class ParallelCopy:
         futures = [self._pool.submit(_memmove_all, part) for part in parts[1:]]
         if parts:
             _memmove_all(parts[0])
+        crash_point("trainer.copy.after_first")  # the slot now holds part of the new snapshot
         for future in futures:
             future.result()
         with torch.no_grad():

@@ -15,6 +15,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -99,9 +100,27 @@ def mean_loss(loss: torch.Tensor) -> float:
     return float(value.item()) / dist.get_world_size()
 
 
+def init_distributed(backend: str) -> None:
+    """init_process_group, with the store keys of each torchrun restart kept apart.
+
+    Under torchrun's agent store the keys of a restarted worker group land in the same
+    store as the group before it, so a restarted rank can read a dead peer's gloo address
+    and fail to connect. A prefix per restart attempt keeps every attempt to itself.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        dist.init_process_group(backend)
+        return
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    base = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False, timeout=timedelta(minutes=5)
+    )
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(backend, store=dist.PrefixStore(f"memckpt/attempt_{attempt}", base), rank=rank, world_size=world)
+
+
 def run(args: argparse.Namespace) -> int:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend)
+    init_distributed(backend)
     rank, world = dist.get_rank(), dist.get_world_size()
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // local_world))

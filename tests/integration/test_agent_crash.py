@@ -1,0 +1,61 @@
+"""The agent dies (kill -9) and comes back: committed snapshots survive; clients carry on."""
+
+from __future__ import annotations
+
+import pytest
+
+from memckpt.errors import Unavailable
+from memckpt.local import wait_until
+from memckpt.trainer import Checkpointer
+
+from .helpers import assert_state_equal, empty_like_state, make_state
+
+pytestmark = pytest.mark.integration
+
+
+def test_agent_kill9_between_snapshots_keeps_last_committed_step(agent_factory) -> None:  # noqa: ANN001
+    agent = agent_factory()
+    with Checkpointer("crash", rank=0, world_size=1, socket_path=agent.socket_path, strict=True) as ck:
+        for step in range(1, 4):
+            ck.snapshot(step, make_state(step))
+            ck.wait()
+    agent.kill()
+    agent.start()  # same socket and shm prefix: it re-adopts the manifest
+    with Checkpointer("crash", rank=0, world_size=1, socket_path=agent.socket_path, strict=True) as ck:
+        restored = empty_like_state()
+        assert ck.restore(restored) == 3
+    assert_state_equal(restored, make_state(3))
+
+
+def test_snapshot_while_agent_is_down_warns_and_training_goes_on(agent_factory) -> None:  # noqa: ANN001
+    agent = agent_factory()
+    ck = Checkpointer("flaky", rank=0, world_size=1, socket_path=agent.socket_path)
+    try:
+        ck.snapshot(1, make_state(1))
+        assert ck.wait().committed
+        agent.kill()
+        handle = ck.snapshot(2, make_state(2))  # must not raise
+        assert isinstance(handle.error, Unavailable) and ck.stats.failures["Unavailable"] == 1
+        agent.start()
+        steps = iter(range(3, 1000))
+
+        def next_snapshot_commits() -> bool:  # training goes on, one snapshot per step
+            ck.snapshot(step := next(steps), make_state(step))
+            return ck.wait().committed
+
+        wait_until(next_snapshot_commits, 20, "a snapshot to commit after the agent came back", interval_s=0.1)
+        restored = empty_like_state()
+        step = ck.restore(restored)
+        assert step is not None and step >= 3
+        assert_state_equal(restored, make_state(step))
+    finally:
+        ck.close()
+
+
+def test_strict_checkpointer_raises_when_agent_is_down(agent_factory) -> None:  # noqa: ANN001
+    agent = agent_factory()
+    with Checkpointer("strict", rank=0, world_size=1, socket_path=agent.socket_path, strict=True) as ck:
+        agent.kill()
+        with pytest.raises(Unavailable):
+            ck.snapshot(1, make_state(1))
+        agent.start()

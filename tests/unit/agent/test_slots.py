@@ -1,0 +1,103 @@
+from __future__ import annotations
+
+import pytest
+
+from memckpt.agent.slots import MemoryBudget, RankKey, SlotState, new_rank_slots
+from memckpt.errors import BudgetExceeded, InvalidRequest, StaleGeneration
+
+KEY = RankKey(job="j", rank=0)
+
+
+def committed(slots, step):  # noqa: ANN001, ANN201 - test helper
+    slot, _ = slots.begin(step, 100)
+    return slots.commit(slot.index, step, 100, b"m")
+
+
+def test_begin_commit_moves_free_writing_committed() -> None:
+    slots = new_rank_slots(KEY, 1, 100)
+    slot, grow = slots.begin(1, 100)
+    assert (slot.state, slot.step, grow) == (SlotState.WRITING, 1, False)
+    done = slots.commit(slot.index, 1, 80, b"meta")
+    assert (done.state, done.step, done.data_size_bytes, done.meta) == (SlotState.COMMITTED, 1, 80, b"meta")
+    assert slots.latest_committed() == done
+
+
+def test_commit_never_overwrites_last_committed_slot() -> None:
+    slots = new_rank_slots(KEY, 1, 100)
+    first = committed(slots, 1)
+    for step in range(2, 10):
+        slot, _ = slots.begin(step, 100)
+        assert slot.index != slots.latest, "the latest committed slot was handed out for writing"
+        assert slots.latest_committed().step == step - 1
+        slots.commit(slot.index, step, 100, b"")
+    assert first.index in (0, 1)
+
+
+def test_previous_commit_stays_readable_until_rewritten() -> None:
+    slots = new_rank_slots(KEY, 1, 100)
+    committed(slots, 1)
+    committed(slots, 2)
+    assert slots.committed_steps() == [2, 1]
+    assert slots.committed_at(1).step == 1
+    slots.begin(3, 100)  # rewrites the slot that held step 1
+    assert slots.committed_steps() == [2]
+    assert slots.committed_at(1) is None
+
+
+def test_writer_that_died_leaves_committed_snapshot_intact() -> None:
+    slots = new_rank_slots(KEY, 1, 100)
+    committed(slots, 5)
+    slots.begin(6, 100)
+    slots.abandon_writes()
+    assert slots.latest_committed().step == 5
+    assert [s.state for s in slots.slots].count(SlotState.WRITING) == 0
+
+
+def test_steps_must_grow_within_a_session_but_not_across() -> None:
+    slots = new_rank_slots(KEY, 1, 100)
+    committed(slots, 5)
+    with pytest.raises(StaleGeneration):
+        slots.begin(5, 100)
+    slots.abandon_writes()  # a new registration
+    slot, _ = slots.begin(3, 100)
+    assert slot.step == 3
+
+
+def test_commit_rejects_wrong_step_index_and_size() -> None:
+    slots = new_rank_slots(KEY, 1, 100)
+    slot, _ = slots.begin(1, 100)
+    with pytest.raises(StaleGeneration):
+        slots.commit(slot.index, 2, 10, b"")
+    with pytest.raises(InvalidRequest):
+        slots.commit(7, 1, 10, b"")
+    with pytest.raises(InvalidRequest):
+        slots.commit(slot.index, 1, 101, b"")
+    with pytest.raises(StaleGeneration):
+        slots.commit(1 - slot.index, 1, 10, b"")
+
+
+def test_begin_grows_a_slot_that_is_too_small() -> None:
+    slots = new_rank_slots(KEY, 1, 100)
+    slot, grow = slots.begin(1, 250)
+    assert grow and slot.size_bytes == 250 and slot.version == 1
+
+
+def test_checksum_of_a_superseded_commit_is_dropped() -> None:
+    slots = new_rank_slots(KEY, 1, 100)
+    first = committed(slots, 1)
+    committed(slots, 2)
+    slots.begin(3, 100)  # rewrites first's slot
+    assert not slots.set_checksums(first.index, first.commit_id, (1, 2))
+    second = slots.latest_committed()
+    assert slots.set_checksums(second.index, second.commit_id, (3, 4))
+    assert slots.latest_committed().checksums == (3, 4)
+
+
+def test_budget_refuses_over_limit_and_names_sizes() -> None:
+    budget = MemoryBudget(limit_bytes=1 << 30)
+    budget.reserve("a", 768 << 20, "a")
+    with pytest.raises(BudgetExceeded, match=r"asks 512.0 MiB more; 256.0 MiB free of 1.0 GiB budget"):
+        budget.reserve("b", 512 << 20, "b")
+    budget.reserve("a", 1 << 30, "a grows")  # an owner's own holding does not count against it
+    budget.release("a")
+    assert budget.used_bytes == 0
