@@ -16,7 +16,11 @@ Mapper = Callable[[Callable[[memoryview], int], Iterable[memoryview]], Iterator[
 
 
 def chunk_checksums(
-    buffer: memoryview, data_size_bytes: int, meta: bytes, *, mapper: Mapper = map,
+    buffer: memoryview,
+    data_size_bytes: int,
+    meta: bytes,
+    *,
+    mapper: Mapper = map,
     keep_going: Callable[[], bool] | None = None,
 ) -> tuple[int, ...] | None:
     """crc32c of each CHUNK_BYTES of `buffer[:data_size_bytes]`, then of `meta`.
@@ -30,7 +34,7 @@ def chunk_checksums(
             raise _Stopped
         return int(crc32c.crc32c(chunk))
 
-    chunks = (buffer[start:min(start + CHUNK_BYTES, data_size_bytes)] for start in range(0, data_size_bytes, CHUNK_BYTES))
+    chunks = (buffer[start : min(start + CHUNK_BYTES, data_size_bytes)] for start in range(0, data_size_bytes, CHUNK_BYTES))
     try:
         sums = tuple(mapper(one, chunks))
     except _Stopped:

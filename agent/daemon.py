@@ -14,15 +14,15 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-
-from memckpt import config as config_mod
 from memckpt.agent.config import AgentConfig
 from memckpt.agent.service import AgentServicer
 from memckpt.agent.shm import ShmDir
 from memckpt.agent.slots import MemoryBudget
 from memckpt.agent.store import SlotStore
-from memckpt.errors import ConfigError
 from memckpt.protos import agent_pb2_grpc as pb_grpc
+
+from memckpt import config as config_mod
+from memckpt.errors import ConfigError
 from memckpt.sizes import format_size
 
 log = logging.getLogger("memckpt.agent")
@@ -84,7 +84,11 @@ def serve(config: AgentConfig, stop: threading.Event) -> int:
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     log.info(
         "agent ready node=%s socket=%s budget=%s adopted_ranks=%d pid=%d",
-        config.node, config.socket, format_size(limit), adopted, os.getpid(),
+        config.node,
+        config.socket,
+        format_size(limit),
+        adopted,
+        os.getpid(),
     )
     stop.wait()
     log.info("stopping: grace=%.1fs on_exit=%s", GRACE_S, config.on_exit)

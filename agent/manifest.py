@@ -12,6 +12,7 @@ import json
 import zlib
 
 from memckpt.agent.slots import RankKey, RankSlots, Slot, SlotState
+
 from memckpt.errors import CorruptSnapshot
 
 MAGIC = b"memckpt-manifest-v1\n"
@@ -36,7 +37,7 @@ def decode_manifest(data: bytes) -> RankSlots:
     """Parses a manifest; raises CorruptSnapshot if it is torn, foreign or inconsistent."""
     if not data.startswith(MAGIC):
         raise CorruptSnapshot("manifest has no memckpt header")
-    body, _, trailer = data[len(MAGIC):].rpartition(b"\n")
+    body, _, trailer = data[len(MAGIC) :].rpartition(b"\n")
     if trailer != f"{zlib.crc32(body):08x}".encode():
         raise CorruptSnapshot("manifest checksum mismatch")
     try:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from memckpt import __version__
 from memckpt.agent import wire
 from memckpt.agent.store import SlotStore
 from memckpt.protos import agent_pb2 as pb
 from memckpt.protos import agent_pb2_grpc as pb_grpc
+
+from memckpt import __version__
 from memckpt.rpc import map_errors
 
 
@@ -58,6 +59,10 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
     def GetStatus(self, request: pb.GetStatusRequest, context: Any) -> pb.GetStatusResponse:
         ranks, used, limit = self._store.snapshot_status()
         return pb.GetStatusResponse(
-            node=self._node, memory_used_bytes=used, memory_limit_bytes=limit, version=__version__, pid=os.getpid(),
+            node=self._node,
+            memory_used_bytes=used,
+            memory_limit_bytes=limit,
+            version=__version__,
+            pid=os.getpid(),
             ranks=[wire.rank_status(r, self._store.slot_names(r)) for r in ranks],
         )

@@ -97,15 +97,18 @@ class RankSlots:
         Returns the slot and whether it must be reallocated to fit `size_bytes`.
         """
         if step <= self.session_step:
-            raise StaleGeneration(
-                f"{self.key}: snapshot of step {step} after step {self.session_step} in the same session"
-            )
+            raise StaleGeneration(f"{self.key}: snapshot of step {step} after step {self.session_step} in the same session")
         index = 1 - self.latest if self.latest is not None else self._first_free()
         slot = self.slots[index]
         grow = slot.size_bytes < size_bytes
         self.slots[index] = slot.moved_to(
-            SlotState.WRITING, step=step, data_size_bytes=0, checksums=None, meta=b"",
-            size_bytes=max(slot.size_bytes, size_bytes), version=slot.version + int(grow),
+            SlotState.WRITING,
+            step=step,
+            data_size_bytes=0,
+            checksums=None,
+            meta=b"",
+            size_bytes=max(slot.size_bytes, size_bytes),
+            version=slot.version + int(grow),
         )
         self.session_step = step
         return self.slots[index], grow
@@ -117,17 +120,12 @@ class RankSlots:
         slot = self.slots[index]
         if slot.state is not SlotState.WRITING or slot.step != step:
             raise StaleGeneration(
-                f"{self.key}: commit of step {step} into slot {index}, which is "
-                f"{slot.state.value} at step {slot.step}"
+                f"{self.key}: commit of step {step} into slot {index}, which is {slot.state.value} at step {slot.step}"
             )
         if data_size_bytes > slot.size_bytes:
-            raise InvalidRequest(
-                f"{self.key} step {step}: {data_size_bytes} bytes claimed in a slot of {slot.size_bytes}"
-            )
+            raise InvalidRequest(f"{self.key} step {step}: {data_size_bytes} bytes claimed in a slot of {slot.size_bytes}")
         self.commits += 1
-        self.slots[index] = slot.moved_to(
-            SlotState.COMMITTED, data_size_bytes=data_size_bytes, meta=meta, commit_id=self.commits
-        )
+        self.slots[index] = slot.moved_to(SlotState.COMMITTED, data_size_bytes=data_size_bytes, meta=meta, commit_id=self.commits)
         self.latest = index  # the previous latest stays committed (and readable) until rewritten
         return self.slots[index]
 

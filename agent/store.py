@@ -16,7 +16,8 @@ from dataclasses import dataclass, replace
 from memckpt.agent.checksum import chunk_checksums, describe_mismatch
 from memckpt.agent.manifest import decode_manifest, encode_manifest
 from memckpt.agent.shm import Segment, ShmDir
-from memckpt.agent.slots import MemoryBudget, RankKey, RankSlots, Slot, SlotState, new_rank_slots
+from memckpt.agent.slots import MemoryBudget, RankKey, RankSlots, Slot, new_rank_slots
+
 from memckpt.errors import CorruptSnapshot, InvalidRequest, MemckptError, NotFound
 from memckpt.names import check_name
 from memckpt.sizes import format_size
@@ -122,7 +123,9 @@ class SlotStore:
             slots = self._rank(key)
             if step < 0:
                 raise InvalidRequest(f"{key}: step must be >= 0, got {step}")
-            self._budget.reserve(str(key), self._grown_total(slots, size_bytes), f"{key} step {step} needs {format_size(size_bytes)}")
+            self._budget.reserve(
+                str(key), self._grown_total(slots, size_bytes), f"{key} step {step} needs {format_size(size_bytes)}"
+            )
             slot, grow = slots.begin(step, size_bytes)
             if grow:
                 old_name = self._slot_name(key, replace(slot, version=slot.version - 1))
@@ -166,8 +169,12 @@ class SlotStore:
                 f"({describe_mismatch(expected, found)}); the snapshot is not loaded"
             )
         return RestoreSource(
-            step=slot.step, name=segment.name, size_bytes=slot.size_bytes,
-            data_size_bytes=slot.data_size_bytes, meta=slot.meta, checksums=expected,
+            step=slot.step,
+            name=segment.name,
+            size_bytes=slot.size_bytes,
+            data_size_bytes=slot.data_size_bytes,
+            meta=slot.meta,
+            checksums=expected,
         )
 
     def release_job(self, job: str) -> tuple[int, int]:
@@ -185,7 +192,9 @@ class SlotStore:
     def snapshot_status(self) -> tuple[list[RankSlots], int, int]:
         """Copies of every rank's slots, memory used and the budget."""
         with self._lock:
-            ranks = [RankSlots(key=r.key, world_size=r.world_size, slots=list(r.slots), latest=r.latest) for r in self._ranks.values()]
+            ranks = [
+                RankSlots(key=r.key, world_size=r.world_size, slots=list(r.slots), latest=r.latest) for r in self._ranks.values()
+            ]
             return ranks, self._budget.used_bytes, self._budget.limit_bytes
 
     def slot_names(self, slots: RankSlots) -> list[str]:

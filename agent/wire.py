@@ -24,8 +24,13 @@ def rank_status(slots: RankSlots, names: list[str]) -> pb.RankStatus:
         committed_step=latest.step if latest else -1,
         slots=[
             pb.SlotStatus(
-                index=s.index, name=name, state=_STATE[s.state], step=s.step, size_bytes=s.size_bytes,
-                data_size_bytes=s.data_size_bytes, checksum_ready=s.checksums is not None,
+                index=s.index,
+                name=name,
+                state=_STATE[s.state],
+                step=s.step,
+                size_bytes=s.size_bytes,
+                data_size_bytes=s.data_size_bytes,
+                checksum_ready=s.checksums is not None,
             )
             for s, name in zip(slots.slots, names)
         ],
@@ -38,13 +43,21 @@ def grant_to_proto(grant: SlotGrant) -> pb.BeginSnapshotResponse:
 
 def restore_to_proto(source: RestoreSource) -> pb.OpenRestoreResponse:
     return pb.OpenRestoreResponse(
-        step=source.step, slot_name=source.name, slot_size_bytes=source.size_bytes,
-        data_size_bytes=source.data_size_bytes, meta=source.meta, checksums=source.checksums,
+        step=source.step,
+        slot_name=source.name,
+        slot_size_bytes=source.size_bytes,
+        data_size_bytes=source.data_size_bytes,
+        meta=source.meta,
+        checksums=source.checksums,
     )
 
 
 def restore_from_proto(response: pb.OpenRestoreResponse) -> RestoreSource:
     return RestoreSource(
-        step=response.step, name=response.slot_name, size_bytes=response.slot_size_bytes,
-        data_size_bytes=response.data_size_bytes, meta=response.meta, checksums=tuple(response.checksums),
+        step=response.step,
+        name=response.slot_name,
+        size_bytes=response.slot_size_bytes,
+        data_size_bytes=response.data_size_bytes,
+        meta=response.meta,
+        checksums=tuple(response.checksums),
     )

@@ -1,8 +1,8 @@
 """`memckpt`: the command line for people who run training clusters.
 
-    memckpt demo             a local job loses a rank to kill -9 and resumes from memory
-    memckpt status           what the node agent holds (ranks, slots, steps, memory)
-    memckpt release JOB      drops a finished job's snapshots from the agent
+memckpt demo             a local job loses a rank to kill -9 and resumes from memory
+memckpt status           what the node agent holds (ranks, slots, steps, memory)
+memckpt release JOB      drops a finished job's snapshots from the agent
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +88,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     rows = [("JOB", "RANK", "WORLD", "COMMITTED", "SLOTS")]
     for r in reply.ranks:
         slots = "  ".join(
-            f"s{s.index}:{STATE_NAMES.get(s.state, '?')}" + (f"@{s.step}" if s.step >= 0 else "") + f" {format_size(s.size_bytes)}"
+            f"s{s.index}:{STATE_NAMES.get(s.state, '?')}"
+            + (f"@{s.step}" if s.step >= 0 else "")
+            + f" {format_size(s.size_bytes)}"
             + ("" if s.checksum_ready or s.state != pb.SLOT_STATE_COMMITTED else " (checksumming)")
             for s in r.slots
         )
@@ -98,15 +101,27 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def status_to_json(reply: pb.GetStatusResponse) -> dict[str, Any]:
     return {
-        "node": reply.node, "pid": reply.pid, "version": reply.version,
-        "memory_used_bytes": reply.memory_used_bytes, "memory_limit_bytes": reply.memory_limit_bytes,
+        "node": reply.node,
+        "pid": reply.pid,
+        "version": reply.version,
+        "memory_used_bytes": reply.memory_used_bytes,
+        "memory_limit_bytes": reply.memory_limit_bytes,
         "ranks": [
             {
-                "job": r.job, "rank": r.rank, "world_size": r.world_size,
+                "job": r.job,
+                "rank": r.rank,
+                "world_size": r.world_size,
                 "committed_step": r.committed_step if r.has_committed else None,
                 "slots": [
-                    {"index": s.index, "name": s.name, "state": STATE_NAMES.get(s.state, "unspecified"), "step": s.step,
-                     "size_bytes": s.size_bytes, "data_size_bytes": s.data_size_bytes, "checksum_ready": s.checksum_ready}
+                    {
+                        "index": s.index,
+                        "name": s.name,
+                        "state": STATE_NAMES.get(s.state, "unspecified"),
+                        "step": s.step,
+                        "size_bytes": s.size_bytes,
+                        "data_size_bytes": s.data_size_bytes,
+                        "checksum_ready": s.checksum_ready,
+                    }
                     for s in r.slots
                 ],
             }
@@ -133,8 +148,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print("memckpt demo: --ranks must be 2-4 and --kill-rank one of them", file=sys.stderr)
         return 2
     config = DemoConfig(
-        ranks=args.ranks, steps=args.steps, snapshot_every=args.snapshot_every, seed=args.seed, preset=args.preset,
-        kill_rank=args.kill_rank, kill_at_step=args.kill_at_step, workdir=args.workdir,
+        ranks=args.ranks,
+        steps=args.steps,
+        snapshot_every=args.snapshot_every,
+        seed=args.seed,
+        preset=args.preset,
+        kill_rank=args.kill_rank,
+        kill_at_step=args.kill_at_step,
+        workdir=args.workdir,
     )
     progress = (lambda _msg: None) if args.json else (lambda msg: print(msg, flush=True))
     result = run_demo(config, progress=progress)
@@ -142,21 +163,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(json.dumps(result.as_dict()))
         return 0 if result.bit_exact else 1
     print()
-    _print_table([
-        ("", "value"),
-        ("rank killed (SIGKILL) after step", str(result.kill_step)),
-        ("step restored from memory", str(result.restored_step)),
-        ("steps recomputed", str(result.steps_recomputed)),
-        ("recovery (kill -> all ranks restored)", f"{result.recovery_s:.2f} s"),
-        ("  of which restore from memory", f"{result.restore_s * 1e3:.1f} ms"),
-        ("final loss", f"{result.final_loss:.6f}"),
-        ("final loss, uninterrupted run", f"{result.reference_final_loss:.6f}"),
-        ("bit-exact with the uninterrupted run", "yes" if result.bit_exact else f"NO (steps {result.mismatched_steps})"),
-    ])
+    _print_table(
+        [
+            ("", "value"),
+            ("rank killed (SIGKILL) after step", str(result.kill_step)),
+            ("step restored from memory", str(result.restored_step)),
+            ("steps recomputed", str(result.steps_recomputed)),
+            ("recovery (kill -> all ranks restored)", f"{result.recovery_s:.2f} s"),
+            ("  of which restore from memory", f"{result.restore_s * 1e3:.1f} ms"),
+            ("final loss", f"{result.final_loss:.6f}"),
+            ("final loss, uninterrupted run", f"{result.reference_final_loss:.6f}"),
+            ("bit-exact with the uninterrupted run", "yes" if result.bit_exact else f"NO (steps {result.mismatched_steps})"),
+        ]
+    )
     return 0 if result.bit_exact else 1
 
 
-def _print_table(rows: list[tuple[str, ...]]) -> None:
+def _print_table(rows: Sequence[Sequence[str]]) -> None:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())

@@ -25,9 +25,7 @@ C = TypeVar("C")
 ENV_PREFIX = "MEMCKPT_"
 
 
-def field(
-    default: Any, help: str, *, size: bool = False, choices: tuple[str, ...] | None = None, default_text: str = ""
-) -> Any:
+def field(default: Any, help: str, *, size: bool = False, choices: tuple[str, ...] | None = None, default_text: str = "") -> Any:
     """A config field: its default (or how a None default is derived), its flag's help, how to parse it."""
     meta = {"help": help, "size": size, "choices": choices, "default_text": default_text}
     return dataclasses.field(default=default, metadata=meta)

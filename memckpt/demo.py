@@ -51,7 +51,7 @@ class DemoResult:
     workdir: str
 
     def as_dict(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self.__slots__}  # type: ignore[attr-defined]
+        return {name: getattr(self, name) for name in self.__slots__}
 
 
 def choose_kill_step(config: DemoConfig) -> int:
@@ -63,9 +63,22 @@ def choose_kill_step(config: DemoConfig) -> int:
 
 def trainer_args(config: DemoConfig, job: str, socket_path: Path, events: Path) -> list[str]:
     return [
-        "--job", job, "--steps", str(config.steps), "--snapshot-every", str(config.snapshot_every),
-        "--seed", str(config.seed), "--preset", config.preset, "--socket", str(socket_path),
-        "--events", str(events), "--step-delay-s", str(config.step_delay_s),
+        "--job",
+        job,
+        "--steps",
+        str(config.steps),
+        "--snapshot-every",
+        str(config.snapshot_every),
+        "--seed",
+        str(config.seed),
+        "--preset",
+        config.preset,
+        "--socket",
+        str(socket_path),
+        "--events",
+        str(events),
+        "--step-delay-s",
+        str(config.step_delay_s),
     ]
 
 
@@ -74,8 +87,11 @@ def run_demo(config: DemoConfig, progress: Any = print) -> DemoResult:
     workdir.mkdir(parents=True, exist_ok=True)
     tag = uuid.uuid4().hex[:8]
     agent = AgentProcess(
-        socket_path=workdir / "agent.sock", shm_prefix=f"memckpt-demo-{tag}.", memory_limit=config.memory_limit,
-        log_path=workdir / "agent.log", extra_args=["--on-exit", "remove"],
+        socket_path=workdir / "agent.sock",
+        shm_prefix=f"memckpt-demo-{tag}.",
+        memory_limit=config.memory_limit,
+        log_path=workdir / "agent.log",
+        extra_args=["--on-exit", "remove"],
     )
     try:
         agent.start()
@@ -98,10 +114,13 @@ class _JobRun:
     kill_time: float | None
 
 
-def _run_job(config: DemoConfig, job: str, agent: AgentProcess, workdir: Path, *, kill_step: int | None, progress: Any) -> _JobRun:
+def _run_job(
+    config: DemoConfig, job: str, agent: AgentProcess, workdir: Path, *, kill_step: int | None, progress: Any
+) -> _JobRun:
     events_path = workdir / f"{job}.events.jsonl"
     command = torchrun_command(
-        nproc=config.ranks, max_restarts=0 if kill_step is None else 1,
+        nproc=config.ranks,
+        max_restarts=0 if kill_step is None else 1,
         trainer_args=trainer_args(config, job, agent.socket_path, events_path),
     )
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -112,7 +131,10 @@ def _run_job(config: DemoConfig, job: str, agent: AgentProcess, workdir: Path, *
             victim = _wait_for_step(events_path, config.kill_rank, kill_step, process, config.timeout_s)
             os.kill(victim["pid"], signal.SIGKILL)
             kill_time = time.time()
-            progress(f"  killed rank {config.kill_rank} (pid {victim['pid']}) after step {victim['step']}; torchrun restarts the workers")
+            progress(
+                f"  killed rank {config.kill_rank} (pid {victim['pid']}) after step {victim['step']}; "
+                "torchrun restarts the workers"
+            )
         returncode = process.wait(config.timeout_s)
     finally:
         stop_process(process)

@@ -46,8 +46,16 @@ def is_serving(socket_path: Path, timeout_s: float = 1.0) -> bool:
 class AgentProcess:
     """A `memckpt-agent` child process with its own socket and shm prefix."""
 
-    def __init__(self, *, socket_path: Path, shm_prefix: str, memory_limit: str, log_path: Path,
-                 extra_args: Sequence[str] = (), env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        socket_path: Path,
+        shm_prefix: str,
+        memory_limit: str,
+        log_path: Path,
+        extra_args: Sequence[str] = (),
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.socket_path = socket_path
         self.shm_prefix = shm_prefix
         self.memory_limit = memory_limit
@@ -58,11 +66,21 @@ class AgentProcess:
 
     def start(self, timeout_s: float = 60.0) -> AgentProcess:
         command = [
-            sys.executable, "-m", "memckpt.agent", "--socket", str(self.socket_path),
-            "--shm-prefix", self.shm_prefix, "--memory-limit", self.memory_limit, *self.extra_args,
+            sys.executable,
+            "-m",
+            "memckpt.agent",
+            "--socket",
+            str(self.socket_path),
+            "--shm-prefix",
+            self.shm_prefix,
+            "--memory-limit",
+            self.memory_limit,
+            *self.extra_args,
         ]
         with open(self.log_path, "ab") as log_file:
-            self.process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+            self.process = subprocess.Popen(
+                command, stdout=log_file, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+            )
         wait_until(lambda: self._check_alive() and is_serving(self.socket_path), timeout_s, f"agent on {self.socket_path}")
         return self
 
@@ -112,8 +130,16 @@ def _signal_group(pid: int, signum: int) -> None:
 
 def torchrun_command(*, nproc: int, max_restarts: int, trainer_args: Sequence[str]) -> list[str]:
     return [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-        f"--max-restarts={max_restarts}", "--monitor-interval=0.2", "-m", "memckpt.trainer", *trainer_args,
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        f"--max-restarts={max_restarts}",
+        "--monitor-interval=0.2",
+        "-m",
+        "memckpt.trainer",
+        *trainer_args,
     ]
 
 

@@ -13,9 +13,7 @@ _NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 def check_name(name: str, what: str = "name") -> str:
     """Returns `name` if it is safe in a file or shm name; raises InvalidRequest otherwise."""
     if not isinstance(name, str) or not _NAME.match(name) or name in (".", ".."):
-        raise InvalidRequest(
-            f"{what} {name!r} is invalid: use 1-64 of A-Z a-z 0-9 . _ - (not '.' or '..')"
-        )
+        raise InvalidRequest(f"{what} {name!r} is invalid: use 1-64 of A-Z a-z 0-9 . _ - (not '.' or '..')")
     return name
 
 

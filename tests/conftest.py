@@ -7,8 +7,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-
 from memckpt.agent.shm import DEFAULT_ROOT
+
 from memckpt.local import AgentProcess
 
 
@@ -31,10 +31,16 @@ def agent_factory(tmp_path: Path, shm_prefix: str) -> Iterator[AgentFactory]:
     """Starts agents that remove their slots on a clean stop; every one is stopped at teardown."""
     started: list[AgentProcess] = []
 
-    def start(memory_limit: str = "1GiB", name: str = "agent", extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None) -> AgentProcess:
+    def start(
+        memory_limit: str = "1GiB", name: str = "agent", extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None
+    ) -> AgentProcess:
         agent = AgentProcess(
-            socket_path=tmp_path / f"{name}.sock", shm_prefix=shm_prefix, memory_limit=memory_limit,
-            log_path=tmp_path / f"{name}.log", extra_args=["--on-exit", "remove", *extra_args], env=env,
+            socket_path=tmp_path / f"{name}.sock",
+            shm_prefix=shm_prefix,
+            memory_limit=memory_limit,
+            log_path=tmp_path / f"{name}.log",
+            extra_args=["--on-exit", "remove", *extra_args],
+            env=env,
         )
         started.append(agent)
         return agent.start()

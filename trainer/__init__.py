@@ -1,6 +1,6 @@
 """The memckpt client API, used inside training code, and the bundled example trainer.
 
-    from memckpt.trainer import Checkpointer, training_state, apply_training_state
+from memckpt.trainer import Checkpointer, training_state, apply_training_state
 """
 
 from memckpt.trainer.checkpointer import Checkpointer, CheckpointerStats, SnapshotHandle
@@ -13,6 +13,12 @@ from memckpt.trainer.state import (
 )
 
 __all__ = [
-    "Checkpointer", "CheckpointerStats", "SnapshotHandle", "apply_training_state",
-    "refresh_training_state", "rng_state", "set_rng_state", "training_state",
+    "Checkpointer",
+    "CheckpointerStats",
+    "SnapshotHandle",
+    "apply_training_state",
+    "refresh_training_state",
+    "rng_state",
+    "set_rng_state",
+    "training_state",
 ]

@@ -18,17 +18,17 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-
 from memckpt.agent.config import SOCKET_ENV, default_socket
 from memckpt.agent.shm import ShmDir
 from memckpt.agent.store import SlotGrant
-from memckpt.errors import InvalidRequest, MemckptError, NotFound
-from memckpt.names import check_name
 from memckpt.trainer.client import AgentClient
 from memckpt.trainer.copier import Copier, CopyJob, MappedSlot
 from memckpt.trainer.layout import Layout, compute_layout
 from memckpt.trainer.recovery import StepChoice, choose_common_step
 from memckpt.trainer.tree import Flat, decode_meta, encode_meta, fill, flatten
+
+from memckpt.errors import InvalidRequest, MemckptError, NotFound
+from memckpt.names import check_name
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +78,13 @@ class Checkpointer:
     """
 
     def __init__(
-        self, job: str, *, rank: int | None = None, world_size: int | None = None,
-        socket_path: Path | str | None = None, strict: bool = False,
+        self,
+        job: str,
+        *,
+        rank: int | None = None,
+        world_size: int | None = None,
+        socket_path: Path | str | None = None,
+        strict: bool = False,
     ) -> None:
         self.job = check_name(job, "job")
         self.rank = int(os.environ.get("RANK", 0)) if rank is None else rank
@@ -171,7 +176,11 @@ class Checkpointer:
                 self._slots.pop(source.name).close()  # fill copied everything out of it
         log.info(
             "restored job=%s rank=%d step=%d bytes=%d s=%.3f",
-            self.job, self.rank, source.step, source.data_size_bytes, time.perf_counter() - start,
+            self.job,
+            self.rank,
+            source.step,
+            source.data_size_bytes,
+            time.perf_counter() - start,
         )
         return source.step
 
@@ -269,7 +278,9 @@ class Checkpointer:
         self.stats.failures[kind] += 1
         if kind not in self._warned:
             self._warned.add(kind)
-            log.warning("snapshot job=%s rank=%d step=%d failed (%s); training goes on: %s", self.job, self.rank, handle.step, kind, exc)
+            log.warning(
+                "snapshot job=%s rank=%d step=%d failed (%s); training goes on: %s", self.job, self.rank, handle.step, kind, exc
+            )
         handle._fail(exc)
         if self.strict and raise_strict:
             raise exc

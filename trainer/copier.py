@@ -19,11 +19,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
-
 from memckpt.agent.shm import Segment
-from memckpt.faults import crash_point
 from memckpt.trainer.layout import Layout
 
+from memckpt.faults import crash_point
 
 Span = tuple[int, int, int]  # (destination address, source address, bytes)
 MIN_SPLIT_BYTES = 4 << 20  # below this a span is not worth cutting across threads
@@ -49,9 +48,14 @@ def split_spans(spans: list[Span], parts: int, min_split_bytes: int = MIN_SPLIT_
 
 def _is_raw_copyable(dst: torch.Tensor, src: torch.Tensor) -> bool:
     return (
-        src.device.type == "cpu" and dst.device.type == "cpu" and src.dtype == dst.dtype
-        and src.shape == dst.shape and src.is_contiguous() and dst.is_contiguous()
-        and not src.is_conj() and not src.is_neg()
+        src.device.type == "cpu"
+        and dst.device.type == "cpu"
+        and src.dtype == dst.dtype
+        and src.shape == dst.shape
+        and src.is_contiguous()
+        and dst.is_contiguous()
+        and not src.is_conj()
+        and not src.is_neg()
     )
 
 
@@ -102,14 +106,13 @@ class MappedSlot:
         """Typed views of each leaf's range, cached for the layout last used."""
         if self._views is None or self._views[0] != id(layout):
             views = [
-                self.view(p.offset, p.nbytes, dtype, s.shape)
-                for p, s, dtype in zip(layout.placements, layout.specs, dtypes)
+                self.view(p.offset, p.nbytes, dtype, s.shape) for p, s, dtype in zip(layout.placements, layout.specs, dtypes)
             ]
             self._views = (id(layout), views)
         return self._views[1]
 
     def view(self, offset: int, nbytes: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-        return self.bytes[offset:offset + nbytes].view(dtype).view(shape)
+        return self.bytes[offset : offset + nbytes].view(dtype).view(shape)
 
     def close(self) -> None:
         if self._pinned:

@@ -36,5 +36,5 @@ def batch_for_step(
     """Inputs and next-token targets of (step, rank), the same in every run with that seed."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + step * 4099 + rank)
     starts = torch.randint(0, corpus.numel() - seq_len - 1, (batch_size,), generator=generator)
-    rows = torch.stack([corpus[s:s + seq_len + 1] for s in starts.tolist()]).long()
+    rows = torch.stack([corpus[s : s + seq_len + 1] for s in starts.tolist()]).long()
     return rows[:, :-1], rows[:, 1:]

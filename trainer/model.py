@@ -39,10 +39,14 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, seq, width = x.shape
         q, k, v = self.qkv(self.ln1(x)).split(width, dim=2)
-        heads = lambda t: t.view(batch, seq, self.n_head, width // self.n_head).transpose(1, 2)  # noqa: E731
-        attn = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), is_causal=True)
+        attn = F.scaled_dot_product_attention(self._heads(q), self._heads(k), self._heads(v), is_causal=True)
         x = x + self.proj(attn.transpose(1, 2).reshape(batch, seq, width))
-        return x + self.out(F.gelu(self.fc(self.ln2(x))))
+        out: torch.Tensor = x + self.out(F.gelu(self.fc(self.ln2(x))))
+        return out
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        batch, seq, width = t.shape
+        return t.view(batch, seq, self.n_head, width // self.n_head).transpose(1, 2)
 
 
 class GPT(nn.Module):

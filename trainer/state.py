@@ -18,7 +18,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 def rng_state() -> dict[str, Any]:
     """Every RNG a training step may draw from, as tensors and plain values."""
     version, internal, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()  # type: ignore[misc]
+    name, keys, pos, has_gauss, cached = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -37,9 +37,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((p["version"], tuple(int(v) for v in p["state"].tolist()), p["gauss"]))
 
 
-def training_state(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, step: int, data_position: int
-) -> dict[str, Any]:
+def training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, step: int, data_position: int) -> dict[str, Any]:
     """The state to snapshot. Initializes the optimizer's lazy state so it has a fixed layout."""
     model_state, optim_state = get_state_dict(model, optimizer)
     return {"model": model_state, "optim": optim_state, "rng": rng_state(), "step": step, "data": data_position}

@@ -21,14 +21,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
-
 from memckpt.agent.config import SOCKET_ENV, default_socket
 from memckpt.trainer.checkpointer import Checkpointer
 from memckpt.trainer.data import batch_for_step, make_corpus
 from memckpt.trainer.model import GPT, PRESETS, count_parameters
 from memckpt.trainer.state import apply_training_state, refresh_training_state, training_state
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
 
 log = logging.getLogger("memckpt.trainer")
 
@@ -43,7 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=100, help="train until this step (default: 100)")
     parser.add_argument("--snapshot-every", type=int, default=1, help="snapshot every N steps; 0 turns memckpt off (default: 1)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the model, the data and every RNG (default: 0)")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="default", help="model size: tiny (tests), small (demo), default (~25 M parameters)")
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="default",
+        help="model size: tiny (tests), small (demo), default (~25 M parameters)",
+    )
     parser.add_argument("--layers", type=int, help="override the preset's number of layers")
     parser.add_argument("--width", type=int, help="override the preset's model width")
     parser.add_argument("--seq-len", type=int, help="override the preset's sequence length")
@@ -111,11 +115,12 @@ def init_distributed(backend: str) -> None:
         dist.init_process_group(backend)
         return
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    base = dist.TCPStore(
+    base = dist.TCPStore(  # type: ignore[attr-defined]
         os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False, timeout=timedelta(minutes=5)
     )
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    dist.init_process_group(backend, store=dist.PrefixStore(f"memckpt/attempt_{attempt}", base), rank=rank, world_size=world)
+    store = dist.PrefixStore(f"memckpt/attempt_{attempt}", base)  # type: ignore[attr-defined]
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -184,8 +189,11 @@ def run(args: argparse.Namespace) -> int:
     else:
         failures = {}
     summary = {
-        "steps": steps_done, "elapsed_s": elapsed, "steps_per_s": steps_done / elapsed if elapsed else 0.0,
-        "mean_stall_ms": sum(stalls_ms) / len(stalls_ms) if stalls_ms else 0.0, "snapshot_failures": failures,
+        "steps": steps_done,
+        "elapsed_s": elapsed,
+        "steps_per_s": steps_done / elapsed if elapsed else 0.0,
+        "mean_stall_ms": sum(stalls_ms) / len(stalls_ms) if stalls_ms else 0.0,
+        "snapshot_failures": failures,
     }
     events.write("end", **summary)
     if rank == 0:

@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from memckpt.trainer.layout import LeafSpec
 from torch.distributed.tensor import DTensor
 
 from memckpt.errors import InvalidRequest
-from memckpt.trainer.layout import LeafSpec
 
 FORMAT = 1
 _VALUE_TYPES = (bool, int, float, str, type(None))
@@ -67,7 +67,9 @@ def flatten(state: Any) -> Flat:
         raise InvalidRequest(f"state leaf at {path or '/'} has unsupported type {type(obj).__name__}")
 
     tree = walk(state, "")
-    specs = tuple(LeafSpec(dtype=str(t.dtype).removeprefix("torch."), shape=tuple(t.shape), itemsize=t.element_size()) for t in tensors)
+    specs = tuple(
+        LeafSpec(dtype=str(t.dtype).removeprefix("torch."), shape=tuple(t.shape), itemsize=t.element_size()) for t in tensors
+    )
     return Flat(tree=tree, tensors=tensors, specs=specs, dtensors=dtensors)
 
 
@@ -110,7 +112,7 @@ def fill(state: dict[str, Any], tree: dict[str, Any], stored: StoredTensor) -> P
 
 
 def _fill(live: Any, node: dict[str, Any], stored: StoredTensor, path: str, pairs: Pairs) -> Any:
-    (kind, body), = node.items()
+    ((kind, body),) = node.items()
     if kind in ("tensor", "ndarray", "dtensor"):
         return _fill_tensor(live, kind, stored(body), path, pairs)
     if kind == "dict":
@@ -145,8 +147,7 @@ def _fill_tensor(live: Any, kind: str, src: torch.Tensor, path: str, pairs: Pair
         return src.clone()
     if target.shape != src.shape or target.dtype != src.dtype:
         raise InvalidRequest(
-            f"state at {path} is {target.dtype} {tuple(target.shape)} but the snapshot holds "
-            f"{src.dtype} {tuple(src.shape)}"
+            f"state at {path} is {target.dtype} {tuple(target.shape)} but the snapshot holds {src.dtype} {tuple(src.shape)}"
         )
     pairs.append((target, src))
     return live

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import grpc
 import torch
-
 from memckpt.protos import agent_pb2_grpc as pb_grpc
 
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from memckpt.trainer import Checkpointer
 
 from memckpt.errors import Unavailable
 from memckpt.local import wait_until
-from memckpt.trainer import Checkpointer
 
 from .helpers import assert_state_equal, empty_like_state, make_state
 

@@ -7,7 +7,6 @@ import stat
 
 import grpc
 import pytest
-
 from memckpt.agent.shm import DEFAULT_ROOT
 from memckpt.protos import agent_pb2 as pb
 from memckpt.trainer import Checkpointer
@@ -27,19 +26,24 @@ def test_over_budget_registration_is_refused_with_sizes(agent_factory) -> None: 
     agent = agent_factory(memory_limit="64MiB")
     channel, stub = agent_stub(agent.socket_path)
     with channel:
-        code, details = code_of(stub.RegisterRank, pb.RegisterRankRequest(job="big", rank=0, world_size=1, slot_size_bytes=40 << 20))
+        code, details = code_of(
+            stub.RegisterRank, pb.RegisterRankRequest(job="big", rank=0, world_size=1, slot_size_bytes=40 << 20)
+        )
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "job 'big' rank 0" in details and "80.0 MiB" in details and "64.0 MiB budget" in details
 
 
-@pytest.mark.parametrize("request_", [
-    pb.RegisterRankRequest(job="a/b", rank=0, world_size=1, slot_size_bytes=1024),
-    pb.RegisterRankRequest(job="..", rank=0, world_size=1, slot_size_bytes=1024),
-    pb.RegisterRankRequest(job="", rank=0, world_size=1, slot_size_bytes=1024),
-    pb.RegisterRankRequest(job="ok", rank=-1, world_size=1, slot_size_bytes=1024),
-    pb.RegisterRankRequest(job="ok", rank=2, world_size=2, slot_size_bytes=1024),
-    pb.RegisterRankRequest(job="ok", rank=0, world_size=1, slot_size_bytes=0),
-])
+@pytest.mark.parametrize(
+    "request_",
+    [
+        pb.RegisterRankRequest(job="a/b", rank=0, world_size=1, slot_size_bytes=1024),
+        pb.RegisterRankRequest(job="..", rank=0, world_size=1, slot_size_bytes=1024),
+        pb.RegisterRankRequest(job="", rank=0, world_size=1, slot_size_bytes=1024),
+        pb.RegisterRankRequest(job="ok", rank=-1, world_size=1, slot_size_bytes=1024),
+        pb.RegisterRankRequest(job="ok", rank=2, world_size=2, slot_size_bytes=1024),
+        pb.RegisterRankRequest(job="ok", rank=0, world_size=1, slot_size_bytes=0),
+    ],
+)
 def test_malformed_registrations_are_invalid_argument(agent_factory, request_) -> None:  # noqa: ANN001
     agent = agent_factory()
     channel, stub = agent_stub(agent.socket_path)
@@ -52,19 +56,31 @@ def test_unknown_job_rank_and_bad_commits_get_precise_codes(agent_factory) -> No
     agent = agent_factory(extra_args=("--max-message-bytes", "1MiB"))
     channel, stub = agent_stub(agent.socket_path)
     with channel:
-        assert code_of(stub.BeginSnapshot, pb.BeginSnapshotRequest(job="nope", rank=0, step=1, size_bytes=10))[0] == grpc.StatusCode.NOT_FOUND
+        assert (
+            code_of(stub.BeginSnapshot, pb.BeginSnapshotRequest(job="nope", rank=0, step=1, size_bytes=10))[0]
+            == grpc.StatusCode.NOT_FOUND
+        )
         assert code_of(stub.OpenRestore, pb.OpenRestoreRequest(job="nope", rank=3))[0] == grpc.StatusCode.NOT_FOUND
         assert code_of(stub.ReleaseJob, pb.ReleaseJobRequest(job="nope"))[0] == grpc.StatusCode.NOT_FOUND
         stub.RegisterRank(pb.RegisterRankRequest(job="j", rank=0, world_size=1, slot_size_bytes=4096), timeout=10)
         grant = stub.BeginSnapshot(pb.BeginSnapshotRequest(job="j", rank=0, step=5, size_bytes=4096), timeout=10)
-        commit = lambda **kw: pb.CommitSnapshotRequest(**{"job": "j", "rank": 0, "step": 5, "slot_index": grant.slot_index, "data_size_bytes": 10, **kw})  # noqa: E731
+
+        def commit(**kw: object) -> pb.CommitSnapshotRequest:
+            fields = {"job": "j", "rank": 0, "step": 5, "slot_index": grant.slot_index, "data_size_bytes": 10, **kw}
+            return pb.CommitSnapshotRequest(**fields)
+
         assert code_of(stub.CommitSnapshot, commit(slot_index=9))[0] == grpc.StatusCode.INVALID_ARGUMENT
         assert code_of(stub.CommitSnapshot, commit(step=6))[0] == grpc.StatusCode.FAILED_PRECONDITION
         assert code_of(stub.CommitSnapshot, commit(data_size_bytes=1 << 40))[0] == grpc.StatusCode.INVALID_ARGUMENT
         assert code_of(stub.CommitSnapshot, commit(meta=b"x" * (2 << 20)))[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert code_of(stub.BeginSnapshot, pb.BeginSnapshotRequest(job="j", rank=0, step=4, size_bytes=10))[0] == grpc.StatusCode.FAILED_PRECONDITION
+        assert (
+            code_of(stub.BeginSnapshot, pb.BeginSnapshotRequest(job="j", rank=0, step=4, size_bytes=10))[0]
+            == grpc.StatusCode.FAILED_PRECONDITION
+        )
         assert code_of(stub.OpenRestore, pb.OpenRestoreRequest(job="j", rank=0, step=77))[0] == grpc.StatusCode.NOT_FOUND
-        garbage = channel.unary_unary("/memckpt.v1.AgentService/RegisterRank", request_serializer=None, response_deserializer=None)
+        garbage = channel.unary_unary(
+            "/memckpt.v1.AgentService/RegisterRank", request_serializer=None, response_deserializer=None
+        )
         with pytest.raises(grpc.RpcError) as info:
             garbage(b"\xff\xff\xff\xff", timeout=10)
         assert info.value.code() != grpc.StatusCode.OK

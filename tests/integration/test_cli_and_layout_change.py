@@ -8,7 +8,6 @@ import sys
 
 import pytest
 import torch
-
 from memckpt.trainer import Checkpointer
 
 from .helpers import make_state
@@ -64,7 +63,9 @@ def test_state_that_grows_gets_a_new_layout_and_bigger_slot(agent_factory) -> No
 def test_clean_stop_keeps_slots_for_the_next_agent(tmp_path, shm_prefix) -> None:  # noqa: ANN001
     from memckpt.local import AgentProcess
 
-    agent = AgentProcess(socket_path=tmp_path / "k.sock", shm_prefix=shm_prefix, memory_limit="256MiB", log_path=tmp_path / "k.log")
+    agent = AgentProcess(
+        socket_path=tmp_path / "k.sock", shm_prefix=shm_prefix, memory_limit="256MiB", log_path=tmp_path / "k.log"
+    )
     try:
         agent.start()
         with Checkpointer("keep", rank=0, world_size=1, socket_path=agent.socket_path, strict=True) as ck:

@@ -8,12 +8,12 @@ import textwrap
 
 import grpc
 import pytest
-
 from memckpt.agent.shm import DEFAULT_ROOT
-from memckpt.errors import CorruptSnapshot
-from memckpt.local import wait_until
 from memckpt.protos import agent_pb2 as pb
 from memckpt.trainer import Checkpointer
+
+from memckpt.errors import CorruptSnapshot
+from memckpt.local import wait_until
 
 from .helpers import agent_stub, assert_state_equal, empty_like_state, make_state
 
@@ -35,7 +35,9 @@ WRITER = textwrap.dedent("""
 def test_trainer_killed_mid_write_restores_previous_step(agent_factory) -> None:  # noqa: ANN001
     agent = agent_factory()
     env = {"MEMCKPT_FAULTS": "trainer.copy.after_first=exit@2", "PATH": "/usr/bin:/bin"}
-    done = subprocess.run([sys.executable, "-c", WRITER, str(agent.socket_path)], env=env, capture_output=True, text=True, cwd=".", timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", WRITER, str(agent.socket_path)], env=env, capture_output=True, text=True, cwd=".", timeout=120
+    )
     assert done.returncode == 137, done.stderr
     with Checkpointer("torn", rank=0, world_size=1, socket_path=agent.socket_path, strict=True) as ck:
         restored = empty_like_state(1 << 22)

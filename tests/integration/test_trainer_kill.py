@@ -20,8 +20,16 @@ def test_rank_killed_at_random_step_resumes_bit_exact(tmp_path: Path, snapshot_e
     steps = 14
     kill_at = random.Random(seed).randint(3, steps - 3)
     config = DemoConfig(
-        ranks=2, steps=steps, snapshot_every=snapshot_every, seed=seed, preset="tiny",
-        kill_rank=seed % 2, kill_at_step=kill_at, workdir=tmp_path / "run", memory_limit="256MiB", timeout_s=240,
+        ranks=2,
+        steps=steps,
+        snapshot_every=snapshot_every,
+        seed=seed,
+        preset="tiny",
+        kill_rank=seed % 2,
+        kill_at_step=kill_at,
+        workdir=tmp_path / "run",
+        memory_limit="256MiB",
+        timeout_s=240,
     )
     result = run_demo(config, progress=lambda _msg: None)
     assert result.bit_exact, f"losses differ from the uninterrupted run at steps {result.mismatched_steps}"
@@ -33,8 +41,21 @@ def test_rank_killed_at_random_step_resumes_bit_exact(tmp_path: Path, snapshot_e
 
 def test_memckpt_demo_json_prints_the_promised_keys(tmp_path: Path) -> None:
     command = [
-        sys.executable, "-m", "memckpt.cli", "demo", "--json", "--preset", "tiny", "--steps", "10",
-        "--ranks", "3", "--kill-rank", "2", "--seed", "5",
+        sys.executable,
+        "-m",
+        "memckpt.cli",
+        "demo",
+        "--json",
+        "--preset",
+        "tiny",
+        "--steps",
+        "10",
+        "--ranks",
+        "3",
+        "--kill-rank",
+        "2",
+        "--seed",
+        "5",
     ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=280)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -17,7 +17,7 @@ def test_threaded_checksums_equal_serial_and_catch_one_flipped_byte(monkeypatch)
     flipped = chunk_checksums(memoryview(data), len(data), b"meta")
     assert flipped != serial
     assert describe_mismatch(serial, flipped) == "bytes 2048..3072"
-    assert describe_mismatch(serial, chunk_checksums(memoryview(data), len(data), b"other"))  .count("metadata") == 1
+    assert describe_mismatch(serial, chunk_checksums(memoryview(data), len(data), b"other")).count("metadata") == 1
 
 
 def test_checksums_stop_when_the_slot_moves_on() -> None:

@@ -4,9 +4,9 @@ import argparse
 from pathlib import Path
 
 import pytest
-
 from memckpt.agent.config import AgentConfig
 from memckpt.agent.daemon import build_parser
+
 from memckpt.config import load_config
 from memckpt.errors import ConfigError, InvalidRequest
 from memckpt.names import check_name, safe_join
@@ -25,7 +25,10 @@ def test_safe_join_stays_inside(tmp_path: Path) -> None:
         safe_join(tmp_path, "..")
 
 
-@pytest.mark.parametrize("text,value", [("1GiB", 1 << 30), ("512MiB", 512 << 20), ("4G", 4 << 30), ("2GB", 2 * 10**9), ("1024", 1024), ("1.5KiB", 1536)])
+@pytest.mark.parametrize(
+    "text,value",
+    [("1GiB", 1 << 30), ("512MiB", 512 << 20), ("4G", 4 << 30), ("2GB", 2 * 10**9), ("1024", 1024), ("1.5KiB", 1536)],
+)
 def test_parse_size(text: str, value: int) -> None:
     assert parse_size(text) == value
 
@@ -59,6 +62,14 @@ def test_unknown_config_keys_and_bad_values_are_errors(tmp_path: Path) -> None:
 def test_agent_flag_set_is_frozen() -> None:
     flags = sorted(a.option_strings[0] for a in build_parser()._actions if a.option_strings)
     assert flags == [
-        "--config", "--log-level", "--max-message-bytes", "--memory-limit", "--node", "--on-exit",
-        "--shm-dir", "--shm-prefix", "--socket", "-h",
+        "--config",
+        "--log-level",
+        "--max-message-bytes",
+        "--memory-limit",
+        "--node",
+        "--on-exit",
+        "--shm-dir",
+        "--shm-prefix",
+        "--socket",
+        "-h",
     ]

@@ -2,13 +2,14 @@ from __future__ import annotations
 
 from hypothesis import given
 from hypothesis import strategies as st
-
 from memckpt.trainer.layout import ALIGNMENT_BYTES, LeafSpec, compute_layout
 
 specs = st.lists(
     st.builds(
-        LeafSpec, dtype=st.just("float32"),
-        shape=st.lists(st.integers(0, 50), min_size=0, max_size=3).map(tuple), itemsize=st.sampled_from([1, 2, 4, 8]),
+        LeafSpec,
+        dtype=st.just("float32"),
+        shape=st.lists(st.integers(0, 50), min_size=0, max_size=3).map(tuple),
+        itemsize=st.sampled_from([1, 2, 4, 8]),
     ),
     max_size=30,
 ).map(tuple)

@@ -5,11 +5,11 @@ import random
 import numpy as np
 import pytest
 import torch
-
-from memckpt.errors import InvalidRequest
 from memckpt.trainer.layout import compute_layout
 from memckpt.trainer.state import rng_state, set_rng_state
 from memckpt.trainer.tree import decode_meta, encode_meta, fill, flatten
+
+from memckpt.errors import InvalidRequest
 
 
 def roundtrip(state: dict, target: dict) -> dict:
@@ -18,12 +18,12 @@ def roundtrip(state: dict, target: dict) -> dict:
     layout = compute_layout(flat.specs)
     buffer = torch.zeros(layout.size_bytes, dtype=torch.uint8)
     for tensor, place in zip(flat.tensors, layout.placements):
-        buffer[place.offset:place.offset + place.nbytes].view(tensor.dtype).view(tensor.shape).copy_(tensor)
+        buffer[place.offset : place.offset + place.nbytes].view(tensor.dtype).view(tensor.shape).copy_(tensor)
     raw = decode_meta(encode_meta(flat, [p.offset for p in layout.placements], layout.size_bytes))
 
     def stored(i: int) -> torch.Tensor:
         e = raw["tensors"][i]
-        return buffer[e["offset"]:e["offset"] + e["nbytes"]].view(getattr(torch, e["dtype"])).view(tuple(e["shape"]))
+        return buffer[e["offset"] : e["offset"] + e["nbytes"]].view(getattr(torch, e["dtype"])).view(tuple(e["shape"]))
 
     for live, src in fill(target, raw["tree"], stored):
         live.copy_(src)
@@ -32,8 +32,16 @@ def roundtrip(state: dict, target: dict) -> dict:
 
 def test_state_round_trips_in_place_with_values_and_missing_keys() -> None:
     state = {
-        "w": torch.randn(4, 3), "ids": torch.arange(5), "half": torch.randn(3).half(), "step": 7, "lr": 0.1,
-        "name": "x", "flag": True, "none": None, "raw": b"\x00\xff", "nested": {"a": [1, torch.ones(2)], 3: (4, 5.5)},
+        "w": torch.randn(4, 3),
+        "ids": torch.arange(5),
+        "half": torch.randn(3).half(),
+        "step": 7,
+        "lr": 0.1,
+        "name": "x",
+        "flag": True,
+        "none": None,
+        "raw": b"\x00\xff",
+        "nested": {"a": [1, torch.ones(2)], 3: (4, 5.5)},
         "np": np.arange(6, dtype=np.int32),
     }
     target = {"w": torch.zeros(4, 3), "ids": torch.zeros(5, dtype=torch.int64), "half": torch.zeros(3).half(), "nested": {}}
