@@ -123,20 +123,29 @@ class MappedSlot:
 
 
 class CopyJob:
-    """One snapshot's copy. `copied` is set when the slot holds every byte; errors are kept."""
+    """One snapshot's copy; errors are kept, never raised on the copy thread.
+
+    `cpu_copied` is set when the CPU tensors are in the slot; `copied` when every byte is
+    (the CUDA copies too). Sources may change once `fence()` returned.
+    """
 
     def __init__(self) -> None:
+        self.cpu_copied = threading.Event()
         self.copied = threading.Event()
         self.error: BaseException | None = None
         self.copy_s = 0.0
         self.cuda_event: Any = None
 
     def fence(self) -> float:
-        """Blocks until the source tensors may change again; returns the seconds waited."""
+        """Orders later changes of the sources after the copy; returns the seconds the CPU waited.
+
+        CUDA sources: the current stream waits for the copy's event on the GPU, so the CPU
+        goes on queueing work. CPU sources: the CPU waits for the copy thread.
+        """
         start = time.perf_counter()
         if self.cuda_event is not None:
-            torch.cuda.current_stream().wait_event(self.cuda_event)  # ordered on the GPU, no CPU wait
-        self.copied.wait()
+            torch.cuda.current_stream().wait_event(self.cuda_event)
+        self.cpu_copied.wait()
         return time.perf_counter() - start
 
 
@@ -177,9 +186,12 @@ class Copier:
     def _run(self, job: CopyJob, pairs: list[tuple[torch.Tensor, torch.Tensor]], then: Callable[[CopyJob], None]) -> None:
         start = time.perf_counter()
         try:
-            self.parallel.copy(pairs)
+            try:
+                self.parallel.copy(pairs)
+            finally:
+                job.cpu_copied.set()
             if job.cuda_event is not None:
-                job.cuda_event.synchronize()
+                job.cuda_event.synchronize()  # the slot must hold every byte before the commit
         except BaseException as exc:  # reported through the job, never raised on this thread
             job.error = exc
         finally:
