@@ -87,7 +87,8 @@ def run(size_bytes: int, repeats: int) -> dict[str, Any]:
         )
         try:
             agent.start()
-            with Checkpointer(f"gpu-{uuid.uuid4().hex[:8]}", rank=0, world_size=1, socket_path=agent.socket_path, strict=True) as ck:
+            job = f"gpu-{uuid.uuid4().hex[:8]}"
+            with Checkpointer(job, rank=0, world_size=1, socket_path=agent.socket_path, strict=True) as ck:
                 first_s, median_s = memckpt_stall_s(ck, state, repeats)
                 restored = {"model": {k: torch.zeros_like(v) for k, v in state["model"].items()}}
                 restore_start = time.perf_counter()
