@@ -14,15 +14,15 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from memckpt import config as config_mod
 from memckpt.agent.config import AgentConfig
 from memckpt.agent.service import AgentServicer
 from memckpt.agent.shm import ShmDir
 from memckpt.agent.slots import MemoryBudget
 from memckpt.agent.store import SlotStore
-from memckpt.protos import agent_pb2_grpc as pb_grpc
-
-from memckpt import config as config_mod
 from memckpt.errors import ConfigError
+from memckpt.protos import agent_pb2_grpc as pb_grpc
 from memckpt.sizes import format_size
 
 log = logging.getLogger("memckpt.agent")

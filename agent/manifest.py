@@ -12,7 +12,6 @@ import json
 import zlib
 
 from memckpt.agent.slots import RankKey, RankSlots, Slot, SlotState
-
 from memckpt.errors import CorruptSnapshot
 
 MAGIC = b"memckpt-manifest-v1\n"

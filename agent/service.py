@@ -5,12 +5,11 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from memckpt import __version__
 from memckpt.agent import wire
 from memckpt.agent.store import SlotStore
 from memckpt.protos import agent_pb2 as pb
 from memckpt.protos import agent_pb2_grpc as pb_grpc
-
-from memckpt import __version__
 from memckpt.rpc import map_errors
 
 

@@ -17,7 +17,6 @@ from memckpt.agent.checksum import chunk_checksums, describe_mismatch
 from memckpt.agent.manifest import decode_manifest, encode_manifest
 from memckpt.agent.shm import Segment, ShmDir
 from memckpt.agent.slots import MemoryBudget, RankKey, RankSlots, Slot, new_rank_slots
-
 from memckpt.errors import CorruptSnapshot, InvalidRequest, MemckptError, NotFound
 from memckpt.names import check_name
 from memckpt.sizes import format_size

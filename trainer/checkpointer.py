@@ -18,17 +18,17 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
 from memckpt.agent.config import SOCKET_ENV, default_socket
 from memckpt.agent.shm import ShmDir
 from memckpt.agent.store import SlotGrant
+from memckpt.errors import InvalidRequest, MemckptError, NotFound
+from memckpt.names import check_name
 from memckpt.trainer.client import AgentClient
 from memckpt.trainer.copier import Copier, CopyJob, MappedSlot
 from memckpt.trainer.layout import Layout, compute_layout
 from memckpt.trainer.recovery import StepChoice, choose_common_step
 from memckpt.trainer.tree import Flat, decode_meta, encode_meta, fill, flatten
-
-from memckpt.errors import InvalidRequest, MemckptError, NotFound
-from memckpt.names import check_name
 
 log = logging.getLogger(__name__)
 

@@ -6,12 +6,12 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+
 from memckpt.agent.store import RestoreSource, SlotGrant
 from memckpt.agent.wire import restore_from_proto
+from memckpt.errors import NotFound
 from memckpt.protos import agent_pb2 as pb
 from memckpt.protos import agent_pb2_grpc as pb_grpc
-
-from memckpt.errors import NotFound
 from memckpt.rpc import error_from_rpc
 
 CALL_TIMEOUT_S = 30.0

@@ -19,10 +19,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
-from memckpt.agent.shm import Segment
-from memckpt.trainer.layout import Layout
 
+from memckpt.agent.shm import Segment
 from memckpt.faults import crash_point
+from memckpt.trainer.layout import Layout
 
 Span = tuple[int, int, int]  # (destination address, source address, bytes)
 MIN_SPLIT_BYTES = 4 << 20  # below this a span is not worth cutting across threads

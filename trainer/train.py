@@ -21,13 +21,14 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+
 from memckpt.agent.config import SOCKET_ENV, default_socket
 from memckpt.trainer.checkpointer import Checkpointer
 from memckpt.trainer.data import batch_for_step, make_corpus
 from memckpt.trainer.model import GPT, PRESETS, count_parameters
 from memckpt.trainer.state import apply_training_state, refresh_training_state, training_state
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
 
 log = logging.getLogger("memckpt.trainer")
 

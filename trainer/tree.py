@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from memckpt.trainer.layout import LeafSpec
 from torch.distributed.tensor import DTensor
 
 from memckpt.errors import InvalidRequest
+from memckpt.trainer.layout import LeafSpec
 
 FORMAT = 1
 _VALUE_TYPES = (bool, int, float, str, type(None))

@@ -1,9 +1,9 @@
 from __future__ import annotations
 
 import pytest
+
 from memckpt.agent.manifest import decode_manifest, encode_manifest
 from memckpt.agent.slots import RankKey, new_rank_slots
-
 from memckpt.errors import CorruptSnapshot
 
 

@@ -1,8 +1,8 @@
 from __future__ import annotations
 
 import pytest
-from memckpt.agent.slots import MemoryBudget, RankKey, SlotState, new_rank_slots
 
+from memckpt.agent.slots import MemoryBudget, RankKey, SlotState, new_rank_slots
 from memckpt.errors import BudgetExceeded, InvalidRequest, StaleGeneration
 
 KEY = RankKey(job="j", rank=0)

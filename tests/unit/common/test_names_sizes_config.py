@@ -4,9 +4,9 @@ import argparse
 from pathlib import Path
 
 import pytest
+
 from memckpt.agent.config import AgentConfig
 from memckpt.agent.daemon import build_parser
-
 from memckpt.config import load_config
 from memckpt.errors import ConfigError, InvalidRequest
 from memckpt.names import check_name, safe_join

@@ -3,6 +3,7 @@ from __future__ import annotations
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+
 from memckpt.trainer.copier import ParallelCopy, split_spans
 
 

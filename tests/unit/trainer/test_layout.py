@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from hypothesis import given
 from hypothesis import strategies as st
+
 from memckpt.trainer.layout import ALIGNMENT_BYTES, LeafSpec, compute_layout
 
 specs = st.lists(

@@ -5,11 +5,11 @@ import random
 import numpy as np
 import pytest
 import torch
+
+from memckpt.errors import InvalidRequest
 from memckpt.trainer.layout import compute_layout
 from memckpt.trainer.state import rng_state, set_rng_state
 from memckpt.trainer.tree import decode_meta, encode_meta, fill, flatten
-
-from memckpt.errors import InvalidRequest
 
 
 def roundtrip(state: dict, target: dict) -> dict:
