@@ -7,7 +7,10 @@ import stat
 
 import grpc
 import pytest
+import torch
+
 from memckpt.agent.shm import DEFAULT_ROOT
+from memckpt.errors import BudgetExceeded
 from memckpt.protos import agent_pb2 as pb
 from memckpt.trainer import Checkpointer
 
@@ -114,3 +117,18 @@ def test_socket_and_segments_are_private_to_the_user(agent_factory, shm_prefix) 
         info = path.stat()
         assert stat.S_IMODE(info.st_mode) == 0o600 and info.st_uid == os.getuid(), path
         assert path.name.startswith(f"{shm_prefix}priv."), "segment names carry the job"
+
+
+def test_over_budget_snapshot_is_counted_and_training_goes_on(agent_factory) -> None:  # noqa: ANN001
+    agent = agent_factory(memory_limit="1MiB")
+    with Checkpointer("huge", rank=0, world_size=1, socket_path=agent.socket_path) as ck:
+        ck.snapshot(1, make_state(1))  # two slots of ~384 KiB fit in 1 MiB
+        assert ck.wait().committed
+        handle = ck.snapshot(2, {"w": torch.zeros(1 << 20)})  # 4 MiB does not: refused, not raised
+        assert isinstance(handle.error, BudgetExceeded) and "1.0 MiB budget" in str(handle.error)
+        assert ck.stats.failures["BudgetExceeded"] == 1
+        ck.snapshot(3, make_state(3))  # training goes on, and so do snapshots that fit
+        assert ck.wait().committed
+        restored = empty_like_state()
+        assert ck.restore(restored) == 3
+    assert_state_equal(restored, make_state(3))
