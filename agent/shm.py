@@ -24,9 +24,10 @@ _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 class Segment:
     """A mapped shm segment. `buffer` aliases the mapping until `close()`."""
 
-    def __init__(self, name: str, mapping: mmap.mmap, size_bytes: int) -> None:
+    def __init__(self, name: str, mapping: mmap.mmap, size_bytes: int, identity: tuple[int, int]) -> None:
         self.name = name
         self.size_bytes = size_bytes
+        self.identity = identity  # (device, inode): tells a recreated segment of the same name apart
         self._mapping = mapping
         self.buffer = memoryview(mapping)
 
@@ -83,6 +84,14 @@ class ShmDir:
         finally:
             os.close(fd)
 
+    def is_same_segment(self, segment: Segment) -> bool:
+        """Whether `segment` is still the file its name points to (not unlinked and recreated)."""
+        try:
+            info = safe_join(self.root, segment.name).stat()
+        except FileNotFoundError:
+            return False
+        return (info.st_dev, info.st_ino) == segment.identity
+
     def unlink(self, name: str) -> None:
         safe_join(self.root, name).unlink(missing_ok=True)
 
@@ -109,4 +118,5 @@ class ShmDir:
             size_bytes = 1
             os.ftruncate(fd, 1)
         mapping = mmap.mmap(fd, size_bytes, flags=mmap.MAP_SHARED | _POPULATE)
-        return Segment(name, mapping, size_bytes)
+        info = os.fstat(fd)
+        return Segment(name, mapping, size_bytes, (info.st_dev, info.st_ino))

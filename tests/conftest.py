@@ -7,8 +7,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from memckpt.agent.shm import DEFAULT_ROOT
 
+from memckpt.agent.shm import DEFAULT_ROOT
 from memckpt.local import AgentProcess
 
 

@@ -33,6 +33,14 @@ from memckpt.trainer.tree import Flat, decode_meta, encode_meta, fill, flatten
 log = logging.getLogger(__name__)
 
 
+def _as_memckpt_error(exc: Exception, step: int) -> MemckptError:
+    if isinstance(exc, MemckptError):
+        return exc
+    error = MemckptError(f"snapshot of step {step} failed: {type(exc).__name__}: {exc}")
+    error.__cause__ = exc
+    return error
+
+
 class SnapshotHandle:
     """One snapshot in flight or done. `error` is set when it failed; `stall_s` is what training waited."""
 
@@ -43,6 +51,7 @@ class SnapshotHandle:
         self.copy_s = 0.0
         self._job: CopyJob | None = None
         self._done = threading.Event()
+        self._raised = False  # strict mode raises each failure once
 
     @property
     def committed(self) -> bool:
@@ -122,8 +131,8 @@ class Checkpointer:
             meta = encode_meta(flat, [p.offset for p in layout.placements], layout.size_bytes)
             commit = lambda job: self._commit(handle, grant, layout.size_bytes, meta, job)  # noqa: E731
             handle._job = self._copier.start(list(zip(views, flat.tensors)), commit)
-        except MemckptError as exc:
-            self._record_failure(handle, exc)
+        except Exception as exc:  # a snapshot failure never stops training (unless strict)
+            self._record_failure(handle, _as_memckpt_error(exc, step))
         finally:
             self._inflight = handle
         handle.stall_s = time.perf_counter() - start
@@ -136,7 +145,8 @@ class Checkpointer:
         handle = self._inflight
         if handle is not None:
             handle.wait(timeout_s)
-            if self.strict and handle.error is not None:
+            if self.strict and handle.error is not None and not handle._raised:
+                handle._raised = True
                 raise handle.error
         return handle
 
@@ -252,6 +262,9 @@ class Checkpointer:
     def _map(self, name: str, index: int | None = None) -> MappedSlot:
         """The mapping of slot `name`; a write grant for `index` replaces that index's old mapping."""
         slot = self._slots.get(name)
+        if slot is not None and not self._shm.is_same_segment(slot.segment):
+            self._slots.pop(name).close()  # a fresh agent recreated it: our mapping is of a dead file
+            slot = None
         if slot is None:
             slot = MappedSlot(self._shm.open_segment(name), pin=torch.cuda.is_available())
             self._slots[name] = slot
@@ -283,4 +296,5 @@ class Checkpointer:
             )
         handle._fail(exc)
         if self.strict and raise_strict:
+            handle._raised = True
             raise exc

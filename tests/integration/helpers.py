@@ -6,6 +6,7 @@ from pathlib import Path
 
 import grpc
 import torch
+
 from memckpt.protos import agent_pb2_grpc as pb_grpc
 
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from memckpt.trainer import Checkpointer
 
 from memckpt.errors import Unavailable
 from memckpt.local import wait_until
+from memckpt.trainer import Checkpointer
 
 from .helpers import assert_state_equal, empty_like_state, make_state
 
@@ -59,3 +59,29 @@ def test_strict_checkpointer_raises_when_agent_is_down(agent_factory) -> None:  
         with pytest.raises(Unavailable):
             ck.snapshot(1, make_state(1))
         agent.start()
+
+
+def test_fresh_agent_without_old_shm_gets_new_snapshots_not_dead_mappings(agent_factory, shm_prefix) -> None:  # noqa: ANN001
+    from memckpt.agent.shm import DEFAULT_ROOT
+
+    agent = agent_factory()
+    with Checkpointer("fresh", rank=0, world_size=1, socket_path=agent.socket_path) as ck:
+        for step in (1, 2):
+            ck.snapshot(step, make_state(step))
+            assert ck.wait().committed
+        agent.kill()
+        for path in DEFAULT_ROOT.glob(f"{shm_prefix}*"):
+            path.unlink()  # what a rebooted node loses
+        agent.start()
+
+        def snapshot_commits(step: int) -> bool:
+            ck.snapshot(step, make_state(step))
+            return ck.wait().committed
+
+        steps = iter(range(3, 1000))
+        wait_until(lambda: snapshot_commits(next(steps)), 20, "a snapshot to commit on the fresh agent", interval_s=0.1)
+    with Checkpointer("fresh", rank=0, world_size=1, socket_path=agent.socket_path, strict=True) as reader:
+        restored = empty_like_state()  # a new process's view: what the agent really holds
+        step = reader.restore(restored)
+    assert step is not None and step >= 3
+    assert_state_equal(restored, make_state(step))

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+
 from memckpt.trainer import Checkpointer
 
 from .helpers import make_state

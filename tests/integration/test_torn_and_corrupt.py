@@ -8,12 +8,12 @@ import textwrap
 
 import grpc
 import pytest
-from memckpt.agent.shm import DEFAULT_ROOT
-from memckpt.protos import agent_pb2 as pb
-from memckpt.trainer import Checkpointer
 
+from memckpt.agent.shm import DEFAULT_ROOT
 from memckpt.errors import CorruptSnapshot
 from memckpt.local import wait_until
+from memckpt.protos import agent_pb2 as pb
+from memckpt.trainer import Checkpointer
 
 from .helpers import agent_stub, assert_state_equal, empty_like_state, make_state
 
