@@ -129,6 +129,7 @@ class SlotStore:
             if grow:
                 old_name = self._slot_name(key, replace(slot, version=slot.version - 1))
                 self._unmap(key, slot.index, old_name, unlink=True)
+            if (key, slot.index) not in self._segments:  # grown, or an earlier allocation failed
                 self._map_new(key, slot)
                 self._write_manifest(slots)
             return SlotGrant(index=slot.index, name=self._slot_name(key, slot), size_bytes=slot.size_bytes)
