@@ -1,0 +1,81 @@
+"""Agents the coordinator knows, their leases, and which of them are alive. Pure logic.
+
+An agent registers, then renews its lease with heartbeats; an agent whose lease ran out
+is failed. A failed agent that comes back must register again, with a new incarnation,
+so the coordinator never confuses it with the agent it declared dead. Time comes in as `now`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from memckpt.names import check_name
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AgentInfo:
+    node: str
+    address: str  # host:port of its peer service, on the network that carries fragments
+    capacity_bytes: int
+    domain: str  # failure domain (rack): no two members of a group share one if avoidable
+
+    def __post_init__(self) -> None:
+        check_name(self.node, "node")
+        check_name(self.domain, "failure domain")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Member:
+    info: AgentInfo
+    incarnation: int
+    lease_deadline: float
+    alive: bool = True
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Change:
+    """What a membership event changed, and why (the daemon logs `reason`)."""
+
+    joined: tuple[str, ...] = ()
+    failed: tuple[str, ...] = ()
+    reason: str = ""
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.joined or self.failed)
+
+
+@dataclass(slots=True, kw_only=True)
+class Membership:
+    lease_s: float
+    members: dict[str, Member] = field(default_factory=dict)
+    incarnations: int = 0
+
+    def register(self, info: AgentInfo, now: float) -> tuple[Member, Change]:
+        """(Re)admits an agent with a fresh lease and a new incarnation."""
+        self.incarnations += 1
+        previous = self.members.get(info.node)
+        member = Member(info=info, incarnation=self.incarnations, lease_deadline=now + self.lease_s)
+        self.members[info.node] = member
+        if previous is not None and previous.alive and previous.info == info:
+            return member, Change(reason=f"node {info.node} re-registered (incarnation {member.incarnation})")
+        return member, Change(joined=(info.node,), reason=f"node {info.node} joined at {info.address} ({info.domain})")
+
+    def heartbeat(self, node: str, incarnation: int, now: float) -> bool:
+        """Renews a live member's lease; False tells the agent to register again."""
+        member = self.members.get(node)
+        if member is None or not member.alive or member.incarnation != incarnation:
+            return False
+        self.members[node] = replace(member, lease_deadline=now + self.lease_s)
+        return True
+
+    def expire(self, now: float) -> Change:
+        """Fails every member whose lease ran out."""
+        failed = tuple(sorted(n for n, m in self.members.items() if m.alive and m.lease_deadline < now))
+        for node in failed:
+            self.members[node] = replace(self.members[node], alive=False)
+        reason = f"lease of {len(failed)} node(s) ran out: {', '.join(failed)}" if failed else ""
+        return Change(failed=failed, reason=reason)
+
+    def alive(self) -> list[AgentInfo]:
+        return sorted((m.info for m in self.members.values() if m.alive), key=lambda i: i.node)
