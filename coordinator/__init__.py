@@ -1,4 +1,6 @@
 """The memckpt coordinator: membership, protection groups, step bookkeeping, recovery plans.
 
-Not built yet: the one-node agent works without it (see the issue on cross-node protection).
+Pure deciders (`membership`, `groups`, `plan`, `cluster`) under a thin gRPC service (`service`,
+`daemon`). Agents do not report to it yet: that, fragments on peers and restore from them
+are the rest of the cross-node protection issue.
 """

@@ -159,3 +159,54 @@ def read_events(path: Path) -> list[dict[str, Any]]:
         except ValueError:
             continue
     return events
+
+
+class CoordinatorProcess:
+    """A `memckpt-coordinator` child on a free loopback port."""
+
+    def __init__(self, *, workdir: Path, extra_args: Sequence[str] = (), env: dict[str, str] | None = None) -> None:
+        self.port_file = workdir / "coordinator.port"
+        self.log_path = workdir / "coordinator.log"
+        self.extra_args = list(extra_args)
+        self.env = env
+        self.process: subprocess.Popen[bytes] | None = None
+        self.port = 0
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 60.0) -> CoordinatorProcess:
+        self.port_file.unlink(missing_ok=True)
+        command = [
+            sys.executable,
+            "-m",
+            "memckpt.coordinator",
+            "--listen",
+            "127.0.0.1:0",
+            "--port-file",
+            str(self.port_file),
+            *self.extra_args,
+        ]
+        with open(self.log_path, "ab") as log_file:
+            self.process = subprocess.Popen(
+                command, stdout=log_file, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+            )
+
+        def ready() -> bool:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise Unavailable(f"coordinator exited with {self.process.returncode}; see {self.log_path}")
+            return self.port_file.exists() and bool(self.port_file.read_text().strip())
+
+        wait_until(ready, timeout_s, "the coordinator's port")
+        self.port = int(self.port_file.read_text())
+        return self
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def stop(self) -> int | None:
+        return stop_process(self.process)

@@ -1,0 +1,5 @@
+import sys
+
+from memckpt.coordinator.daemon import main
+
+sys.exit(main())

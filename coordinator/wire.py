@@ -1,0 +1,73 @@
+"""Conversions between the coordinator's dataclasses and its protobuf messages."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from memckpt.coordinator.cluster import Held
+from memckpt.coordinator.membership import AgentInfo
+from memckpt.coordinator.plan import Decision
+from memckpt.errors import InvalidRequest
+from memckpt.protos import coordinator_pb2 as pb
+
+
+def agent_from_proto(message: pb.AgentDescription) -> AgentInfo:
+    if not message.address or ":" not in message.address:
+        raise InvalidRequest(f"agent {message.node!r}: address {message.address!r} must be host:port")
+    return AgentInfo(
+        node=message.node, address=message.address, capacity_bytes=message.capacity_bytes, domain=message.domain or "default"
+    )
+
+
+def agent_to_proto(info: AgentInfo) -> pb.AgentDescription:
+    return pb.AgentDescription(node=info.node, address=info.address, capacity_bytes=info.capacity_bytes, domain=info.domain)
+
+
+def held_from_proto(messages: Iterable[pb.HeldSnapshot]) -> tuple[Held, ...]:
+    return tuple(
+        Held(
+            job=h.job,
+            rank=h.rank,
+            step=h.step,
+            generation=h.generation,
+            fragment_indices=tuple(h.fragment_indices),
+            k=h.k,
+            m=h.m,
+            size_bytes=h.size_bytes,
+            protected=h.protected,
+        )
+        for h in messages
+    )
+
+
+def held_to_proto(held: Iterable[Held]) -> list[pb.HeldSnapshot]:
+    return [
+        pb.HeldSnapshot(
+            job=h.job,
+            rank=h.rank,
+            step=h.step,
+            generation=h.generation,
+            fragment_indices=list(h.fragment_indices),
+            k=h.k,
+            m=h.m,
+            size_bytes=h.size_bytes,
+            protected=h.protected,
+        )
+        for h in held
+    ]
+
+
+def plan_to_proto(decision: Decision, addresses: dict[str, str]) -> pb.GetRecoveryPlanResponse:
+    if decision.plan is None:
+        return pb.GetRecoveryPlanResponse(has_plan=False, step=-1, reason=decision.reason)
+    sources = []
+    for source in decision.plan.sources:
+        message = pb.RankSource(
+            rank=source.rank, copies=[pb.AgentDescription(node=n, address=addresses.get(n, "")) for n in source.copies]
+        )
+        if source.fragments is not None:
+            f = source.fragments
+            message.k, message.m, message.size_bytes = f.k, f.m, f.size_bytes
+            message.fragments.extend(pb.FragmentHolder(index=i, node=n, address=addresses.get(n, "")) for i, n in f.holders)
+        sources.append(message)
+    return pb.GetRecoveryPlanResponse(has_plan=True, step=decision.plan.step, sources=sources, reason=decision.reason)

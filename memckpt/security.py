@@ -1,0 +1,97 @@
+"""TLS credentials and the shared token of memckpt's TCP services.
+
+Every TCP service takes a certificate and key (and a CA: then clients must present a
+certificate too, i.e. mutual TLS), and a shared token that callers send as
+`authorization: Bearer <token>` metadata. Without them a service says in its log that it
+runs unauthenticated. Unix sockets are protected by file permissions instead.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from memckpt.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+HEALTH_METHOD_PREFIX = "/grpc.health.v1.Health/"  # probes (kubelet) carry no token
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TlsFiles:
+    cert: Path | None = None
+    key: Path | None = None
+    ca: Path | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert is not None
+
+    def check(self) -> None:
+        if (self.cert is None) != (self.key is None):
+            raise ConfigError("TLS needs both a certificate and its key (tls_cert and tls_key)")
+        for path in (self.cert, self.key, self.ca):
+            if path is not None and not path.is_file():
+                raise ConfigError(f"TLS file {path} does not exist")
+
+
+def server_credentials(tls: TlsFiles) -> grpc.ServerCredentials | None:
+    if not tls.enabled:
+        return None
+    assert tls.cert is not None and tls.key is not None
+    ca = tls.ca.read_bytes() if tls.ca else None
+    return grpc.ssl_server_credentials(
+        [(tls.key.read_bytes(), tls.cert.read_bytes())], root_certificates=ca, require_client_auth=ca is not None
+    )
+
+
+def channel_credentials(tls: TlsFiles) -> grpc.ChannelCredentials | None:
+    """Client side: trust `ca`, and present cert/key when given (mutual TLS)."""
+    if tls.ca is None:
+        return None
+    return grpc.ssl_channel_credentials(
+        root_certificates=tls.ca.read_bytes(),
+        private_key=tls.key.read_bytes() if tls.key else None,
+        certificate_chain=tls.cert.read_bytes() if tls.cert else None,
+    )
+
+
+def token_metadata(token: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+class TokenInterceptor(grpc.ServerInterceptor):
+    """Refuses calls without the shared token (UNAUTHENTICATED); health checks pass."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}".encode()
+
+        def deny(request: Any, context: grpc.ServicerContext) -> None:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token (authorization: Bearer ...)")
+
+        self._deny: grpc.RpcMethodHandler[Any, None] = grpc.unary_unary_rpc_method_handler(deny)
+
+    def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
+        if details.method.startswith(HEALTH_METHOD_PREFIX):
+            return continuation(details)
+        presented = dict(details.invocation_metadata or ()).get("authorization", "")
+        if hmac.compare_digest(str(presented).encode(), self._expected):
+            return continuation(details)
+        return self._deny
+
+
+def describe_security(service: str, tls: TlsFiles, token: str) -> str:
+    """One log line about how `service` is protected; warns when it is not."""
+    if not tls.enabled and not token:
+        message = f"{service} runs UNAUTHENTICATED and unencrypted: give it --tls-cert/--tls-key/--tls-ca and --token"
+        log.warning(message)
+        return message
+    parts = ["mutual TLS" if tls.ca else "TLS" if tls.enabled else "no TLS", "token" if token else "no token"]
+    return f"{service} security: {', '.join(parts)}"

@@ -1,0 +1,93 @@
+"""The coordinator as a real process: leases, failure detection, generations, plans, token."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from memckpt.local import CoordinatorProcess, wait_until
+from memckpt.protos import coordinator_pb2 as pb
+from memckpt.protos import coordinator_pb2_grpc as pb_grpc
+from memckpt.security import token_metadata
+
+pytestmark = pytest.mark.integration
+TOKEN = "s3cret-token"
+
+
+@pytest.fixture
+def coordinator(tmp_path: Path) -> Iterator[CoordinatorProcess]:
+    process = CoordinatorProcess(
+        workdir=tmp_path, extra_args=["--lease-s", "1.5", "--heartbeat-interval-s", "0.3", "--token", TOKEN]
+    )
+    process.start()
+    yield process
+    assert process.stop() == 0, f"see {process.log_path}"
+
+
+def held(job: str, rank: int, step: int, indices: tuple[int, ...] = ()) -> pb.HeldSnapshot:
+    return pb.HeldSnapshot(job=job, rank=rank, step=step, generation=1, fragment_indices=list(indices), k=2, m=1, size_bytes=64)
+
+
+def test_a_silent_agent_is_declared_failed_and_the_plan_uses_fragments(coordinator: CoordinatorProcess) -> None:
+    meta = token_metadata(TOKEN)
+    with grpc.insecure_channel(coordinator.address) as channel:
+        stub = pb_grpc.CoordinatorServiceStub(channel)
+        inventory = {
+            "a": [held("j", 0, 5)],
+            "b": [held("j", 1, 5), held("j", 0, 5, (0,))],
+            "c": [held("j", 1, 5, (0,)), held("j", 0, 5, (1,))],
+            "d": [held("j", 1, 5, (1,)), held("j", 0, 5, (2,))],
+            "e": [held("j", 1, 5, (2,))],
+        }
+        incarnations = {}
+        for i, (node, entries) in enumerate(inventory.items()):
+            agent = pb.AgentDescription(node=node, address=f"127.0.0.1:{9000 + i}", capacity_bytes=1 << 30, domain=f"rack{i}")
+            incarnations[node] = stub.RegisterAgent(
+                pb.RegisterAgentRequest(agent=agent, held=entries), metadata=meta, timeout=10
+            ).incarnation
+
+        def beat(nodes: list[str]) -> bool:
+            for node in nodes:
+                reply = stub.Heartbeat(
+                    pb.HeartbeatRequest(node=node, incarnation=incarnations[node], held=inventory[node]),
+                    metadata=meta,
+                    timeout=10,
+                )
+                assert reply.accepted and len(reply.group) >= 4
+            status = stub.GetClusterStatus(pb.GetClusterStatusRequest(), metadata=meta, timeout=10)
+            return [a.agent.node for a in status.agents if not a.alive] == ["b"]
+
+        wait_until(lambda: beat(["a", "c", "d", "e"]), 15, "the coordinator to declare node b failed", interval_s=0.3)
+        generation = stub.StartGeneration(
+            pb.StartGenerationRequest(job="j", world_size=2, previous_generation=1), metadata=meta, timeout=10
+        ).generation
+        plan = stub.GetRecoveryPlan(pb.GetRecoveryPlanRequest(job="j", generation=generation), metadata=meta, timeout=10)
+        assert plan.has_plan and plan.step == 5
+        assert [c.node for c in plan.sources[0].copies] == ["a"]
+        assert not plan.sources[1].copies and {f.node for f in plan.sources[1].fragments} == {"c", "d", "e"}
+        with pytest.raises(grpc.RpcError) as info:
+            stub.GetRecoveryPlan(pb.GetRecoveryPlanRequest(job="j", generation=generation - 1), metadata=meta, timeout=10)
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        stale = stub.Heartbeat(pb.HeartbeatRequest(node="b", incarnation=incarnations["b"]), metadata=meta, timeout=10)
+        assert not stale.accepted, "a failed agent must register again"
+
+
+def test_calls_without_the_token_are_unauthenticated(coordinator: CoordinatorProcess) -> None:
+    with grpc.insecure_channel(coordinator.address) as channel:
+        stub = pb_grpc.CoordinatorServiceStub(channel)
+        for metadata in ((), token_metadata("wrong")):
+            with pytest.raises(grpc.RpcError) as info:
+                stub.GetClusterStatus(pb.GetClusterStatusRequest(), metadata=metadata, timeout=10)
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_bad_registrations_get_invalid_argument(coordinator: CoordinatorProcess) -> None:
+    with grpc.insecure_channel(coordinator.address) as channel:
+        stub = pb_grpc.CoordinatorServiceStub(channel)
+        for agent in (pb.AgentDescription(node="../x", address="h:1"), pb.AgentDescription(node="ok", address="nohost")):
+            with pytest.raises(grpc.RpcError) as info:
+                stub.RegisterAgent(pb.RegisterAgentRequest(agent=agent), metadata=token_metadata(TOKEN), timeout=10)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
