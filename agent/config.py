@@ -12,6 +12,7 @@ import psutil
 from memckpt.config import field
 from memckpt.errors import ConfigError
 from memckpt.names import check_name
+from memckpt.security import TlsFiles
 from memckpt.sizes import format_size
 
 DEFAULT_MEMORY_FRACTION = 0.5
@@ -39,6 +40,13 @@ class AgentConfig:
     on_exit: str = field("keep", "what a clean stop does with the slots", choices=("keep", "remove"))
     """`keep` leaves them for the next agent to re-adopt (upgrades, restarts); `remove` unlinks them."""
     max_message_bytes: int = field(64 << 20, "largest gRPC message accepted (layout metadata)", size=True)
+    coordinator: str = field("", "host:port of memckpt-coordinator (default: none, one-node mode)", default_text="none")
+    advertise: str = field("", "host:port peers and the coordinator reach this agent at (the fast network)", default_text="none")
+    domain: str = field("default", "failure domain (rack) of this node")
+    token: str = field("", "shared token sent to the coordinator and peers", default_text="none")
+    tls_cert: Path | None = field(None, "this agent's certificate (PEM), for mutual TLS", default_text="none")
+    tls_key: Path | None = field(None, "this agent's private key (PEM)", default_text="none")
+    tls_ca: Path | None = field(None, "CA of the coordinator's and peers' certificates", default_text="none")
     log_level: str = field("INFO", "log level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
 
     def __post_init__(self) -> None:
@@ -48,8 +56,16 @@ class AgentConfig:
         check_name(self.shm_prefix[:-1], "shm_prefix")
         if self.memory_limit is not None and self.memory_limit <= 0:
             raise ConfigError(f"memory_limit must be positive, got {self.memory_limit}")
+        check_name(self.domain, "domain")
+        if self.coordinator and not self.advertise:
+            raise ConfigError("with a coordinator, advertise must say host:port where peers reach this agent")
+        self.tls.check()
         if len(str(self.socket)) > 100:
             raise ConfigError(f"socket path {self.socket} is longer than a unix socket allows (~107 bytes)")
+
+    @property
+    def tls(self) -> TlsFiles:
+        return TlsFiles(cert=self.tls_cert, key=self.tls_key, ca=self.tls_ca)
 
     def memory_limit_bytes(self) -> int:
         if self.memory_limit is not None:

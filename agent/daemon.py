@@ -17,10 +17,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from memckpt import config as config_mod
 from memckpt.agent.config import AgentConfig
+from memckpt.agent.coordination import CoordinatorLink
 from memckpt.agent.service import AgentServicer
 from memckpt.agent.shm import ShmDir
 from memckpt.agent.slots import MemoryBudget
 from memckpt.agent.store import SlotStore
+from memckpt.coordinator.membership import AgentInfo
 from memckpt.errors import ConfigError
 from memckpt.protos import agent_pb2_grpc as pb_grpc
 from memckpt.sizes import format_size
@@ -82,6 +84,18 @@ def serve(config: AgentConfig, stop: threading.Event) -> int:
     os.chmod(config.socket, 0o600)
     health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    link = None
+    if config.coordinator:
+        info = AgentInfo(node=config.node, address=config.advertise, capacity_bytes=limit, domain=config.domain)
+        link = CoordinatorLink(
+            address=config.coordinator,
+            info=info,
+            inventory=store.held,
+            token=config.token,
+            tls=config.tls,
+            memory_used=store.memory_used_bytes,
+        )
+        link.start()
     log.info(
         "agent ready node=%s socket=%s budget=%s adopted_ranks=%d pid=%d",
         config.node,
@@ -94,6 +108,8 @@ def serve(config: AgentConfig, stop: threading.Event) -> int:
     log.info("stopping: grace=%.1fs on_exit=%s", GRACE_S, config.on_exit)
     health_servicer.enter_graceful_shutdown()
     server.stop(GRACE_S).wait()
+    if link is not None:
+        link.stop()
     store.stop(remove=config.on_exit == "remove")
     config.socket.unlink(missing_ok=True)
     log.info("agent stopped")

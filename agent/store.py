@@ -16,7 +16,8 @@ from dataclasses import dataclass, replace
 from memckpt.agent.checksum import chunk_checksums, describe_mismatch
 from memckpt.agent.manifest import decode_manifest, encode_manifest
 from memckpt.agent.shm import Segment, ShmDir
-from memckpt.agent.slots import MemoryBudget, RankKey, RankSlots, Slot, new_rank_slots
+from memckpt.agent.slots import MemoryBudget, RankKey, RankSlots, Slot, SlotState, new_rank_slots
+from memckpt.coordinator.cluster import Held
 from memckpt.errors import CorruptSnapshot, InvalidRequest, MemckptError, NotFound
 from memckpt.names import check_name
 from memckpt.sizes import format_size
@@ -196,6 +197,20 @@ class SlotStore:
                 RankSlots(key=r.key, world_size=r.world_size, slots=list(r.slots), latest=r.latest) for r in self._ranks.values()
             ]
             return ranks, self._budget.used_bytes, self._budget.limit_bytes
+
+    def held(self) -> tuple[Held, ...]:
+        """Every committed snapshot held here, for the coordinator's inventory."""
+        ranks, _, _ = self.snapshot_status()
+        return tuple(
+            Held(job=r.key.job, rank=r.key.rank, step=s.step, generation=0)
+            for r in ranks
+            for s in r.slots
+            if s.state is SlotState.COMMITTED
+        )
+
+    def memory_used_bytes(self) -> int:
+        with self._lock:
+            return self._budget.used_bytes
 
     def slot_names(self, slots: RankSlots) -> list[str]:
         return [self._slot_name(slots.key, s) for s in slots.slots]

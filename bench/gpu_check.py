@@ -55,7 +55,7 @@ def memckpt_stall_s(ck: Checkpointer, state: dict[str, Any], repeats: int) -> tu
         torch.cuda.synchronize()
         start = time.perf_counter()
         ck.snapshot(step, state)
-        ck._fence_and_count()  # what optimizer.step()'s pre-hook does
+        ck.fence()  # what optimizer.step()'s pre-hook does
         torch.cuda.synchronize()  # no compute to hide behind: the worst case
         samples.append(time.perf_counter() - start)
         handle = ck.wait()
@@ -82,8 +82,11 @@ def run(size_bytes: int, repeats: int) -> dict[str, Any]:
     nbytes = sum(t.nbytes for t in state["model"].values())
     with tempfile.TemporaryDirectory(prefix="memckpt-gpu-") as tmp:
         agent = AgentProcess(
-            socket_path=Path(tmp) / "agent.sock", shm_prefix=f"memckpt-gpu-{uuid.uuid4().hex[:8]}.",
-            memory_limit=str(4 * nbytes + (1 << 30)), log_path=Path(tmp) / "agent.log", extra_args=["--on-exit", "remove"],
+            socket_path=Path(tmp) / "agent.sock",
+            shm_prefix=f"memckpt-gpu-{uuid.uuid4().hex[:8]}.",
+            memory_limit=str(4 * nbytes + (1 << 30)),
+            log_path=Path(tmp) / "agent.log",
+            extra_args=["--on-exit", "remove"],
         )
         try:
             agent.start()
@@ -103,10 +106,16 @@ def run(size_bytes: int, repeats: int) -> dict[str, Any]:
     floor_s = bare_pinned_copy_s(state, repeats)
     gib = nbytes / (1 << 30)
     return {
-        "device": torch.cuda.get_device_name(), "size_bytes": nbytes, "slots_pinned": pinned,
-        "restore_bit_exact": exact, "prehook_orders_update": prehook_ok,
-        "memckpt_first_stall_s": first_s, "memckpt_stall_s_per_gib": median_s / gib,
-        "pinned_copy_s_per_gib": floor_s / gib, "stall_vs_floor": median_s / floor_s, "restore_s_per_gib": restore_s / gib,
+        "device": torch.cuda.get_device_name(),
+        "size_bytes": nbytes,
+        "slots_pinned": pinned,
+        "restore_bit_exact": exact,
+        "prehook_orders_update": prehook_ok,
+        "memckpt_first_stall_s": first_s,
+        "memckpt_stall_s_per_gib": median_s / gib,
+        "pinned_copy_s_per_gib": floor_s / gib,
+        "stall_vs_floor": median_s / floor_s,
+        "restore_s_per_gib": restore_s / gib,
     }
 
 

@@ -1,5 +1,3 @@
-import sys
+from memckpt.trainer.train import exit_now, main
 
-from memckpt.trainer.train import main
-
-sys.exit(main())
+exit_now(main())

@@ -204,7 +204,7 @@ class Checkpointer:
 
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Makes `optimizer.step()` wait for the snapshot copy before it changes parameters."""
-        optimizer.register_step_pre_hook(lambda *_: self._fence_and_count())
+        optimizer.register_step_pre_hook(lambda *_: self.fence())
 
     def close(self) -> None:
         """Waits for the snapshot in flight (its error, if any, was already reported), then frees all."""
@@ -224,8 +224,12 @@ class Checkpointer:
 
     # -- internals --------------------------------------------------------------------
 
-    def _fence_and_count(self) -> None:
-        """Waits for the copy in flight; the wait counts as that snapshot's stall."""
+    def fence(self) -> None:
+        """Returns once the sources of the snapshot in flight may change (what the optimizer pre-hook does).
+
+        On the CPU it waits for the copy; with CUDA sources it orders the current stream after
+        the copy instead. The wait counts as that snapshot's stall.
+        """
         handle = self._inflight
         if handle is None or handle._job is None:
             return
@@ -235,7 +239,7 @@ class Checkpointer:
         self.stats.total_stall_s += waited
 
     def _finish_previous(self) -> None:
-        self._fence_and_count()
+        self.fence()
         start = time.perf_counter()
         self.wait()
         if self._inflight is not None:

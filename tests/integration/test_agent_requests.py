@@ -132,3 +132,23 @@ def test_over_budget_snapshot_is_counted_and_training_goes_on(agent_factory) -> 
         restored = empty_like_state()
         assert ck.restore(restored) == 3
     assert_state_equal(restored, make_state(3))
+
+
+def test_longest_job_name_with_a_long_prefix_works(tmp_path, shm_prefix) -> None:  # noqa: ANN001
+    from memckpt.local import AgentProcess
+
+    prefix = shm_prefix + "x" * (63 - len(shm_prefix)) + "."  # a 64-character prefix
+    agent = AgentProcess(
+        socket_path=tmp_path / "long.sock",
+        shm_prefix=prefix,
+        memory_limit="64MiB",
+        log_path=tmp_path / "long.log",
+        extra_args=["--on-exit", "remove"],
+    )
+    try:
+        agent.start()
+        with Checkpointer("j" * 64, rank=0, world_size=1, socket_path=agent.socket_path, strict=True) as ck:
+            ck.snapshot(1, make_state(1))
+            assert ck.wait().committed
+    finally:
+        assert agent.stop() == 0

@@ -91,3 +91,26 @@ def test_bad_registrations_get_invalid_argument(coordinator: CoordinatorProcess)
             with pytest.raises(grpc.RpcError) as info:
                 stub.RegisterAgent(pb.RegisterAgentRequest(agent=agent), metadata=token_metadata(TOKEN), timeout=10)
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_real_agents_register_heartbeat_and_a_killed_one_is_declared_failed(tmp_path: Path, coordinator: CoordinatorProcess,
+                                                                              agent_factory) -> None:  # noqa: ANN001
+    agents = [
+        agent_factory(name=f"node{i}", extra_args=(
+            "--node", f"node{i}", "--coordinator", coordinator.address, "--advertise", f"127.0.0.1:{7100 + i}",
+            "--domain", f"rack{i}", "--token", TOKEN,
+        ))
+        for i in range(5)
+    ]
+    meta = token_metadata(TOKEN)
+    with grpc.insecure_channel(coordinator.address) as channel:
+        stub = pb_grpc.CoordinatorServiceStub(channel)
+
+        def alive() -> list[str]:
+            status = stub.GetClusterStatus(pb.GetClusterStatusRequest(), metadata=meta, timeout=10)
+            return sorted(a.agent.node for a in status.agents if a.alive)
+
+        wait_until(lambda: alive() == [f"node{i}" for i in range(5)], 30, "all five agents to register")
+        agents[2].kill()
+        wait_until(lambda: "node2" not in alive(), 30, "node2 to be declared failed")
+        assert alive() == ["node0", "node1", "node3", "node4"]

@@ -62,7 +62,10 @@ def test_unknown_config_keys_and_bad_values_are_errors(tmp_path: Path) -> None:
 def test_agent_flag_set_is_frozen() -> None:
     flags = sorted(a.option_strings[0] for a in build_parser()._actions if a.option_strings)
     assert flags == [
+        "--advertise",
         "--config",
+        "--coordinator",
+        "--domain",
         "--log-level",
         "--max-message-bytes",
         "--memory-limit",
@@ -71,5 +74,9 @@ def test_agent_flag_set_is_frozen() -> None:
         "--shm-dir",
         "--shm-prefix",
         "--socket",
+        "--tls-ca",
+        "--tls-cert",
+        "--tls-key",
+        "--token",
         "-h",
     ]

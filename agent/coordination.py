@@ -1,0 +1,103 @@
+"""The agent's link to the coordinator: register, then heartbeat with what it holds.
+
+Runs on its own thread and never blocks the slot store. While the coordinator is away the
+agent keeps serving its ranks; it registers again when the coordinator is back (or when
+a heartbeat is refused because the coordinator restarted or declared it failed).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+import grpc
+
+from memckpt.coordinator import wire
+from memckpt.coordinator.cluster import Held
+from memckpt.coordinator.membership import AgentInfo
+from memckpt.protos import coordinator_pb2 as pb
+from memckpt.protos import coordinator_pb2_grpc as pb_grpc
+from memckpt.security import TlsFiles, channel_credentials, token_metadata
+
+log = logging.getLogger(__name__)
+
+RETRY_S = 1.0
+CALL_TIMEOUT_S = 5.0
+
+
+class CoordinatorLink:
+    def __init__(
+        self,
+        *,
+        address: str,
+        info: AgentInfo,
+        inventory: Callable[[], tuple[Held, ...]],
+        token: str,
+        tls: TlsFiles,
+        memory_used: Callable[[], int],
+    ) -> None:
+        self._address = address
+        self._info = info
+        self._inventory = inventory
+        self._memory_used = memory_used
+        self._metadata = token_metadata(token)
+        credentials = channel_credentials(tls)
+        self._channel = grpc.secure_channel(address, credentials) if credentials is not None else grpc.insecure_channel(address)
+        self._stub = pb_grpc.CoordinatorServiceStub(self._channel)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="coordinator-link", daemon=True)
+        self.group: tuple[AgentInfo, ...] = ()
+        self.connected = threading.Event()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self._channel.close()
+
+    def _loop(self) -> None:
+        incarnation, interval_s = 0, RETRY_S
+        while not self._stop.is_set():
+            try:
+                if incarnation == 0:
+                    incarnation, interval_s = self._register()
+                elif not self._heartbeat(incarnation):
+                    log.warning(
+                        "coordinator %s refused heartbeat of incarnation %d; registering again", self._address, incarnation
+                    )
+                    incarnation = 0
+                    continue
+            except grpc.RpcError as exc:
+                if self.connected.is_set() or incarnation:
+                    log.warning("coordinator %s unreachable (%s); training goes on, retrying", self._address, exc.code().name)
+                self.connected.clear()
+                incarnation, interval_s = 0, RETRY_S
+            except Exception:  # the link must outlive any one bad report
+                log.exception("coordinator link failed; retrying")
+                incarnation, interval_s = 0, RETRY_S
+            self._stop.wait(interval_s)
+
+    def _register(self) -> tuple[int, float]:
+        request = pb.RegisterAgentRequest(agent=wire.agent_to_proto(self._info), held=wire.held_to_proto(self._inventory()))
+        reply = self._stub.RegisterAgent(request, metadata=self._metadata, timeout=CALL_TIMEOUT_S)
+        self.connected.set()
+        log.info("registered with coordinator %s incarnation=%d lease_s=%.1f", self._address, reply.incarnation, reply.lease_s)
+        return reply.incarnation, reply.heartbeat_interval_s
+
+    def _heartbeat(self, incarnation: int) -> bool:
+        request = pb.HeartbeatRequest(
+            node=self._info.node,
+            incarnation=incarnation,
+            held=wire.held_to_proto(self._inventory()),
+            memory_used_bytes=self._memory_used(),
+        )
+        reply = self._stub.Heartbeat(request, metadata=self._metadata, timeout=CALL_TIMEOUT_S)
+        if reply.accepted:
+            group = tuple(wire.agent_from_proto(a) for a in reply.group)
+            if group != self.group:
+                log.info("protection group now %s", [a.node for a in group])
+                self.group = group
+        return bool(reply.accepted)
