@@ -50,7 +50,10 @@ class ShmDir:
         self.root = root
 
     def create_segment(self, name: str, size_bytes: int) -> Segment:
-        """Creates an owner-only segment, allocated and pre-faulted so the first copy is fast."""
+        """Creates an owner-only segment with all its memory allocated (so a full /dev/shm fails here).
+
+        The pages are not faulted in yet: `prefault` does that, off the caller's path.
+        """
         path = safe_join(self.root, name)
         if path.exists():
             path.unlink()  # a leftover that no manifest adopted
@@ -65,9 +68,21 @@ class ShmDir:
                         f"shared memory in {self.root} is full: cannot allocate {format_size(size_bytes)} for {name}"
                     ) from exc
                 raise
-            return self._map(fd, name, size_bytes)
+            return self._map(fd, name, size_bytes, populate=False)
         finally:
             os.close(fd)
+
+    def prefault(self, name: str) -> None:
+        """Faults every page of a segment in, once, so that a first copy into it runs at full speed.
+
+        A first touch of fresh shared memory is several times slower than a copy into warm
+        memory (BASELINES.md); done here, in the agent's background, nobody waits for it.
+        """
+        try:
+            segment = self.open_segment(name)
+        except (NotFound, InvalidRequest):
+            return  # dropped or reallocated meanwhile
+        segment.close()
 
     def open_segment(self, name: str) -> Segment:
         """Maps an existing segment read-write; it must be ours and private to us."""
@@ -113,10 +128,10 @@ class ShmDir:
         return sorted(p.name for p in self.root.iterdir() if p.name.startswith(prefix))
 
     @staticmethod
-    def _map(fd: int, name: str, size_bytes: int) -> Segment:
+    def _map(fd: int, name: str, size_bytes: int, populate: bool = True) -> Segment:
         if size_bytes == 0:
             size_bytes = 1
             os.ftruncate(fd, 1)
-        mapping = mmap.mmap(fd, size_bytes, flags=mmap.MAP_SHARED | _POPULATE)
+        mapping = mmap.mmap(fd, size_bytes, flags=mmap.MAP_SHARED | (_POPULATE if populate else 0))
         info = os.fstat(fd)
         return Segment(name, mapping, size_bytes, (info.st_dev, info.st_ino))

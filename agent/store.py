@@ -58,6 +58,7 @@ class SlotStore:
         self._pending: queue.Queue[tuple[RankKey, int, int] | None] = queue.Queue()
         self._worker: threading.Thread | None = None
         self._verifier = ThreadPoolExecutor(max_workers=VERIFY_THREADS, thread_name_prefix="verify")
+        self._prefaulter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefault")
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -71,6 +72,7 @@ class SlotStore:
         if self._worker is not None:
             self._worker.join(timeout=10)
         self._verifier.shutdown(wait=True)
+        self._prefaulter.shutdown(wait=True, cancel_futures=True)
         with self._lock:
             for key in list(self._ranks):
                 self._drop_rank(key, unlink=remove)
@@ -241,7 +243,9 @@ class SlotStore:
         return f"{self._prefix}{key.job}.r{key.rank}.manifest"
 
     def _map_new(self, key: RankKey, slot: Slot) -> None:
-        self._segments[(key, slot.index)] = self._shm.create_segment(self._slot_name(key, slot), slot.size_bytes)
+        name = self._slot_name(key, slot)
+        self._segments[(key, slot.index)] = self._shm.create_segment(name, slot.size_bytes)
+        self._prefaulter.submit(self._shm.prefault, name)
 
     def _unmap(self, key: RankKey, index: int, name: str, unlink: bool) -> None:
         segment = self._segments.pop((key, index), None)

@@ -153,8 +153,23 @@ def _fill_tensor(live: Any, kind: str, src: torch.Tensor, path: str, pairs: Pair
     return live
 
 
+_DTENSOR_INFO: dict[tuple[Any, ...], dict[str, Any]] = {}
+
+
 def _dtensor_info(tensor: DTensor) -> dict[str, Any]:
-    """Sharding metadata of a DTensor's local shard, for resharding readers."""
+    """Sharding metadata of a DTensor's local shard, for resharding readers.
+
+    Cached: it depends only on the global shape, the placements and the mesh, which do not
+    change from one snapshot to the next, and computing it is most of a snapshot's CPU time.
+    """
+    key = (tuple(tensor.shape), tuple(tensor.placements), id(tensor.device_mesh))
+    info = _DTENSOR_INFO.get(key)
+    if info is None:
+        info = _DTENSOR_INFO[key] = _compute_dtensor_info(tensor)
+    return info
+
+
+def _compute_dtensor_info(tensor: DTensor) -> dict[str, Any]:
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     mesh = tensor.device_mesh
