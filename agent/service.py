@@ -42,7 +42,8 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
 
     @map_errors
     def ListSnapshots(self, request: pb.ListSnapshotsRequest, context: Any) -> pb.ListSnapshotsResponse:
-        return pb.ListSnapshotsResponse(steps=self._store.list_steps(request.job, request.rank))
+        held = self._store.list_steps(request.job, request.rank)
+        return pb.ListSnapshotsResponse(steps=[step for step, _ in held], slot_names=[name for _, name in held])
 
     @map_errors
     def OpenRestore(self, request: pb.OpenRestoreRequest, context: Any) -> pb.OpenRestoreResponse:

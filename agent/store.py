@@ -147,10 +147,13 @@ class SlotStore:
         log.debug("commit %s step=%d slot=%d bytes=%d", key, step, index, data_size_bytes)
         return slot
 
-    def list_steps(self, job: str, rank: int) -> list[int]:
+    def list_steps(self, job: str, rank: int) -> list[tuple[int, str]]:
+        """(step, slot name) of each committed snapshot of the rank, newest first."""
         key = self._key(job, rank)
         with self._lock:
-            return self._rank(key).committed_steps()
+            slots = self._rank(key)
+            found = [slots.committed_at(step) for step in slots.committed_steps()]
+            return [(s.step, self._slot_name(key, s)) for s in found if s is not None]
 
     def open_restore(self, job: str, rank: int, step: int | None = None) -> RestoreSource:
         """A committed snapshot of the rank (the latest, or `step`), after its checksums are verified."""

@@ -93,10 +93,12 @@ class ListSnapshotsRequest(_message.Message):
     def __init__(self, job: _Optional[str] = ..., rank: _Optional[int] = ...) -> None: ...
 
 class ListSnapshotsResponse(_message.Message):
-    __slots__ = ("steps",)
+    __slots__ = ("steps", "slot_names")
     STEPS_FIELD_NUMBER: _ClassVar[int]
+    SLOT_NAMES_FIELD_NUMBER: _ClassVar[int]
     steps: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, steps: _Optional[_Iterable[int]] = ...) -> None: ...
+    slot_names: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, steps: _Optional[_Iterable[int]] = ..., slot_names: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class OpenRestoreRequest(_message.Message):
     __slots__ = ("job", "rank", "step")

@@ -162,14 +162,18 @@ class Checkpointer:
             Unavailable: the agent cannot be reached.
         """
         self.wait()
-        choice = self._choose_step(coordinate)
+        held = self._client.list_snapshots()
+        choice = self._choose_step(list(held), coordinate)
         if choice.step is None:
             log.info("restore job=%s rank=%d: %s", self.job, self.rank, choice.reason)
             return None
         start = time.perf_counter()
+        mapping = self._copier.submit(self._map, held[choice.step])  # page tables while the agent verifies
         source = self._client.open_restore(choice.step)
+        slot = mapping.result()
+        if source.name != held[choice.step]:  # the slot moved between the two calls
+            slot = self._map(source.name)
         raw = decode_meta(source.meta)
-        slot = self._map(source.name)
         table = raw["tensors"]
 
         def stored(i: int) -> torch.Tensor:
@@ -182,8 +186,9 @@ class Checkpointer:
         try:
             self._copier.parallel.copy(fill(state, raw["tree"], stored))
         finally:
-            if source.name not in self._slot_names.values():
-                self._slots.pop(source.name).close()  # fill copied everything out of it
+            for name in {source.name, held[choice.step]} - set(self._slot_names.values()):
+                if name in self._slots:
+                    self._slots.pop(name).close()  # fill copied everything out of it
         log.info(
             "restored job=%s rank=%d step=%d bytes=%d s=%.3f",
             self.job,
@@ -194,8 +199,7 @@ class Checkpointer:
         )
         return source.step
 
-    def _choose_step(self, coordinate: bool) -> StepChoice:
-        held = self._client.list_steps()
+    def _choose_step(self, held: list[int], coordinate: bool) -> StepChoice:
         if coordinate and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             everyone: list[list[int]] = [[] for _ in range(dist.get_world_size())]
             dist.all_gather_object(everyone, held)

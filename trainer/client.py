@@ -51,14 +51,14 @@ class AgentClient:
         )
         self._call("CommitSnapshot", request, CALL_TIMEOUT_S)
 
-    def list_steps(self) -> list[int]:
-        """Committed steps the agent holds for this rank, newest first; [] if it knows none."""
+    def list_snapshots(self) -> dict[int, str]:
+        """Committed steps the agent holds for this rank and their slots; {} if it knows none."""
         try:
             request = pb.ListSnapshotsRequest(job=self.job, rank=self.rank)
             response = self._call("ListSnapshots", request, CALL_TIMEOUT_S, wait_for_ready=True)
         except NotFound:
-            return []
-        return list(response.steps)
+            return {}
+        return dict(zip(response.steps, response.slot_names))
 
     def open_restore(self, step: int | None = None) -> RestoreSource:
         request = pb.OpenRestoreRequest(job=self.job, rank=self.rank)

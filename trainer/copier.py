@@ -15,8 +15,8 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import torch
 
@@ -24,6 +24,7 @@ from memckpt.agent.shm import Segment
 from memckpt.faults import crash_point
 from memckpt.trainer.layout import Layout
 
+T = TypeVar("T")
 Span = tuple[int, int, int]  # (destination address, source address, bytes)
 MIN_SPLIT_BYTES = 4 << 20  # below this a span is not worth cutting across threads
 DEFAULT_COPY_THREADS = max(1, min(4, os.cpu_count() or 1))
@@ -166,6 +167,10 @@ class Copier:
             job.cuda_event = self._start_cuda(cuda_pairs)
         self._executor.submit(self._run, job, cpu_pairs, then)
         return job
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
+        """Runs `fn` on the copy thread (idle outside snapshots), e.g. to map a slot during an RPC."""
+        return self._executor.submit(fn, *args)
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
