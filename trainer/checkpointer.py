@@ -33,6 +33,12 @@ from memckpt.trainer.tree import Flat, decode_meta, encode_meta, fill, flatten
 log = logging.getLogger(__name__)
 
 
+def default_copy_threads() -> int:
+    """This rank's share of the cores, at least 1 and at most 4."""
+    local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    return max(1, min(4, (os.cpu_count() or 1) // local_ranks))
+
+
 def _as_memckpt_error(exc: Exception, step: int) -> MemckptError:
     if isinstance(exc, MemckptError):
         return exc
@@ -84,6 +90,8 @@ class Checkpointer:
         rank, world_size: default to torchrun's RANK and WORLD_SIZE.
         socket_path: the agent's socket; default MEMCKPT_SOCKET, else the agent's default.
         strict: raise on snapshot failures instead of logging and counting them.
+        copy_threads: threads that copy CPU tensors into the slot; default: this rank's share
+            of the cores (cores / LOCAL_WORLD_SIZE), so ranks' copies do not crowd each other.
     """
 
     def __init__(
@@ -94,6 +102,7 @@ class Checkpointer:
         world_size: int | None = None,
         socket_path: Path | str | None = None,
         strict: bool = False,
+        copy_threads: int | None = None,
     ) -> None:
         self.job = check_name(job, "job")
         self.rank = int(os.environ.get("RANK", 0)) if rank is None else rank
@@ -103,7 +112,7 @@ class Checkpointer:
         self.stats = CheckpointerStats()
         self._client = AgentClient(self.socket_path, self.job, self.rank)
         self._shm = ShmDir()
-        self._copier = Copier()
+        self._copier = Copier(copy_threads or default_copy_threads())
         self._slots: dict[str, MappedSlot] = {}
         self._slot_names: dict[int, str] = {}
         self._layout: Layout | None = None
