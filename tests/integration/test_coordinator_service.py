@@ -93,13 +93,25 @@ def test_bad_registrations_get_invalid_argument(coordinator: CoordinatorProcess)
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-def test_real_agents_register_heartbeat_and_a_killed_one_is_declared_failed(tmp_path: Path, coordinator: CoordinatorProcess,
-                                                                              agent_factory) -> None:  # noqa: ANN001
+def test_real_agents_register_heartbeat_and_a_killed_one_is_declared_failed(
+    tmp_path: Path, coordinator: CoordinatorProcess, agent_factory
+) -> None:  # noqa: ANN001
     agents = [
-        agent_factory(name=f"node{i}", extra_args=(
-            "--node", f"node{i}", "--coordinator", coordinator.address, "--advertise", f"127.0.0.1:{7100 + i}",
-            "--domain", f"rack{i}", "--token", TOKEN,
-        ))
+        agent_factory(
+            name=f"node{i}",
+            extra_args=(
+                "--node",
+                f"node{i}",
+                "--coordinator",
+                coordinator.address,
+                "--advertise",
+                f"127.0.0.1:{7100 + i}",
+                "--domain",
+                f"rack{i}",
+                "--token",
+                TOKEN,
+            ),
+        )
         for i in range(5)
     ]
     meta = token_metadata(TOKEN)
