@@ -54,6 +54,7 @@ class Cluster:
     held: dict[str, tuple[Held, ...]] = field(default_factory=dict)
     jobs: dict[str, JobRecord] = field(default_factory=dict)
     pinned: dict[tuple[str, int], Decision] = field(default_factory=dict)
+    memory_used: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.membership = Membership(lease_s=self.lease_s)
@@ -67,10 +68,11 @@ class Cluster:
             self._regroup()
         return member.incarnation, change
 
-    def heartbeat(self, node: str, incarnation: int, held: tuple[Held, ...], now: float) -> bool:
+    def heartbeat(self, node: str, incarnation: int, held: tuple[Held, ...], now: float, memory_used_bytes: int = 0) -> bool:
         if not self.membership.heartbeat(node, incarnation, now):
             return False
         self.held[node] = held
+        self.memory_used[node] = memory_used_bytes
         self._learn_jobs(held)
         return True
 

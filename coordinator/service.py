@@ -47,7 +47,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         check_name(request.node, "node")
         with self._lock:
             held = wire.held_from_proto(request.held)
-            accepted = self._cluster.heartbeat(request.node, request.incarnation, held, time.monotonic())
+            accepted = self._cluster.heartbeat(
+                request.node, request.incarnation, held, time.monotonic(), request.memory_used_bytes
+            )
             group = self._cluster.group_of(request.node) if accepted else []
         return pb.HeartbeatResponse(
             accepted=accepted, group=[wire.agent_to_proto(i) for i in group], k=self._cluster.k, m=self._cluster.m
@@ -79,7 +81,14 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         agents = []
         for node, member in sorted(cluster.membership.members.items()):
             group = next((i for i, g in enumerate(cluster.groups.groups) if node in g), -1)
-            agents.append(pb.AgentStatus(agent=wire.agent_to_proto(member.info), alive=member.alive, group=group))
+            agents.append(
+                pb.AgentStatus(
+                    agent=wire.agent_to_proto(member.info),
+                    alive=member.alive,
+                    group=group,
+                    memory_used_bytes=cluster.memory_used.get(node, 0),
+                )
+            )
         jobs = []
         for job, record in sorted(cluster.jobs.items()):
             steps = cluster.rank_steps(job)

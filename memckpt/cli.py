@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,7 +23,9 @@ from memckpt.agent.wire import STATE_NAMES
 from memckpt.errors import MemckptError
 from memckpt.protos import agent_pb2 as pb
 from memckpt.protos import agent_pb2_grpc as pb_grpc
+from memckpt.protos import coordinator_pb2, coordinator_pb2_grpc
 from memckpt.rpc import error_from_rpc
+from memckpt.security import TlsFiles, channel_credentials, token_metadata
 from memckpt.sizes import format_size
 
 
@@ -45,8 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workdir", type=Path, help="keep sockets, logs and events here (default: a temp dir, removed)")
     demo.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
-    status = sub.add_parser("status", help="what the local agent holds")
+    status = sub.add_parser("status", help="what the local agent holds, or the whole cluster (--coordinator)")
     _socket_arg(status)
+    status.add_argument("--coordinator", metavar="HOST:PORT", help="show the cluster as the coordinator sees it")
+    status.add_argument(
+        "--token", default=os.environ.get("MEMCKPT_TOKEN", ""), help="the cluster token (default: $MEMCKPT_TOKEN)"
+    )
+    status.add_argument("--tls-ca", type=Path, help="CA of the coordinator's certificate (TLS)")
     status.add_argument("--json", action="store_true", help="print JSON for scripts")
 
     release = sub.add_parser("release", help="drop a finished job's snapshots from the local agent")
@@ -66,14 +74,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _stub(args: argparse.Namespace) -> tuple[grpc.Channel, pb_grpc.AgentServiceStub, Path]:
-    import os
-
     path = args.socket or Path(os.environ.get(SOCKET_ENV) or default_socket())
     channel = grpc.insecure_channel(f"unix:{path}")
     return channel, pb_grpc.AgentServiceStub(channel), path
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    if args.coordinator:
+        return cmd_cluster_status(args)
     channel, stub, path = _stub(args)
     with channel:
         try:
@@ -128,6 +136,56 @@ def status_to_json(reply: pb.GetStatusResponse) -> dict[str, Any]:
             for r in reply.ranks
         ],
     }
+
+
+def cmd_cluster_status(args: argparse.Namespace) -> int:
+    credentials = channel_credentials(TlsFiles(ca=args.tls_ca))
+    channel = grpc.secure_channel(args.coordinator, credentials) if credentials else grpc.insecure_channel(args.coordinator)
+    with channel:
+        try:
+            reply = coordinator_pb2_grpc.CoordinatorServiceStub(channel).GetClusterStatus(
+                coordinator_pb2.GetClusterStatusRequest(), metadata=token_metadata(args.token), timeout=10
+            )
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc, f"coordinator at {args.coordinator}") from None
+    agents = [
+        {
+            "node": a.agent.node,
+            "address": a.agent.address,
+            "domain": a.agent.domain,
+            "alive": a.alive,
+            "group": a.group if a.group >= 0 else None,
+            "memory_used_bytes": a.memory_used_bytes,
+            "memory_budget_bytes": a.agent.capacity_bytes,
+        }
+        for a in reply.agents
+    ]
+    jobs = [
+        {
+            "job": j.job,
+            "generation": j.generation,
+            "world_size": j.world_size,
+            "ranks": [{"rank": r.rank, "committed_step": r.committed_step, "protected_step": r.protected_step} for r in j.ranks],
+        }
+        for j in reply.jobs
+    ]
+    if args.json:
+        print(json.dumps({"agents": agents, "jobs": jobs}, indent=2))
+        return 0
+    rows = [("NODE", "ALIVE", "GROUP", "DOMAIN", "MEMORY", "ADDRESS")]
+    for a in agents:
+        memory = f"{format_size(a['memory_used_bytes'])} / {format_size(a['memory_budget_bytes'])}"
+        group = "-" if a["group"] is None else str(a["group"])
+        rows.append((a["node"], "yes" if a["alive"] else "FAILED", group, a["domain"], memory, a["address"]))
+    _print_table(rows)
+    print()
+    rows = [("JOB", "GENERATION", "RANK", "COMMITTED", "PROTECTED")]
+    for j in jobs:
+        for r in j["ranks"]:
+            protected = str(r["protected_step"]) if r["protected_step"] >= 0 else "-"
+            rows.append((j["job"], str(j["generation"]), str(r["rank"]), str(r["committed_step"]), protected))
+    _print_table(rows)
+    return 0
 
 
 def cmd_release(args: argparse.Namespace) -> int:

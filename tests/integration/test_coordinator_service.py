@@ -126,3 +126,50 @@ def test_real_agents_register_heartbeat_and_a_killed_one_is_declared_failed(
         agents[2].kill()
         wait_until(lambda: "node2" not in alive(), 30, "node2 to be declared failed")
         assert alive() == ["node0", "node1", "node3", "node4"]
+
+
+def test_memckpt_status_shows_the_cluster(coordinator: CoordinatorProcess, agent_factory) -> None:  # noqa: ANN001
+    import json
+    import subprocess
+    import sys
+
+    from memckpt.trainer import Checkpointer
+
+    from .helpers import make_state
+
+    agents = [
+        agent_factory(
+            name=f"n{i}",
+            extra_args=(
+                "--node",
+                f"n{i}",
+                "--coordinator",
+                coordinator.address,
+                "--advertise",
+                f"127.0.0.1:{7200 + i}",
+                "--domain",
+                f"rack{i}",
+                "--token",
+                TOKEN,
+            ),
+        )
+        for i in range(4)
+    ]
+    with Checkpointer("cj", rank=0, world_size=1, socket_path=agents[0].socket_path, strict=True) as ck:
+        ck.snapshot(3, make_state(3))
+        ck.wait()
+    command = [sys.executable, "-m", "memckpt.cli", "status", "--coordinator", coordinator.address, "--token", TOKEN, "--json"]
+
+    def status() -> dict:
+        return json.loads(subprocess.run(command, capture_output=True, text=True, timeout=30, check=True).stdout)
+
+    wait_until(lambda: any(j["job"] == "cj" for j in status()["jobs"]), 30, "the job to reach the coordinator")
+    report = status()
+    assert sorted(a["node"] for a in report["agents"] if a["alive"]) == ["n0", "n1", "n2", "n3"]
+    assert all(a["group"] == 0 for a in report["agents"]), "four agents with k=2, m=1 make one group"
+    (job,) = [j for j in report["jobs"] if j["job"] == "cj"]
+    assert job["ranks"] == [{"rank": 0, "committed_step": 3, "protected_step": -1}]
+    n0 = next(a for a in report["agents"] if a["node"] == "n0")
+    assert n0["memory_used_bytes"] > 0 and n0["memory_budget_bytes"] == 1 << 30
+    table = subprocess.run(command[:-1], capture_output=True, text=True, timeout=30, check=True).stdout
+    assert "n3" in table and "cj" in table
