@@ -26,6 +26,14 @@ def default_socket() -> Path:
     return base / "agent.sock"
 
 
+def split_host_port(address: str, what: str) -> tuple[str, int]:
+    """`host:port` (the host may be `[v6]`) as a pair; raises ConfigError naming `what`."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"{what} {address!r} must be host:port with a port in 0..65535")
+    return host, int(port)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AgentConfig:
     socket: Path = field(default_socket(), "unix socket the trainer ranks of this node connect to (made 0600)")
@@ -42,6 +50,9 @@ class AgentConfig:
     max_message_bytes: int = field(64 << 20, "largest gRPC message accepted (layout metadata)", size=True)
     coordinator: str = field("", "host:port of memckpt-coordinator (default: none, one-node mode)", default_text="none")
     advertise: str = field("", "host:port peers and the coordinator reach this agent at (the fast network)", default_text="none")
+    """Port 0 stands for the port `peer_listen` bound (useful with `peer_listen` port 0)."""
+    peer_listen: str = field("0.0.0.0:7500", "host:port the peer service binds (with a coordinator); port 0: any free one")
+    """Bind it to the interface of the network that carries fragments; the bound port is logged."""
     domain: str = field("default", "failure domain (rack) of this node")
     token: str = field("", "shared token sent to the coordinator and peers", default_text="none")
     tls_cert: Path | None = field(None, "this agent's certificate (PEM), for mutual TLS", default_text="none")
@@ -59,6 +70,9 @@ class AgentConfig:
         check_name(self.domain, "domain")
         if self.coordinator and not self.advertise:
             raise ConfigError("with a coordinator, advertise must say host:port where peers reach this agent")
+        for name in ("peer_listen", "advertise"):
+            if getattr(self, name):
+                split_host_port(getattr(self, name), name)
         self.tls.check()
         if len(str(self.socket)) > 100:
             raise ConfigError(f"socket path {self.socket} is longer than a unix socket allows (~107 bytes)")
@@ -66,6 +80,11 @@ class AgentConfig:
     @property
     def tls(self) -> TlsFiles:
         return TlsFiles(cert=self.tls_cert, key=self.tls_key, ca=self.tls_ca)
+
+    def advertised_address(self, peer_port: int) -> str:
+        """`advertise`, with port 0 replaced by the port the peer service bound."""
+        host, port = split_host_port(self.advertise, "advertise")
+        return f"{host}:{peer_port}" if port == 0 else self.advertise
 
     def memory_limit_bytes(self) -> int:
         if self.memory_limit is not None:

@@ -18,6 +18,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from memckpt import config as config_mod
 from memckpt.agent.config import AgentConfig
 from memckpt.agent.coordination import CoordinatorLink
+from memckpt.agent.fragments import FragmentStore, fragment_prefix
+from memckpt.agent.peer_service import PeerServicer
 from memckpt.agent.service import AgentServicer
 from memckpt.agent.shm import ShmDir
 from memckpt.agent.slots import MemoryBudget
@@ -25,6 +27,8 @@ from memckpt.agent.store import SlotStore
 from memckpt.coordinator.membership import AgentInfo
 from memckpt.errors import ConfigError
 from memckpt.protos import agent_pb2_grpc as pb_grpc
+from memckpt.protos import peer_pb2_grpc
+from memckpt.security import TokenInterceptor, describe_security, server_credentials
 from memckpt.sizes import format_size
 
 log = logging.getLogger("memckpt.agent")
@@ -67,8 +71,22 @@ def prepare_socket(path: Path) -> None:
 
 def serve(config: AgentConfig, stop: threading.Event) -> int:
     limit = config.memory_limit_bytes()
-    store = SlotStore(shm=ShmDir(config.shm_dir), prefix=config.shm_prefix, budget=MemoryBudget(limit_bytes=limit))
+    budget = MemoryBudget(limit_bytes=limit)  # one budget: own slots and peers' fragments
+    store = SlotStore(shm=ShmDir(config.shm_dir), prefix=config.shm_prefix, budget=budget)
+    link: CoordinatorLink | None = None
+
+    def group_nodes() -> tuple[str, ...]:
+        return tuple(a.node for a in link.group) if link is not None else ()
+
+    fragments = FragmentStore(
+        shm=ShmDir(config.shm_dir),
+        prefix=fragment_prefix(config.shm_prefix),
+        budget=budget,
+        node=config.node,
+        group=group_nodes,
+    )
     adopted = store.adopt()
+    adopted_fragments = fragments.adopt()  # also when alone now: they still count, and a coordinator may come back
     store.start()
     prepare_socket(config.socket)
     options = [
@@ -84,36 +102,68 @@ def serve(config: AgentConfig, stop: threading.Event) -> int:
     os.chmod(config.socket, 0o600)
     health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    link = None
+    peer_server = None
     if config.coordinator:
-        info = AgentInfo(node=config.node, address=config.advertise, capacity_bytes=limit, domain=config.domain)
+        peer_server, peer_port = start_peer_server(config, fragments)
+        address = config.advertised_address(peer_port)
+        info = AgentInfo(node=config.node, address=address, capacity_bytes=limit, domain=config.domain)
         link = CoordinatorLink(
             address=config.coordinator,
             info=info,
-            inventory=store.held,
+            inventory=lambda: store.held() + fragments.held(),
             token=config.token,
             tls=config.tls,
             memory_used=store.memory_used_bytes,
         )
         link.start()
     log.info(
-        "agent ready node=%s socket=%s budget=%s adopted_ranks=%d pid=%d",
+        "agent ready node=%s socket=%s budget=%s adopted_ranks=%d adopted_fragments=%d pid=%d",
         config.node,
         config.socket,
         format_size(limit),
         adopted,
+        adopted_fragments,
         os.getpid(),
     )
     stop.wait()
     log.info("stopping: grace=%.1fs on_exit=%s", GRACE_S, config.on_exit)
     health_servicer.enter_graceful_shutdown()
+    if peer_server is not None:
+        peer_server.stop(GRACE_S).wait()
     server.stop(GRACE_S).wait()
     if link is not None:
         link.stop()
+    fragments.stop(remove=config.on_exit == "remove")
     store.stop(remove=config.on_exit == "remove")
     config.socket.unlink(missing_ok=True)
     log.info("agent stopped")
     return 0
+
+
+def start_peer_server(config: AgentConfig, fragments: FragmentStore) -> tuple[grpc.Server, int]:
+    """The peer service on TCP (`peer_listen`), with TLS and the token when configured; returns it and its port."""
+    interceptors: list[grpc.ServerInterceptor] = [TokenInterceptor(config.token)] if config.token else []
+    options = [
+        ("grpc.max_receive_message_length", config.max_message_bytes),  # fragment chunks are up to 4 MiB
+        ("grpc.max_send_message_length", config.max_message_bytes),
+    ]
+    executor = futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="peer")
+    server = grpc.server(executor, interceptors=interceptors, options=options)
+    peer_pb2_grpc.add_PeerServiceServicer_to_server(PeerServicer(fragments), server)
+    credentials = server_credentials(config.tls)
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(config.peer_listen)
+        else:
+            port = server.add_secure_port(config.peer_listen, credentials)
+    except RuntimeError as exc:  # grpc raises this when the address cannot be bound
+        raise ConfigError(f"cannot listen on peer_listen {config.peer_listen}: {exc}") from exc
+    if port == 0:
+        raise ConfigError(f"cannot listen on peer_listen {config.peer_listen}")
+    server.start()
+    log.info("%s", describe_security("peer service", config.tls, config.token))
+    log.info("peer service listening on %s port=%d", config.peer_listen, port)
+    return server, port
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,7 @@ Each rank owns two slots. Invariants:
 from __future__ import annotations
 
 import enum
+import threading
 from dataclasses import dataclass, field, replace
 
 from memckpt.errors import BudgetExceeded, InvalidRequest, StaleGeneration
@@ -166,25 +167,39 @@ def new_rank_slots(key: RankKey, world_size: int, slot_size_bytes: int) -> RankS
 
 @dataclass(slots=True, kw_only=True)
 class MemoryBudget:
-    """Bytes the agent may hold in shared memory, and who holds how much."""
+    """Bytes the agent may hold in shared memory, and who holds how much.
+
+    Shared by the slot store and the fragment store, each under its own lock, so the
+    budget takes its own: a check and its reservation happen as one step.
+    """
 
     limit_bytes: int
     held: dict[str, int] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
     def used_bytes(self) -> int:
-        return sum(self.held.values())
+        with self._lock:
+            return sum(self.held.values())
 
     def reserve(self, owner: str, size_bytes: int, why: str) -> None:
         """Sets `owner`'s holding to `size_bytes`, or raises BudgetExceeded naming the sizes."""
-        extra = size_bytes - self.held.get(owner, 0)
-        free = self.limit_bytes - self.used_bytes
-        if extra > free:
-            raise BudgetExceeded(
-                f"{why} asks {format_size(extra)} more; {format_size(free)} free of "
-                f"{format_size(self.limit_bytes)} budget ({format_size(self.used_bytes)} used)"
-            )
-        self.held[owner] = size_bytes
+        with self._lock:
+            extra = size_bytes - self.held.get(owner, 0)
+            used = sum(self.held.values())
+            free = self.limit_bytes - used
+            if extra > free:
+                raise BudgetExceeded(
+                    f"{why} asks {format_size(extra)} more; {format_size(free)} free of "
+                    f"{format_size(self.limit_bytes)} budget ({format_size(used)} used)"
+                )
+            self.held[owner] = size_bytes
+
+    def adopt(self, owner: str, size_bytes: int) -> None:
+        """Records what an earlier agent left (re-adopted at start), even beyond the budget."""
+        with self._lock:
+            self.held[owner] = size_bytes
 
     def release(self, owner: str) -> None:
-        self.held.pop(owner, None)
+        with self._lock:
+            self.held.pop(owner, None)

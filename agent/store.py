@@ -319,7 +319,7 @@ class SlotStore:
                 slots.slots[slot.index] = Slot(index=slot.index, version=slot.version + 1, size_bytes=slot.size_bytes)
                 self._map_new(key, slots.slots[slot.index])
         self._ranks[key] = slots
-        self._budget.held[str(key)] = slots.reserved_bytes()
+        self._budget.adopt(str(key), slots.reserved_bytes())
         self._write_manifest(slots)
         latest = slots.latest_committed()
         if latest is not None and latest.checksums is None:

@@ -179,12 +179,12 @@ def cmd_cluster_status(args: argparse.Namespace) -> int:
         rows.append((a["node"], "yes" if a["alive"] else "FAILED", group, a["domain"], memory, a["address"]))
     _print_table(rows)
     print()
-    rows = [("JOB", "GENERATION", "RANK", "COMMITTED", "PROTECTED")]
+    job_rows = [("JOB", "GENERATION", "RANK", "COMMITTED", "PROTECTED")]
     for j in jobs:
         for r in j["ranks"]:
             protected = str(r["protected_step"]) if r["protected_step"] >= 0 else "-"
-            rows.append((j["job"], str(j["generation"]), str(r["rank"]), str(r["committed_step"]), protected))
-    _print_table(rows)
+            job_rows.append((str(j["job"]), str(j["generation"]), str(r["rank"]), str(r["committed_step"]), protected))
+    _print_table(job_rows)
     return 0
 
 

@@ -27,6 +27,10 @@ class StaleGeneration(MemckptError):
     """The request comes from an older generation or an out-of-order state."""
 
 
+class PermissionDenied(MemckptError):
+    """The caller may not do this here: e.g. a fragment the coordinator did not place on this agent."""
+
+
 class CorruptSnapshot(MemckptError):
     """Stored bytes do not match their checksum; they are never loaded."""
 

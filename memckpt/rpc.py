@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import grpc
@@ -23,6 +23,7 @@ STATUS: dict[type[errors.MemckptError], grpc.StatusCode] = {
     errors.NotFound: grpc.StatusCode.NOT_FOUND,
     errors.BudgetExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.StaleGeneration: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     errors.CorruptSnapshot: grpc.StatusCode.DATA_LOSS,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
 }
@@ -47,6 +48,28 @@ def map_errors(method: F) -> F:
             context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
 
     return wrapper  # type: ignore[return-value]
+
+
+def map_stream_errors(method: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[Any]]:
+    """`map_errors` for response-streaming methods: their errors surface while the reply is iterated.
+
+    The wrapper is itself a generator, so an error after some messages were sent still
+    aborts the call with its status instead of ending the stream as if it were whole.
+    """
+
+    @functools.wraps(method)
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        try:
+            yield from method(self, request, context)
+        except errors.MemckptError as exc:
+            code = STATUS.get(type(exc), grpc.StatusCode.INTERNAL)
+            log.info("rpc=%s status=%s error=%s", method.__name__, code.name, exc)
+            context.abort(code, str(exc))
+        except Exception as exc:  # the servicer must answer, never hang up silently
+            log.exception("rpc=%s failed", method.__name__)
+            context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+
+    return wrapper
 
 
 def error_from_rpc(exc: grpc.RpcError, what: str) -> errors.MemckptError:

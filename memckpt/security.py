@@ -73,18 +73,33 @@ class TokenInterceptor(grpc.ServerInterceptor):
     def __init__(self, token: str) -> None:
         self._expected = f"Bearer {token}".encode()
 
-        def deny(request: Any, context: grpc.ServicerContext) -> None:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token (authorization: Bearer ...)")
-
-        self._deny: grpc.RpcMethodHandler[Any, None] = grpc.unary_unary_rpc_method_handler(deny)
-
     def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
         if details.method.startswith(HEALTH_METHOD_PREFIX):
             return continuation(details)
         presented = dict(details.invocation_metadata or ()).get("authorization", "")
         if hmac.compare_digest(str(presented).encode(), self._expected):
             return continuation(details)
-        return self._deny
+        handler = continuation(details)  # only looked at for its kind: nothing of it runs
+        return None if handler is None else deny_handler(handler)
+
+
+def deny_handler(handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
+    """A handler of the same kind (unary or streaming, each way) as `handler` that answers UNAUTHENTICATED.
+
+    gRPC drives the call by the kind of the handler it gets, so a refusal of another kind
+    than the method's breaks the call instead of answering it with the status.
+    """
+
+    def deny(request: Any, context: grpc.ServicerContext) -> None:
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token (authorization: Bearer ...)")
+
+    make = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }[(bool(handler.request_streaming), bool(handler.response_streaming))]
+    return make(deny)
 
 
 def describe_security(service: str, tls: TlsFiles, token: str) -> str:

@@ -71,6 +71,7 @@ def test_agent_flag_set_is_frozen() -> None:
         "--memory-limit",
         "--node",
         "--on-exit",
+        "--peer-listen",
         "--shm-dir",
         "--shm-prefix",
         "--socket",

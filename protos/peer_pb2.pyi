@@ -1,0 +1,74 @@
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class FragmentHeader(_message.Message):
+    __slots__ = ("job", "rank", "step", "generation", "fragment_index", "k", "m", "size_bytes", "fragment_bytes", "owner_node", "fragment_crc32c")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    FRAGMENT_INDEX_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    M_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FRAGMENT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    OWNER_NODE_FIELD_NUMBER: _ClassVar[int]
+    FRAGMENT_CRC32C_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    rank: int
+    step: int
+    generation: int
+    fragment_index: int
+    k: int
+    m: int
+    size_bytes: int
+    fragment_bytes: int
+    owner_node: str
+    fragment_crc32c: int
+    def __init__(self, job: _Optional[str] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., generation: _Optional[int] = ..., fragment_index: _Optional[int] = ..., k: _Optional[int] = ..., m: _Optional[int] = ..., size_bytes: _Optional[int] = ..., fragment_bytes: _Optional[int] = ..., owner_node: _Optional[str] = ..., fragment_crc32c: _Optional[int] = ...) -> None: ...
+
+class FragmentData(_message.Message):
+    __slots__ = ("data", "data_crc32c")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    DATA_CRC32C_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    data_crc32c: int
+    def __init__(self, data: _Optional[bytes] = ..., data_crc32c: _Optional[int] = ...) -> None: ...
+
+class PutFragmentRequest(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: FragmentHeader
+    chunk: FragmentData
+    def __init__(self, header: _Optional[_Union[FragmentHeader, _Mapping]] = ..., chunk: _Optional[_Union[FragmentData, _Mapping]] = ...) -> None: ...
+
+class PutFragmentResponse(_message.Message):
+    __slots__ = ("stored_bytes",)
+    STORED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    stored_bytes: int
+    def __init__(self, stored_bytes: _Optional[int] = ...) -> None: ...
+
+class GetFragmentRequest(_message.Message):
+    __slots__ = ("job", "rank", "fragment_index", "step")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    FRAGMENT_INDEX_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    rank: int
+    fragment_index: int
+    step: int
+    def __init__(self, job: _Optional[str] = ..., rank: _Optional[int] = ..., fragment_index: _Optional[int] = ..., step: _Optional[int] = ...) -> None: ...
+
+class FragmentChunk(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: FragmentHeader
+    chunk: FragmentData
+    def __init__(self, header: _Optional[_Union[FragmentHeader, _Mapping]] = ..., chunk: _Optional[_Union[FragmentData, _Mapping]] = ...) -> None: ...

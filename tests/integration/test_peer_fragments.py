@@ -1,0 +1,190 @@
+"""The agents' peer service as real processes: fragments placed by the coordinator, over TCP, with the token."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import crc32c
+import grpc
+import pytest
+
+from memckpt.agent.erasure import Scheme, data_fragment, decode, encode_parity
+from memckpt.agent.shm import DEFAULT_ROOT
+from memckpt.coordinator.groups import choose_fragment_holders
+from memckpt.local import AgentProcess, CoordinatorProcess, wait_until
+from memckpt.protos import coordinator_pb2 as cpb
+from memckpt.protos import coordinator_pb2_grpc as cpb_grpc
+from memckpt.protos import peer_pb2 as pb
+from memckpt.protos import peer_pb2_grpc as pb_grpc
+from memckpt.security import token_metadata
+
+pytestmark = pytest.mark.integration
+TOKEN = "peer-s3cret"
+NODES = tuple(f"node{i}" for i in range(5))
+CHUNK_BYTES = 256 << 10
+DATA = bytes(range(251)) * 4099  # ~1 MiB, not a multiple of k: the last data fragment is padded
+SCHEME = Scheme(k=2, m=1, size_bytes=len(DATA))
+
+
+@dataclass
+class Cluster:
+    coordinator: CoordinatorProcess
+    agents: dict[str, AgentProcess]
+    agent_args: dict[str, tuple[str, ...]]
+
+    def addresses(self) -> dict[str, str]:
+        """node -> peer address of the live agents, as the coordinator tells them."""
+        with grpc.insecure_channel(self.coordinator.address) as channel:
+            status = cpb_grpc.CoordinatorServiceStub(channel).GetClusterStatus(
+                cpb.GetClusterStatusRequest(), metadata=token_metadata(TOKEN), timeout=10
+            )
+        return {a.agent.node: a.agent.address for a in status.agents if a.alive and a.group >= 0}
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, shm_prefix: str, agent_factory) -> Iterator[Cluster]:  # noqa: ANN001
+    coordinator = CoordinatorProcess(
+        workdir=tmp_path, extra_args=["--lease-s", "2", "--heartbeat-interval-s", "0.2", "--k", "2", "--m", "1", "--token", TOKEN]
+    ).start()
+    base = shm_prefix.removesuffix(".")
+    agent_args = {
+        node: (
+            *("--node", node, "--coordinator", coordinator.address, "--token", TOKEN, "--domain", f"rack{i}"),
+            *("--advertise", "127.0.0.1:0", "--peer-listen", "127.0.0.1:0", "--shm-prefix", f"{base}-{node}."),
+        )
+        for i, node in enumerate(NODES)
+    }
+    agents = {node: agent_factory(name=node, extra_args=args) for node, args in agent_args.items()}
+    result = Cluster(coordinator=coordinator, agents=agents, agent_args=agent_args)
+    try:
+        wait_until(lambda: sorted(result.addresses()) == list(NODES), 30, "all agents in a protection group")
+        yield result
+    finally:
+        codes = [agent.stop() for agent in agents.values()]
+        assert coordinator.stop() == 0, f"see {coordinator.log_path}"
+        # each agent has its own prefix (so the fixture's own check does not see them): check them here
+        leftovers = sorted(p.name for p in DEFAULT_ROOT.iterdir() if p.name.startswith(f"{base}-"))
+        for name in leftovers:
+            (DEFAULT_ROOT / name).unlink(missing_ok=True)
+        assert not leftovers, f"agents left shared memory behind: {leftovers}"
+        assert all(code in (0, -9) for code in codes), codes
+
+
+def fragments() -> dict[int, bytes]:
+    view = memoryview(DATA)
+    data = [bytes(data_fragment(view, SCHEME, i)) for i in range(SCHEME.k)]
+    return dict(enumerate(data + [bytes(p) for p in encode_parity(view, SCHEME)]))
+
+
+def header(index: int, fragment: bytes, step: int = 5) -> pb.FragmentHeader:
+    return pb.FragmentHeader(
+        job="j",
+        rank=0,
+        step=step,
+        generation=1,
+        fragment_index=index,
+        k=SCHEME.k,
+        m=SCHEME.m,
+        size_bytes=SCHEME.size_bytes,
+        fragment_bytes=SCHEME.fragment_bytes,
+        owner_node="node0",
+        fragment_crc32c=crc32c.crc32c(fragment),
+    )
+
+
+def put_messages(index: int, fragment: bytes, step: int = 5, corrupt_chunk: int | None = None) -> Iterator[pb.PutFragmentRequest]:
+    yield pb.PutFragmentRequest(header=header(index, fragment, step))
+    for n, start in enumerate(range(0, len(fragment), CHUNK_BYTES)):
+        data = fragment[start : start + CHUNK_BYTES]
+        crc = crc32c.crc32c(data)
+        if n == corrupt_chunk:
+            data = bytes([data[0] ^ 0xFF]) + data[1:]  # flipped after the sender's checksum: damaged in transit
+        yield pb.PutFragmentRequest(chunk=pb.FragmentData(data=data, data_crc32c=crc))
+
+
+def put(address: str, messages: Iterator[pb.PutFragmentRequest], token: str = TOKEN) -> int:
+    with grpc.insecure_channel(address) as channel:
+        reply = pb_grpc.PeerServiceStub(channel).PutFragment(messages, metadata=token_metadata(token), timeout=10)
+    return int(reply.stored_bytes)
+
+
+def get(address: str, index: int, step: int | None = None, token: str = TOKEN) -> bytes:
+    """A fragment's bytes, after checking every chunk's crc32c and the whole fragment's."""
+    request = pb.GetFragmentRequest(job="j", rank=0, fragment_index=index, step=step)
+    with grpc.insecure_channel(address) as channel:
+        replies = list(pb_grpc.PeerServiceStub(channel).GetFragment(request, metadata=token_metadata(token), timeout=10))
+    head = replies[0].header
+    assert (head.fragment_index, head.owner_node, head.fragment_bytes) == (index, "node0", SCHEME.fragment_bytes)
+    assert all(crc32c.crc32c(r.chunk.data) == r.chunk.data_crc32c for r in replies[1:])
+    data = b"".join(r.chunk.data for r in replies[1:])
+    assert crc32c.crc32c(data) == head.fragment_crc32c
+    return data
+
+
+def status_of(call: object) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as info:
+        call()  # type: ignore[operator]
+    return info.value.code()
+
+
+def when_placed(address: str, messages: Callable[[], Iterator[pb.PutFragmentRequest]]) -> grpc.StatusCode:
+    """The status of a put, retried while the peer has not yet heard its group from the coordinator."""
+    codes: list[grpc.StatusCode] = []
+
+    def attempt() -> bool:
+        try:
+            put(address, messages())
+            codes.append(grpc.StatusCode.OK)
+        except grpc.RpcError as exc:
+            codes.append(exc.code())
+        return codes[-1] != grpc.StatusCode.FAILED_PRECONDITION
+
+    wait_until(attempt, 15, f"a put to {address} past FAILED_PRECONDITION", interval_s=0.2)
+    return codes[-1]
+
+
+def test_fragments_are_placed_served_checked_and_survive_an_agent_kill(cluster: Cluster) -> None:
+    addresses = cluster.addresses()
+    holders = choose_fragment_holders("node0", tuple(sorted(addresses)), SCHEME.k + SCHEME.m)
+    assert holders == ("node1", "node2", "node3")
+    frags = fragments()
+    for index, node in enumerate(holders):
+        assert when_placed(addresses[node], lambda index=index: put_messages(index, frags[index])) == grpc.StatusCode.OK
+    got = {index: get(addresses[node], index) for index, node in enumerate(holders)}
+    assert got == frags
+    for pair in ((0, 1), (0, 2), (1, 2)):  # any k of the k+m give back the exact bytes
+        assert bytes(decode({i: got[i] for i in pair}, SCHEME)) == DATA
+
+    # a peer the placement does not name refuses, and so does the owner itself
+    for node in ("node4", "node0", "node2"):
+        assert when_placed(addresses[node], lambda: put_messages(0, frags[0])) == grpc.StatusCode.PERMISSION_DENIED, node
+
+    # a chunk damaged in transit: DATA_LOSS, nothing of step 6 is kept, step 5 still served
+    assert status_of(lambda: put(addresses["node2"], put_messages(1, frags[1], step=6, corrupt_chunk=1))) == (
+        grpc.StatusCode.DATA_LOSS
+    )
+    assert status_of(lambda: get(addresses["node2"], 1, step=6)) == grpc.StatusCode.NOT_FOUND
+    assert get(addresses["node2"], 1) == frags[1]
+
+    # without the token (or with a wrong one) both directions are refused
+    for token in ("", "wrong"):
+        assert status_of(lambda token=token: put(addresses["node3"], put_messages(2, frags[2]), token)) == (
+            grpc.StatusCode.UNAUTHENTICATED
+        )
+        assert status_of(lambda token=token: get(addresses["node3"], 2, token=token)) == grpc.StatusCode.UNAUTHENTICATED
+
+    # kill -9 a holder and restart it on the same shm prefix: it re-adopts and serves the fragment
+    old = addresses["node1"]
+    cluster.agents["node1"].kill()
+    restarted = AgentProcess(
+        socket_path=cluster.agents["node1"].socket_path,
+        shm_prefix=cluster.agents["node1"].shm_prefix,
+        memory_limit="1GiB",
+        log_path=cluster.agents["node1"].log_path,
+        extra_args=["--on-exit", "remove", *cluster.agent_args["node1"]],
+    )
+    cluster.agents["node1"] = restarted.start()
+    wait_until(lambda: cluster.addresses().get("node1", old) != old, 30, "node1 to register its new address")
+    assert get(cluster.addresses()["node1"], 0, step=5) == frags[0]

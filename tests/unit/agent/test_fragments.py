@@ -1,0 +1,284 @@
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from pathlib import Path
+
+import crc32c
+import pytest
+
+from memckpt.agent.erasure import Scheme, data_fragment, decode, encode_parity
+from memckpt.agent.fragments import (
+    Chunk,
+    Completion,
+    FragmentHeader,
+    FragmentStore,
+    StoredFragment,
+    check_header,
+    check_placement,
+    decide_completion,
+    decide_upload,
+    decode_fragment_manifest,
+    encode_fragment_manifest,
+    fragment_prefix,
+    iter_chunks,
+)
+from memckpt.agent.peer_service import header_from_proto, header_to_proto
+from memckpt.agent.shm import ShmDir
+from memckpt.agent.slots import MemoryBudget
+from memckpt.errors import BudgetExceeded, CorruptSnapshot, InvalidRequest, NotFound, PermissionDenied, StaleGeneration
+
+GROUP = ("a", "b", "c", "d")  # owner "a" with k=2, m=1: fragments 0, 1, 2 go to b, c, d
+PREFIX = "t-frag."
+
+
+def header(data: bytes = b"x" * 10, index: int = 0, step: int = 5, generation: int = 1, **changes: object) -> FragmentHeader:
+    scheme = Scheme(k=2, m=1, size_bytes=len(data))
+    fragment = fragments_of(data)[index]
+    base = FragmentHeader(
+        job="j",
+        rank=0,
+        step=step,
+        generation=generation,
+        index=index,
+        k=2,
+        m=1,
+        size_bytes=len(data),
+        fragment_bytes=scheme.fragment_bytes,
+        owner="a",
+        crc32c=int(crc32c.crc32c(fragment)),
+    )
+    return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
+
+
+def fragments_of(data: bytes) -> list[bytes]:
+    scheme = Scheme(k=2, m=1, size_bytes=len(data))
+    view = memoryview(data)
+    return [bytes(data_fragment(view, scheme, i)) for i in range(2)] + [bytes(p) for p in encode_parity(view, scheme)]
+
+
+def chunks(data: bytes, size: int = 3) -> list[Chunk]:
+    return list(iter_chunks(memoryview(data), size))
+
+
+# -- pure decisions ----------------------------------------------------------------
+
+
+def test_a_consistent_header_passes() -> None:
+    check_header(header())
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"fragment_bytes": 4},  # != ceil(10 / 2)
+        {"fragment_bytes": 1 << 40},  # an oversized claim
+        {"index": 3},  # >= k + m
+        {"index": -1},
+        {"k": 0},
+        {"size_bytes": 0, "fragment_bytes": 0},
+        {"job": "../etc"},
+        {"owner": ""},
+        {"step": -1},
+        {"crc32c": 1 << 32},
+    ],
+)
+def test_inconsistent_headers_are_invalid(changes: dict[str, object]) -> None:
+    with pytest.raises(InvalidRequest):
+        check_header(dataclasses.replace(header(), **changes))  # type: ignore[arg-type]
+
+
+def test_placement_accepts_only_the_holder_the_coordinator_rotation_names() -> None:
+    for index, node in enumerate(("b", "c", "d")):
+        check_placement(header(index=index), node, GROUP)
+    with pytest.raises(PermissionDenied, match="puts it on b"):
+        check_placement(header(index=0), "c", GROUP)
+    with pytest.raises(PermissionDenied):
+        check_placement(header(index=0, owner="b"), "b", GROUP)  # never on the owner itself
+    with pytest.raises(PermissionDenied):
+        check_placement(header(index=0), "b", ("a", "b", "c"))  # a group of 3 cannot hold k+m = 3
+
+
+def test_placement_outside_the_current_group_is_stale() -> None:
+    for node, group in (("b", ("b", "c", "d", "e")), ("e", GROUP), ("b", ())):
+        with pytest.raises(StaleGeneration):
+            check_placement(header(index=0), node, group)
+
+
+def test_upload_decisions_keep_the_newest_version_and_one_in_flight() -> None:
+    assert decide_upload((1, 5), None, None).accept
+    assert not decide_upload((1, 4), (1, 5), None).accept
+    assert decide_upload((1, 5), (1, 5), None).accept  # another index of the set held, or a re-send
+    assert decide_upload((2, 0), (1, 9), None).accept  # a newer generation wins over any older step
+    newer = decide_upload((1, 7), (1, 5), (1, 6))
+    assert newer.accept and newer.supersede
+    assert not decide_upload((1, 6), None, (1, 7)).accept
+
+
+def test_completion_replaces_older_sets_and_joins_the_same_version() -> None:
+    assert decide_completion((1, 5), None) is Completion.REPLACE
+    assert decide_completion((1, 6), (1, 5)) is Completion.REPLACE
+    assert decide_completion((1, 5), (1, 5)) is Completion.ADD
+    assert decide_completion((1, 4), (1, 5)) is Completion.DROP
+
+
+def test_fragment_manifest_round_trips_and_rejects_a_torn_one() -> None:
+    stored = (StoredFragment(header=header(index=0), segment="t-frag.j.r0.f0.s5.g1.ab"),)
+    encoded = encode_fragment_manifest(stored)
+    assert decode_fragment_manifest(encoded) == stored
+    for bad in (encoded[:-3], b"junk", encoded.replace(b'"step": 5', b'"step": 6')):
+        with pytest.raises(CorruptSnapshot):
+            decode_fragment_manifest(bad)
+
+
+def test_header_proto_round_trip() -> None:
+    h = header(index=2, generation=7)
+    assert header_from_proto(header_to_proto(h)) == h
+
+
+def test_fragment_prefix_is_outside_the_slot_prefix() -> None:
+    assert fragment_prefix("mct-abc.") == "mct-abc-frag."
+    assert not fragment_prefix("mct-abc.").startswith("mct-abc.")
+
+
+# -- the store over a directory standing in for /dev/shm ------------------------------
+
+
+@pytest.fixture
+def shm(tmp_path: Path) -> ShmDir:
+    return ShmDir(tmp_path)
+
+
+def make_store(shm: ShmDir, budget: MemoryBudget | None = None, node: str = "b") -> FragmentStore:
+    budget = budget if budget is not None else MemoryBudget(limit_bytes=1 << 20)
+    return FragmentStore(shm=shm, prefix=PREFIX, budget=budget, node=node, group=lambda: GROUP)
+
+
+def read_back(store: FragmentStore, index: int = 0, step: int | None = None) -> bytes:
+    _, view = store.open_fragment("j", 0, index, step)
+    return bytes(view)
+
+
+DATA = bytes(range(256)) * 40 + b"tail"
+
+
+def test_put_then_open_gives_back_the_exact_fragment_and_any_two_decode(shm: ShmDir) -> None:
+    frags = fragments_of(DATA)
+    stores = {node: make_store(shm, node=node) for node in ("b", "c", "d")}
+    for index, node in enumerate(("b", "c", "d")):
+        assert stores[node].put(header(DATA, index=index), chunks(frags[index], 1000)) == len(frags[index])
+    got = {i: read_back(stores[n], i, step=5) for i, n in enumerate(("b", "c", "d"))}
+    assert got == dict(enumerate(frags))
+    scheme = Scheme(k=2, m=1, size_bytes=len(DATA))
+    assert bytes(decode({1: got[1], 2: got[2]}, scheme)) == DATA
+    (held,) = stores["c"].held()
+    assert (held.job, held.rank, held.step, held.generation, held.fragment_indices) == ("j", 0, 5, 1, (1,))
+    assert (held.k, held.m, held.size_bytes) == (2, 1, len(DATA))
+
+
+def test_a_corrupted_chunk_is_data_loss_and_nothing_is_kept(shm: ShmDir) -> None:
+    budget = MemoryBudget(limit_bytes=1 << 20)
+    store = make_store(shm, budget)
+    frag = fragments_of(DATA)[0]
+    bad = chunks(frag, 1000)
+    bad[1] = Chunk(data=b"\xff" + bad[1].data[1:], crc32c=bad[1].crc32c)
+    with pytest.raises(CorruptSnapshot):
+        store.put(header(DATA), bad)
+    assert shm.list_names(PREFIX) == [] and budget.used_bytes == 0
+    with pytest.raises(NotFound):
+        store.open_fragment("j", 0, 0, None)
+
+
+def test_a_whole_fragment_crc_mismatch_is_data_loss(shm: ShmDir) -> None:
+    store = make_store(shm)
+    with pytest.raises(CorruptSnapshot):
+        store.put(header(DATA, crc32c=123), chunks(fragments_of(DATA)[0], 1000))
+    assert shm.list_names(PREFIX) == []
+
+
+@pytest.mark.parametrize("cut", ["short", "long", "huge_chunk"])
+def test_wrong_amounts_of_bytes_are_invalid_and_nothing_is_kept(shm: ShmDir, cut: str) -> None:
+    store = make_store(shm)
+    frag = fragments_of(DATA)[0]
+    sent = {
+        "short": chunks(frag[:-1], 1000),
+        "long": chunks(frag + b"!", 1000),
+        "huge_chunk": [Chunk(data=bytes(5 << 20), crc32c=int(crc32c.crc32c(bytes(5 << 20))))],
+    }[cut]
+    with pytest.raises(InvalidRequest):
+        store.put(header(DATA), sent)
+    assert shm.list_names(PREFIX) == []
+
+
+def test_a_fragment_over_the_budget_is_refused(shm: ShmDir) -> None:
+    budget = MemoryBudget(limit_bytes=len(DATA))
+    budget.reserve("slots", len(DATA) - 100, "the slot store")
+    with pytest.raises(BudgetExceeded, match="budget"):
+        make_store(shm, budget).put(header(DATA), chunks(fragments_of(DATA)[0], 1000))
+    assert shm.list_names(PREFIX) == [] and budget.held == {"slots": len(DATA) - 100}
+
+
+def test_a_misplaced_fragment_is_refused_before_anything_is_allocated(shm: ShmDir) -> None:
+    store = make_store(shm, node="c")
+    with pytest.raises(PermissionDenied):
+        store.put(header(DATA, index=0), chunks(fragments_of(DATA)[0], 1000))
+    assert shm.list_names(PREFIX) == []
+
+
+def test_a_newer_step_replaces_the_older_and_an_older_one_is_refused(shm: ShmDir) -> None:
+    budget = MemoryBudget(limit_bytes=1 << 20)
+    store = make_store(shm, budget)
+    newer = DATA[::-1]
+    store.put(header(DATA, step=5), chunks(fragments_of(DATA)[0], 1000))
+    store.put(header(newer, step=6), chunks(fragments_of(newer)[0], 1000))
+    assert read_back(store) == fragments_of(newer)[0]
+    with pytest.raises(NotFound):
+        store.open_fragment("j", 0, 0, 5)
+    assert len([n for n in shm.list_names(PREFIX) if not n.endswith(".manifest")]) == 1
+    assert budget.used_bytes == len(fragments_of(newer)[0])
+    with pytest.raises(StaleGeneration):
+        store.put(header(DATA, step=5), chunks(fragments_of(DATA)[0], 1000))
+    assert [h.step for h in store.held()] == [6]
+
+
+def test_a_newer_upload_supersedes_the_one_in_flight(shm: ShmDir) -> None:
+    store = make_store(shm)
+    newer = DATA[::-1]
+
+    def first_upload() -> Iterator[Chunk]:
+        parts = chunks(fragments_of(DATA)[0], 1000)
+        yield parts[0]
+        store.put(header(newer, step=6), chunks(fragments_of(newer)[0], 1000))  # arrives mid-stream
+        yield from parts[1:]
+
+    with pytest.raises(StaleGeneration, match="superseded"):
+        store.put(header(DATA, step=5), first_upload())
+    assert read_back(store, step=6) == fragments_of(newer)[0]
+    assert len(shm.list_names(PREFIX)) == 2  # the fragment and its manifest
+
+
+def test_a_restarted_store_readopts_complete_fragments_and_drops_leftovers(shm: ShmDir) -> None:
+    store = make_store(shm)
+    store.put(header(DATA), chunks(fragments_of(DATA)[0], 1000))
+    store.stop(remove=False)
+    shm.create_segment(f"{PREFIX}j.r0.f0.s6.g1.dead", 100).close()  # an upload cut by a crash
+    budget = MemoryBudget(limit_bytes=1 << 20)
+    again = make_store(shm, budget)
+    assert again.adopt() == 1
+    assert read_back(again) == fragments_of(DATA)[0]
+    assert budget.used_bytes == len(fragments_of(DATA)[0])
+    assert not any(n.endswith(".dead") for n in shm.list_names(PREFIX))
+    again.stop(remove=True)
+    assert shm.list_names(PREFIX) == [] and budget.used_bytes == 0
+
+
+def test_bytes_corrupted_in_memory_are_data_loss_when_served(shm: ShmDir) -> None:
+    store = make_store(shm)
+    store.put(header(DATA), chunks(fragments_of(DATA)[0], 1000))
+    (name,) = [n for n in shm.list_names(PREFIX) if not n.endswith(".manifest")]
+    segment = shm.open_segment(name)
+    segment.buffer[7] ^= 0xFF
+    segment.close()
+    with pytest.raises(CorruptSnapshot):
+        store.open_fragment("j", 0, 0, None)
+    store.stop(remove=True)
