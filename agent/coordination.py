@@ -48,6 +48,8 @@ class CoordinatorLink:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="coordinator-link", daemon=True)
         self.group: tuple[AgentInfo, ...] = ()
+        self.k = 0  # the cluster's erasure scheme, told with the group
+        self.m = 0
         self.connected = threading.Event()
 
     def start(self) -> None:
@@ -96,6 +98,7 @@ class CoordinatorLink:
         )
         reply = self._stub.Heartbeat(request, metadata=self._metadata, timeout=CALL_TIMEOUT_S)
         if reply.accepted:
+            self.k, self.m = reply.k, reply.m
             group = tuple(wire.agent_from_proto(a) for a in reply.group)
             if group != self.group:
                 log.info("protection group now %s", [a.node for a in group])

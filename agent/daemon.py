@@ -20,6 +20,8 @@ from memckpt.agent.config import AgentConfig
 from memckpt.agent.coordination import CoordinatorLink
 from memckpt.agent.fragments import FragmentStore, fragment_prefix
 from memckpt.agent.peer_service import PeerServicer
+from memckpt.agent.peers import PeerClient
+from memckpt.agent.replicate import Replicator
 from memckpt.agent.service import AgentServicer
 from memckpt.agent.shm import ShmDir
 from memckpt.agent.slots import MemoryBudget
@@ -74,6 +76,7 @@ def serve(config: AgentConfig, stop: threading.Event) -> int:
     budget = MemoryBudget(limit_bytes=limit)  # one budget: own slots and peers' fragments
     store = SlotStore(shm=ShmDir(config.shm_dir), prefix=config.shm_prefix, budget=budget)
     link: CoordinatorLink | None = None
+    replicator: Replicator | None = None
 
     def group_nodes() -> tuple[str, ...]:
         return tuple(a.node for a in link.group) if link is not None else ()
@@ -116,6 +119,8 @@ def serve(config: AgentConfig, stop: threading.Event) -> int:
             memory_used=store.memory_used_bytes,
         )
         link.start()
+        replicator = Replicator(store=store, link=link, peers=PeerClient(token=config.token, tls=config.tls), node=config.node)
+        replicator.start()
     log.info(
         "agent ready node=%s socket=%s budget=%s adopted_ranks=%d adopted_fragments=%d pid=%d",
         config.node,
@@ -131,6 +136,8 @@ def serve(config: AgentConfig, stop: threading.Event) -> int:
     if peer_server is not None:
         peer_server.stop(GRACE_S).wait()
     server.stop(GRACE_S).wait()
+    if replicator is not None:
+        replicator.stop()
     if link is not None:
         link.stop()
     fragments.stop(remove=config.on_exit == "remove")

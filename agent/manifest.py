@@ -68,6 +68,7 @@ def _slot_to_json(slot: Slot) -> dict[str, object]:
         "checksums": None if slot.checksums is None else list(slot.checksums),
         "meta": base64.b64encode(slot.meta).decode(),
         "commit_id": slot.commit_id,
+        "protected": slot.protected,
     }
 
 
@@ -83,4 +84,5 @@ def _slot_from_json(raw: dict[str, object]) -> Slot:
         checksums=None if checksums is None else tuple(int(c) for c in checksums),  # type: ignore[attr-defined]
         meta=base64.b64decode(str(raw["meta"])),
         commit_id=int(raw["commit_id"]),  # type: ignore[call-overload]
+        protected=bool(raw.get("protected", False)),
     )

@@ -14,7 +14,7 @@ import enum
 import threading
 from dataclasses import dataclass, field, replace
 
-from memckpt.errors import BudgetExceeded, InvalidRequest, StaleGeneration
+from memckpt.errors import BudgetExceeded, InvalidRequest, StaleGeneration, Unavailable
 from memckpt.sizes import format_size
 
 SLOTS_PER_RANK = 2
@@ -55,6 +55,7 @@ class Slot:
     checksums: tuple[int, ...] | None = None  # crc32c per chunk of the data, then of the meta
     meta: bytes = b""
     commit_id: int = 0  # grows with every commit of the rank: tells a re-commit of one step apart
+    protected: bool = False  # every fragment of this commit is acknowledged by its peer
 
     def moved_to(self, state: SlotState, **changes: object) -> Slot:
         if state not in ALLOWED[self.state]:
@@ -77,6 +78,7 @@ class RankSlots:
     session_step: int = -1
     latest: int | None = None  # index of the latest committed slot
     commits: int = 0
+    pinned: set[int] = field(default_factory=set)  # slots being read (protection): never handed out
 
     def latest_committed(self) -> Slot | None:
         return None if self.latest is None else self.slots[self.latest]
@@ -101,6 +103,10 @@ class RankSlots:
             raise StaleGeneration(f"{self.key}: snapshot of step {step} after step {self.session_step} in the same session")
         index = 1 - self.latest if self.latest is not None else self._first_free()
         slot = self.slots[index]
+        if index in self.pinned:
+            raise Unavailable(
+                f"{self.key}: slot {index} (step {slot.step}) is being read for protection; snapshot {step} skipped"
+            )
         grow = slot.size_bytes < size_bytes
         self.slots[index] = slot.moved_to(
             SlotState.WRITING,
@@ -108,6 +114,7 @@ class RankSlots:
             data_size_bytes=0,
             checksums=None,
             meta=b"",
+            protected=False,
             size_bytes=max(slot.size_bytes, size_bytes),
             version=slot.version + int(grow),
         )
@@ -134,6 +141,13 @@ class RankSlots:
         """Whether slot `index` still holds the commit `commit_id` (readers check this)."""
         slot = self.slots[index]
         return slot.state is SlotState.COMMITTED and slot.commit_id == commit_id
+
+    def set_protected(self, index: int, commit_id: int) -> bool:
+        """Marks a commit protected; False if the slot moved on meanwhile."""
+        if not self.is_current(index, commit_id):
+            return False
+        self.slots[index] = replace(self.slots[index], protected=True)
+        return True
 
     def set_checksums(self, index: int, commit_id: int, checksums: tuple[int, ...]) -> bool:
         """Records the checksum of a committed slot; False if the slot moved on meanwhile."""

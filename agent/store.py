@@ -36,6 +36,17 @@ class SlotGrant:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ProtectionWork:
+    """One commit to encode and send to the group."""
+
+    key: RankKey
+    index: int
+    commit_id: int
+    step: int
+    size_bytes: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class RestoreSource:
     step: int
     name: str
@@ -203,11 +214,48 @@ class SlotStore:
             ]
             return ranks, self._budget.used_bytes, self._budget.limit_bytes
 
+    def protection_work(self) -> list[ProtectionWork]:
+        """The newest committed snapshot of each rank that is checksummed but not yet protected."""
+        work = []
+        with self._lock:
+            for key, slots in self._ranks.items():
+                slot = slots.latest_committed()
+                if slot is not None and slot.checksums is not None and not slot.protected:
+                    work.append(
+                        ProtectionWork(
+                            key=key, index=slot.index, commit_id=slot.commit_id, step=slot.step, size_bytes=slot.data_size_bytes
+                        )
+                    )
+        return work
+
+    def pin(self, work: ProtectionWork) -> memoryview | None:
+        """The bytes of a commit, held still until `unpin` (begin refuses the slot meanwhile)."""
+        with self._lock:
+            slots = self._ranks.get(work.key)
+            if slots is None or not slots.is_current(work.index, work.commit_id):
+                return None
+            slots.pinned.add(work.index)
+            return self._segments[(work.key, work.index)].buffer[: work.size_bytes]
+
+    def unpin(self, work: ProtectionWork) -> None:
+        with self._lock:
+            slots = self._ranks.get(work.key)
+            if slots is not None:
+                slots.pinned.discard(work.index)
+
+    def mark_protected(self, work: ProtectionWork) -> bool:
+        with self._lock:
+            slots = self._ranks.get(work.key)
+            if slots is None or not slots.set_protected(work.index, work.commit_id):
+                return False
+            self._write_manifest(slots)
+            return True
+
     def held(self) -> tuple[Held, ...]:
         """Every committed snapshot held here, for the coordinator's inventory."""
         ranks, _, _ = self.snapshot_status()
         return tuple(
-            Held(job=r.key.job, rank=r.key.rank, step=s.step, generation=0)
+            Held(job=r.key.job, rank=r.key.rank, step=s.step, generation=0, protected=s.protected)
             for r in ranks
             for s in r.slots
             if s.state is SlotState.COMMITTED

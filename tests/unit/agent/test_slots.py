@@ -101,3 +101,20 @@ def test_budget_refuses_over_limit_and_names_sizes() -> None:
     budget.reserve("a", 1 << 30, "a grows")  # an owner's own holding does not count against it
     budget.release("a")
     assert budget.used_bytes == 0
+
+
+def test_a_pinned_slot_is_never_handed_out_and_protection_sticks_to_its_commit() -> None:
+    from memckpt.errors import Unavailable
+
+    slots = new_rank_slots(KEY, 1, 100)
+    first = committed(slots, 1)
+    second = committed(slots, 2)
+    slots.pinned.add(first.index)  # being sent to peers
+    with pytest.raises(Unavailable, match="skipped"):
+        slots.begin(3, 100)
+    assert slots.session_step == 2, "a refused begin changes nothing"
+    slots.pinned.discard(first.index)
+    assert slots.set_protected(second.index, second.commit_id)
+    assert slots.latest_committed().protected
+    slot, _ = slots.begin(3, 100)
+    assert not slot.protected and not slots.set_protected(first.index, first.commit_id)

@@ -1,0 +1,79 @@
+"""A commit is erasure-coded and sent to its group in the background, then reported protected."""
+
+from __future__ import annotations
+
+import itertools
+
+import grpc
+import pytest
+
+from memckpt.agent.erasure import Scheme, decode
+from memckpt.agent.peers import PeerClient
+from memckpt.agent.shm import DEFAULT_ROOT
+from memckpt.coordinator.groups import choose_fragment_holders
+from memckpt.local import wait_until
+from memckpt.protos import agent_pb2 as apb
+from memckpt.protos import coordinator_pb2 as cpb
+from memckpt.protos import coordinator_pb2_grpc as cpb_grpc
+from memckpt.security import TlsFiles, token_metadata
+from memckpt.trainer import Checkpointer
+
+from .helpers import agent_stub, make_state
+from .test_peer_fragments import NODES, TOKEN, Cluster, cluster  # noqa: F401 - the fixture
+
+pytestmark = pytest.mark.integration
+
+
+def protected_step(of: Cluster, job: str, rank: int) -> int:
+    with grpc.insecure_channel(of.coordinator.address) as channel:
+        status = cpb_grpc.CoordinatorServiceStub(channel).GetClusterStatus(
+            cpb.GetClusterStatusRequest(), metadata=token_metadata(TOKEN), timeout=10
+        )
+    for job_status in status.jobs:
+        for r in job_status.ranks:
+            if job_status.job == job and r.rank == rank:
+                return int(r.protected_step)
+    return -1
+
+
+def committed_bytes(of: Cluster, node: str, job: str) -> bytes:
+    channel, stub = agent_stub(of.agents[node].socket_path)
+    with channel:
+        status = stub.GetStatus(apb.GetStatusRequest(), timeout=10)
+    rank = next(r for r in status.ranks if r.job == job)
+    slot = next(s for s in rank.slots if s.state == apb.SLOT_STATE_COMMITTED and s.step == rank.committed_step)
+    return (DEFAULT_ROOT / slot.name).read_bytes()[: slot.data_size_bytes]
+
+
+def test_commit_is_sent_to_its_group_and_any_k_fragments_rebuild_it(cluster: Cluster) -> None:  # noqa: F811
+    with Checkpointer("prot", rank=0, world_size=1, socket_path=cluster.agents["node0"].socket_path, strict=True) as ck:
+        ck.snapshot(7, make_state(7, 1 << 18))
+        ck.wait()
+    wait_until(lambda: protected_step(cluster, "prot", 0) == 7, 30, "step 7 to be reported protected")
+    expected = committed_bytes(cluster, "node0", "prot")
+    addresses = cluster.addresses()
+    holders = choose_fragment_holders("node0", tuple(sorted(NODES)), 3)
+    assert "node0" not in holders, "an owner never holds its own fragments"
+    peers = PeerClient(token=TOKEN, tls=TlsFiles())
+    try:
+        fragments = {i: peers.get_fragment(addresses[h], "prot", 0, i, 7) for i, h in enumerate(holders)}
+    finally:
+        peers.close()
+    scheme = Scheme(k=2, m=1, size_bytes=len(expected))
+    for chosen in itertools.combinations(range(3), 2):
+        assert bytes(decode({i: fragments[i] for i in chosen}, scheme)) == expected, f"fragments {chosen}"
+
+
+def test_newest_step_is_protected_when_snapshots_outpace_peers(cluster: Cluster) -> None:  # noqa: F811
+    with Checkpointer("fast", rank=0, world_size=1, socket_path=cluster.agents["node1"].socket_path) as ck:
+        for step in range(1, 21):
+            ck.snapshot(step, make_state(step, 1 << 18))
+        ck.wait()
+        committed = ck.stats.snapshots_committed
+        skipped = ck.stats.failures["Unavailable"]
+    assert committed + skipped == 20, "each snapshot either committed or was skipped while its slot was being sent"
+    channel, stub = agent_stub(cluster.agents["node1"].socket_path)
+    with channel:
+        newest = next(r for r in stub.GetStatus(apb.GetStatusRequest(), timeout=10).ranks if r.job == "fast").committed_step
+    assert newest >= 19
+    wait_until(lambda: protected_step(cluster, "fast", 0) == newest, 30, "the newest step to be protected")
