@@ -153,6 +153,7 @@ def start_peer_server(config: AgentConfig, fragments: FragmentStore) -> tuple[gr
     options = [
         ("grpc.max_receive_message_length", config.max_message_bytes),  # fragment chunks are up to 4 MiB
         ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.so_reuseport", 0),  # a port in use is an error, not a second server sharing it
     ]
     executor = futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="peer")
     server = grpc.server(executor, interceptors=interceptors, options=options)

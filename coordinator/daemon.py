@@ -43,7 +43,8 @@ def serve(config: CoordinatorConfig, stop: threading.Event) -> int:
     cluster = Cluster(k=config.k, m=config.m, lease_s=config.lease_s)
     servicer = CoordinatorServicer(cluster, config.heartbeat_interval_s)
     interceptors: list[grpc.ServerInterceptor] = [TokenInterceptor(config.token)] if config.token else []
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="rpc"), interceptors=interceptors)
+    executor = futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="rpc")
+    server = grpc.server(executor, interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
     pb_grpc.add_CoordinatorServiceServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

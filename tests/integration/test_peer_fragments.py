@@ -188,3 +188,38 @@ def test_fragments_are_placed_served_checked_and_survive_an_agent_kill(cluster: 
     cluster.agents["node1"] = restarted.start()
     wait_until(lambda: cluster.addresses().get("node1", old) != old, 30, "node1 to register its new address")
     assert get(cluster.addresses()["node1"], 0, step=5) == frags[0]
+
+
+def test_a_peer_port_in_use_is_refused_at_start(tmp_path: Path, shm_prefix: str) -> None:
+    import socket
+
+    from memckpt.errors import Unavailable
+    from memckpt.local import AgentProcess
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    agent = AgentProcess(
+        socket_path=tmp_path / "busy.sock",
+        shm_prefix=shm_prefix,
+        memory_limit="64MiB",
+        log_path=tmp_path / "busy.log",
+        extra_args=[
+            "--on-exit",
+            "remove",
+            "--coordinator",
+            "127.0.0.1:1",
+            "--advertise",
+            "127.0.0.1:0",
+            "--peer-listen",
+            f"127.0.0.1:{port}",
+        ],
+    )
+    try:
+        with pytest.raises(Unavailable, match="exited with 2"):
+            agent.start(timeout_s=30)
+        assert "cannot listen on peer_listen" in agent.log_path.read_text()
+    finally:
+        agent.stop()
+        taken.close()
