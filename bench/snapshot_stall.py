@@ -93,13 +93,16 @@ def log_tail(path: Path) -> str:
     return path.read_bytes()[-LOG_TAIL_BYTES:].decode(errors="replace")
 
 
+SHM_PREFIX_ROOT = "memckpt-bench-"  # every agent a bench starts gets a unique prefix below this
+
+
 @contextlib.contextmanager
 def running_agent(workdir: Path, memory_limit_bytes: int) -> Iterator[AgentProcess]:
     """A real agent with its own socket and a unique shm prefix; stopped, and its shm checked
     to be gone, however the block ends."""
     agent = AgentProcess(
         socket_path=workdir / "agent.sock",
-        shm_prefix=f"memckpt-bench-{uuid.uuid4().hex[:8]}.",
+        shm_prefix=f"{SHM_PREFIX_ROOT}{uuid.uuid4().hex[:8]}.",
         memory_limit=str(memory_limit_bytes),
         log_path=workdir / "agent.log",
         extra_args=["--on-exit", "remove"],

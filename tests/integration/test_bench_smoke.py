@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import uuid
 from pathlib import Path
 from types import ModuleType
 
@@ -13,22 +14,24 @@ import pytest
 from memckpt.agent.shm import DEFAULT_ROOT
 
 BENCH_DIR = Path(__file__).resolve().parents[2] / "bench"
-BENCH_SHM_PREFIX = "memckpt-bench-"
+PREFIX = f"memckpt-bench-{uuid.uuid4().hex[:6]}-"
 
 
 def import_bench(name: str, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
     monkeypatch.syspath_prepend(str(BENCH_DIR))  # bench/ is scripts, not a package
-    return importlib.import_module(name)
+    module = importlib.import_module(name)
+    # this test's own prefix, so that a bench run by another checkout at the same time does not count
+    monkeypatch.setattr(importlib.import_module("snapshot_stall"), "SHM_PREFIX_ROOT", PREFIX)
+    return module
 
 
 def bench_segments() -> set[str]:
-    return {p.name for p in DEFAULT_ROOT.iterdir() if p.name.startswith(BENCH_SHM_PREFIX)}
+    return {p.name for p in DEFAULT_ROOT.iterdir() if p.name.startswith(PREFIX)}
 
 
 def run_json(module: ModuleType, argv: list[str], capsys: pytest.CaptureFixture[str]) -> dict[str, object]:
-    before = bench_segments()
     assert module.main(argv) == 0
-    assert bench_segments() - before == set(), "the bench left shared memory behind"
+    assert bench_segments() == set(), "the bench left shared memory behind"
     report = json.loads(capsys.readouterr().out)
     assert isinstance(report, dict)
     return report

@@ -167,12 +167,15 @@ def test_memckpt_status_shows_the_cluster(coordinator: CoordinatorProcess, agent
     def status() -> dict:
         return json.loads(subprocess.run(command, capture_output=True, text=True, timeout=30, check=True).stdout)
 
-    wait_until(lambda: any(j["job"] == "cj" for j in status()["jobs"]), 30, "the job to reach the coordinator")
+    def protected() -> bool:  # four agents with k=2, m=1 make a group: the commit gets protected
+        return any(j["job"] == "cj" and j["ranks"][0]["protected_step"] == 3 for j in status()["jobs"])
+
+    wait_until(protected, 30, "the job's step to reach the coordinator, protected")
     report = status()
     assert sorted(a["node"] for a in report["agents"] if a["alive"]) == ["n0", "n1", "n2", "n3"]
     assert all(a["group"] == 0 for a in report["agents"]), "four agents with k=2, m=1 make one group"
     (job,) = [j for j in report["jobs"] if j["job"] == "cj"]
-    assert job["ranks"] == [{"rank": 0, "committed_step": 3, "protected_step": -1}]
+    assert job["ranks"] == [{"rank": 0, "committed_step": 3, "protected_step": 3}]
     n0 = next(a for a in report["agents"] if a["node"] == "n0")
     assert n0["memory_used_bytes"] > 0 and n0["memory_budget_bytes"] == 1 << 30
     table = subprocess.run(command[:-1], capture_output=True, text=True, timeout=30, check=True).stdout
