@@ -33,6 +33,7 @@ from memckpt.sizes import format_size
 log = logging.getLogger(__name__)
 
 MAX_CHUNK_BYTES = 4 << 20
+MAX_META_BYTES = 16 << 20
 SERVE_CHUNK_BYTES = 2 << 20  # with its header a message stays under gRPC's default 4 MiB receive limit
 MANIFEST_MAGIC = b"memckpt-fragments-v1\n"
 
@@ -54,6 +55,8 @@ class FragmentHeader:
     fragment_bytes: int  # ceil(size_bytes / k)
     owner: str  # node whose rank the snapshot is
     crc32c: int  # of the whole fragment
+    meta: str = ""  # the snapshot's layout and small values (JSON), so any k holders can restore it
+    meta_crc32c: int = 0
 
     @property
     def key(self) -> RankKey:
@@ -94,6 +97,10 @@ def check_header(header: FragmentHeader) -> None:
         raise InvalidRequest(f"{header}: fragment_bytes {header.fragment_bytes} != ceil(size / k) = {scheme.fragment_bytes}")
     if not 0 <= header.crc32c < 1 << 32:
         raise InvalidRequest(f"{header}: crc32c {header.crc32c} is not 32 bits")
+    if len(header.meta) > MAX_META_BYTES:
+        raise InvalidRequest(f"{header}: metadata of {len(header.meta)} bytes exceeds {MAX_META_BYTES}")
+    if crc32c.crc32c(header.meta.encode()) != header.meta_crc32c:
+        raise CorruptSnapshot(f"{header}: metadata checksum mismatch")
 
 
 def check_placement(header: FragmentHeader, node: str, group: tuple[str, ...]) -> None:

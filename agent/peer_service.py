@@ -53,6 +53,8 @@ def header_to_proto(header: FragmentHeader) -> pb.FragmentHeader:
         fragment_bytes=header.fragment_bytes,
         owner_node=header.owner,
         fragment_crc32c=header.crc32c,
+        meta=header.meta,
+        meta_crc32c=header.meta_crc32c,
     )
 
 
@@ -69,4 +71,6 @@ def header_from_proto(message: pb.FragmentHeader) -> FragmentHeader:
         fragment_bytes=message.fragment_bytes,
         owner=message.owner_node,
         crc32c=message.fragment_crc32c,
+        meta=message.meta,
+        meta_crc32c=message.meta_crc32c,
     )

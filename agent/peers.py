@@ -7,8 +7,8 @@ from collections.abc import Iterator
 import crc32c
 import grpc
 
-from memckpt.agent.fragments import SERVE_CHUNK_BYTES, FragmentHeader
-from memckpt.agent.peer_service import header_to_proto
+from memckpt.agent.fragments import SERVE_CHUNK_BYTES, FragmentHeader, check_header
+from memckpt.agent.peer_service import header_from_proto, header_to_proto
 from memckpt.errors import CorruptSnapshot
 from memckpt.protos import peer_pb2 as pb
 from memckpt.protos import peer_pb2_grpc as pb_grpc
@@ -40,18 +40,26 @@ class PeerClient:
         except grpc.RpcError as exc:
             raise error_from_rpc(exc, f"PutFragment {header} to {address}") from None
 
-    def get_fragment(self, address: str, job: str, rank: int, index: int, step: int) -> bytes:
+    def get_fragment(self, address: str, job: str, rank: int, index: int, step: int) -> tuple[FragmentHeader, bytes]:
+        """A fragment and its header (which carries the snapshot's metadata), every chunk checked."""
         request = pb.GetFragmentRequest(job=job, rank=rank, fragment_index=index, step=step)
         parts = []
+        header = None
         try:
             for message in self._stub(address).GetFragment(request, metadata=self._metadata, timeout=PUT_TIMEOUT_S):
-                if message.HasField("chunk"):
+                if message.HasField("header"):
+                    header = header_from_proto(message.header)
+                elif message.HasField("chunk"):
                     if crc32c.crc32c(message.chunk.data) != message.chunk.data_crc32c:
                         raise CorruptSnapshot(f"fragment {index} of job {job!r} rank {rank} from {address}: chunk crc mismatch")
                     parts.append(message.chunk.data)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc, f"GetFragment job={job} rank={rank} index={index} from {address}") from None
-        return b"".join(parts)
+        data = b"".join(parts)
+        if header is None or len(data) != header.fragment_bytes or crc32c.crc32c(data) != header.crc32c:
+            raise CorruptSnapshot(f"fragment {index} of job {job!r} rank {rank} from {address} is incomplete or corrupt")
+        check_header(header)  # the metadata's checksum too
+        return header, data
 
     def close(self) -> None:
         for channel in self._channels.values():

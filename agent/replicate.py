@@ -72,6 +72,7 @@ class Replicator:
         started = time.perf_counter()
         try:
             scheme = Scheme(k=k, m=m, size_bytes=work.size_bytes)
+            meta = work.meta.decode()  # the client's JSON
             fragments = [data_fragment(view, scheme, i) for i in range(k)] + list(encode_parity(view, scheme))
             for index, (holder, fragment) in enumerate(zip(holders, fragments)):
                 data = memoryview(fragment)
@@ -87,6 +88,8 @@ class Replicator:
                     fragment_bytes=scheme.fragment_bytes,
                     owner=self._node,
                     crc32c=int(crc32c.crc32c(data)),
+                    meta=meta,
+                    meta_crc32c=int(crc32c.crc32c(work.meta)),
                 )
                 self._peers.put_fragment(addresses[holder], header, data)
             del fragments, data

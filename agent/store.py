@@ -44,6 +44,7 @@ class ProtectionWork:
     commit_id: int
     step: int
     size_bytes: int
+    meta: bytes
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -223,7 +224,12 @@ class SlotStore:
                 if slot is not None and slot.checksums is not None and not slot.protected:
                     work.append(
                         ProtectionWork(
-                            key=key, index=slot.index, commit_id=slot.commit_id, step=slot.step, size_bytes=slot.data_size_bytes
+                            key=key,
+                            index=slot.index,
+                            commit_id=slot.commit_id,
+                            step=slot.step,
+                            size_bytes=slot.data_size_bytes,
+                            meta=slot.meta,
                         )
                     )
         return work

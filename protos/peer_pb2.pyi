@@ -6,7 +6,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class FragmentHeader(_message.Message):
-    __slots__ = ("job", "rank", "step", "generation", "fragment_index", "k", "m", "size_bytes", "fragment_bytes", "owner_node", "fragment_crc32c")
+    __slots__ = ("job", "rank", "step", "generation", "fragment_index", "k", "m", "size_bytes", "fragment_bytes", "owner_node", "fragment_crc32c", "meta", "meta_crc32c")
     JOB_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -18,6 +18,8 @@ class FragmentHeader(_message.Message):
     FRAGMENT_BYTES_FIELD_NUMBER: _ClassVar[int]
     OWNER_NODE_FIELD_NUMBER: _ClassVar[int]
     FRAGMENT_CRC32C_FIELD_NUMBER: _ClassVar[int]
+    META_FIELD_NUMBER: _ClassVar[int]
+    META_CRC32C_FIELD_NUMBER: _ClassVar[int]
     job: str
     rank: int
     step: int
@@ -29,7 +31,9 @@ class FragmentHeader(_message.Message):
     fragment_bytes: int
     owner_node: str
     fragment_crc32c: int
-    def __init__(self, job: _Optional[str] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., generation: _Optional[int] = ..., fragment_index: _Optional[int] = ..., k: _Optional[int] = ..., m: _Optional[int] = ..., size_bytes: _Optional[int] = ..., fragment_bytes: _Optional[int] = ..., owner_node: _Optional[str] = ..., fragment_crc32c: _Optional[int] = ...) -> None: ...
+    meta: str
+    meta_crc32c: int
+    def __init__(self, job: _Optional[str] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., generation: _Optional[int] = ..., fragment_index: _Optional[int] = ..., k: _Optional[int] = ..., m: _Optional[int] = ..., size_bytes: _Optional[int] = ..., fragment_bytes: _Optional[int] = ..., owner_node: _Optional[str] = ..., fragment_crc32c: _Optional[int] = ..., meta: _Optional[str] = ..., meta_crc32c: _Optional[int] = ...) -> None: ...
 
 class FragmentData(_message.Message):
     __slots__ = ("data", "data_crc32c")

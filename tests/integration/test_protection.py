@@ -56,9 +56,14 @@ def test_commit_is_sent_to_its_group_and_any_k_fragments_rebuild_it(cluster: Clu
     assert "node0" not in holders, "an owner never holds its own fragments"
     peers = PeerClient(token=TOKEN, tls=TlsFiles())
     try:
-        fragments = {i: peers.get_fragment(addresses[h], "prot", 0, i, 7) for i, h in enumerate(holders)}
+        fetched = {i: peers.get_fragment(addresses[h], "prot", 0, i, 7) for i, h in enumerate(holders)}
     finally:
         peers.close()
+    fragments = {i: data for i, (_, data) in fetched.items()}
+    channel, stub = agent_stub(cluster.agents["node0"].socket_path)
+    with channel:
+        meta = stub.OpenRestore(apb.OpenRestoreRequest(job="prot", rank=0), timeout=30).meta
+    assert all(header.meta.encode() == meta for header, _ in fetched.values()), "every holder has the layout"
     scheme = Scheme(k=2, m=1, size_bytes=len(expected))
     for chosen in itertools.combinations(range(3), 2):
         assert bytes(decode({i: fragments[i] for i in chosen}, scheme)) == expected, f"fragments {chosen}"

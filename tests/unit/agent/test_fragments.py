@@ -282,3 +282,12 @@ def test_bytes_corrupted_in_memory_are_data_loss_when_served(shm: ShmDir) -> Non
     with pytest.raises(CorruptSnapshot):
         store.open_fragment("j", 0, 0, None)
     store.stop(remove=True)
+
+
+def test_metadata_travels_with_its_checksum() -> None:
+    meta = '{"format": 1, "tree": {}}'
+    good = header(meta=meta, meta_crc32c=crc32c.crc32c(meta.encode()))
+    check_header(good)
+    assert header_from_proto(header_to_proto(good)) == good
+    with pytest.raises(CorruptSnapshot, match="metadata"):
+        check_header(dataclasses.replace(good, meta=meta.replace("1", "2")))
