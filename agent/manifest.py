@@ -11,7 +11,7 @@ import base64
 import json
 import zlib
 
-from memckpt.agent.slots import RankKey, RankSlots, Slot, SlotState
+from memckpt.agent.slots import Attempt, RankKey, RankSlots, Slot, SlotState
 from memckpt.errors import CorruptSnapshot
 
 MAGIC = b"memckpt-manifest-v1\n"
@@ -25,6 +25,8 @@ def encode_manifest(slots: RankSlots) -> bytes:
             "world_size": slots.world_size,
             "latest": slots.latest,
             "commits": slots.commits,
+            "run_id": slots.attempt.run_id,
+            "generation": slots.attempt.generation,
             "slots": [_slot_to_json(s) for s in slots.slots],
         },
         sort_keys=True,
@@ -48,6 +50,7 @@ def decode_manifest(data: bytes) -> RankSlots:
             slots=slots,
             latest=raw["latest"],
             commits=int(raw["commits"]),
+            attempt=Attempt(run_id=str(raw.get("run_id", "")), generation=int(raw.get("generation", 0))),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise CorruptSnapshot(f"manifest is malformed: {exc!r}") from exc

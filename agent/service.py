@@ -7,6 +7,7 @@ from typing import Any
 
 from memckpt import __version__
 from memckpt.agent import wire
+from memckpt.agent.slots import Attempt
 from memckpt.agent.store import SlotStore
 from memckpt.protos import agent_pb2 as pb
 from memckpt.protos import agent_pb2_grpc as pb_grpc
@@ -20,7 +21,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
 
     @map_errors
     def RegisterRank(self, request: pb.RegisterRankRequest, context: Any) -> pb.RegisterRankResponse:
-        slots = self._store.register(request.job, request.rank, request.world_size, request.slot_size_bytes)
+        slots = self._store.register(request.job, request.rank, request.world_size, request.slot_size_bytes, _attempt(request))
         latest = slots.latest_committed()
         return pb.RegisterRankResponse(
             slot_size_bytes=request.slot_size_bytes,
@@ -30,13 +31,13 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
 
     @map_errors
     def BeginSnapshot(self, request: pb.BeginSnapshotRequest, context: Any) -> pb.BeginSnapshotResponse:
-        grant = self._store.begin(request.job, request.rank, request.step, request.size_bytes)
+        grant = self._store.begin(request.job, request.rank, request.step, request.size_bytes, _attempt(request))
         return wire.grant_to_proto(grant)
 
     @map_errors
     def CommitSnapshot(self, request: pb.CommitSnapshotRequest, context: Any) -> pb.CommitSnapshotResponse:
         slot = self._store.commit(
-            request.job, request.rank, request.step, request.slot_index, request.data_size_bytes, request.meta
+            request.job, request.rank, request.step, request.slot_index, request.data_size_bytes, request.meta, _attempt(request)
         )
         return pb.CommitSnapshotResponse(step=slot.step)
 
@@ -66,3 +67,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
             pid=os.getpid(),
             ranks=[wire.rank_status(r, self._store.slot_names(r)) for r in ranks],
         )
+
+
+def _attempt(request: Any) -> Attempt:
+    return Attempt(run_id=request.run_id, generation=request.generation)

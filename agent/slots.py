@@ -63,6 +63,14 @@ class Slot:
         return replace(self, state=state, **changes)  # type: ignore[arg-type]
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Attempt:
+    """One attempt of a job: the launcher's run id and the restart count within it (+1)."""
+
+    run_id: str = ""
+    generation: int = 0
+
+
 @dataclass(slots=True, kw_only=True)
 class RankSlots:
     """The two slots of one rank and the order of its snapshots.
@@ -79,6 +87,7 @@ class RankSlots:
     latest: int | None = None  # index of the latest committed slot
     commits: int = 0
     pinned: set[int] = field(default_factory=set)  # slots being read (protection): never handed out
+    attempt: Attempt = field(default_factory=Attempt)  # the job attempt that registered this rank last
 
     def latest_committed(self) -> Slot | None:
         return None if self.latest is None else self.slots[self.latest]
@@ -172,6 +181,27 @@ class RankSlots:
             if slot.state is not SlotState.COMMITTED:
                 return i
         raise AssertionError(f"{self.key}: no free slot while none is latest")
+
+
+def admit_attempt(current: Attempt | None, request: Attempt, registering: bool, job: str) -> Attempt:
+    """The job's attempt after this request, or StaleGeneration for a zombie of an earlier one.
+
+    Within one run (torchrun restarts), older generations are refused. A new run (the job
+    requeued) supersedes the old one when its ranks register; requests of the old run that
+    do not register again are refused from then on.
+    """
+    if current is None:
+        return request
+    if request.run_id == current.run_id:
+        if request.generation < current.generation:
+            raise StaleGeneration(
+                f"job {job!r}: generation {request.generation} is older than the current generation "
+                f"{current.generation} (a process of an earlier attempt); refused"
+            )
+        return request if request.generation > current.generation else current
+    if registering:
+        return request
+    raise StaleGeneration(f"job {job!r}: request of run {request.run_id!r}, but the job now runs as {current.run_id!r}; refused")
 
 
 def new_rank_slots(key: RankKey, world_size: int, slot_size_bytes: int) -> RankSlots:

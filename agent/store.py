@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from memckpt.agent.checksum import chunk_checksums, describe_mismatch
 from memckpt.agent.manifest import decode_manifest, encode_manifest
 from memckpt.agent.shm import Segment, ShmDir
-from memckpt.agent.slots import MemoryBudget, RankKey, RankSlots, Slot, SlotState, new_rank_slots
+from memckpt.agent.slots import Attempt, MemoryBudget, RankKey, RankSlots, Slot, SlotState, admit_attempt, new_rank_slots
 from memckpt.coordinator.cluster import Held
 from memckpt.errors import CorruptSnapshot, InvalidRequest, MemckptError, NotFound
 from memckpt.names import check_name
@@ -25,6 +25,7 @@ from memckpt.sizes import format_size
 log = logging.getLogger(__name__)
 
 VERIFY_THREADS = 2
+_FIRST = Attempt()
 MAX_WORLD_SIZE = 1 << 20
 
 
@@ -66,6 +67,7 @@ class SlotStore:
         self._budget = budget
         self._lock = threading.Lock()
         self._ranks: dict[RankKey, RankSlots] = {}
+        self._attempts: dict[str, Attempt] = {}  # each job's current attempt
         self._segments: dict[tuple[RankKey, int], Segment] = {}
         self._pending: queue.Queue[tuple[RankKey, int, int] | None] = queue.Queue()
         self._worker: threading.Thread | None = None
@@ -105,13 +107,14 @@ class SlotStore:
 
     # -- the RPCs ------------------------------------------------------------------
 
-    def register(self, job: str, rank: int, world_size: int, slot_size_bytes: int) -> RankSlots:
+    def register(self, job: str, rank: int, world_size: int, slot_size_bytes: int, attempt: Attempt = _FIRST) -> RankSlots:
         key = self._key(job, rank)
         if not 0 < world_size <= MAX_WORLD_SIZE or rank >= world_size:
             raise InvalidRequest(f"{key}: world size {world_size} is invalid for this rank")
         if slot_size_bytes <= 0:
             raise InvalidRequest(f"{key}: slot size must be positive, got {slot_size_bytes}")
         with self._lock:
+            job_attempt = self._admit(key, attempt, registering=True)
             slots = self._ranks.get(key)
             held = slots.reserved_bytes() if slots else 0
             self._budget.reserve(str(key), max(held, 2 * slot_size_bytes), f"{key} (2 slots of {format_size(slot_size_bytes)})")
@@ -127,13 +130,16 @@ class SlotStore:
             else:
                 slots.abandon_writes()
                 slots.world_size = world_size
+            slots.attempt = attempt
+            self._attempts[job] = job_attempt
             self._write_manifest(slots)
-            log.info("registered %s world_size=%d slot=%s", key, world_size, format_size(slot_size_bytes))
+            log.info("registered %s world_size=%d slot=%s attempt=%s", key, world_size, format_size(slot_size_bytes), attempt)
             return slots
 
-    def begin(self, job: str, rank: int, step: int, size_bytes: int) -> SlotGrant:
+    def begin(self, job: str, rank: int, step: int, size_bytes: int, attempt: Attempt = _FIRST) -> SlotGrant:
         key = self._key(job, rank)
         with self._lock:
+            self._attempts[job] = self._admit(key, attempt, registering=False)
             slots = self._rank(key)
             if step < 0:
                 raise InvalidRequest(f"{key}: step must be >= 0, got {step}")
@@ -149,9 +155,12 @@ class SlotStore:
                 self._write_manifest(slots)
             return SlotGrant(index=slot.index, name=self._slot_name(key, slot), size_bytes=slot.size_bytes)
 
-    def commit(self, job: str, rank: int, step: int, index: int, data_size_bytes: int, meta: bytes) -> Slot:
+    def commit(
+        self, job: str, rank: int, step: int, index: int, data_size_bytes: int, meta: bytes, attempt: Attempt = _FIRST
+    ) -> Slot:
         key = self._key(job, rank)
         with self._lock:
+            self._attempts[job] = self._admit(key, attempt, registering=False)
             slots = self._rank(key)
             slot = slots.commit(index, step, data_size_bytes, meta)
             self._write_manifest(slots)
@@ -204,6 +213,7 @@ class SlotStore:
             freed = sum(self._ranks[k].reserved_bytes() for k in keys)
             for key in keys:
                 self._drop_rank(key, unlink=True)
+            self._attempts.pop(job, None)
         log.info("released job=%s ranks=%d bytes=%d", job, len(keys), freed)
         return len(keys), freed
 
@@ -211,7 +221,8 @@ class SlotStore:
         """Copies of every rank's slots, memory used and the budget."""
         with self._lock:
             ranks = [
-                RankSlots(key=r.key, world_size=r.world_size, slots=list(r.slots), latest=r.latest) for r in self._ranks.values()
+                RankSlots(key=r.key, world_size=r.world_size, slots=list(r.slots), latest=r.latest, attempt=r.attempt)
+                for r in self._ranks.values()
             ]
             return ranks, self._budget.used_bytes, self._budget.limit_bytes
 
@@ -261,7 +272,7 @@ class SlotStore:
         """Every committed snapshot held here, for the coordinator's inventory."""
         ranks, _, _ = self.snapshot_status()
         return tuple(
-            Held(job=r.key.job, rank=r.key.rank, step=s.step, generation=0, protected=s.protected)
+            Held(job=r.key.job, rank=r.key.rank, step=s.step, generation=r.attempt.generation, protected=s.protected)
             for r in ranks
             for s in r.slots
             if s.state is SlotState.COMMITTED
@@ -273,6 +284,10 @@ class SlotStore:
 
     def slot_names(self, slots: RankSlots) -> list[str]:
         return [self._slot_name(slots.key, s) for s in slots.slots]
+
+    def _admit(self, key: RankKey, attempt: Attempt, registering: bool) -> Attempt:
+        """Fences zombies of an earlier attempt of the job (see `admit_attempt`)."""
+        return admit_attempt(self._attempts.get(key.job), attempt, registering, key.job)
 
     # -- internals -----------------------------------------------------------------
 
@@ -373,6 +388,9 @@ class SlotStore:
                 slots.slots[slot.index] = Slot(index=slot.index, version=slot.version + 1, size_bytes=slot.size_bytes)
                 self._map_new(key, slots.slots[slot.index])
         self._ranks[key] = slots
+        current = self._attempts.get(key.job)
+        if current is None or slots.attempt.generation > current.generation:
+            self._attempts[key.job] = slots.attempt  # best effort: the newest attempt any rank recorded
         self._budget.adopt(str(key), slots.reserved_bytes())
         self._write_manifest(slots)
         latest = slots.latest_committed()

@@ -19,16 +19,20 @@ SLOT_STATE_WRITING: SlotState
 SLOT_STATE_COMMITTED: SlotState
 
 class RegisterRankRequest(_message.Message):
-    __slots__ = ("job", "rank", "world_size", "slot_size_bytes")
+    __slots__ = ("job", "rank", "world_size", "slot_size_bytes", "generation", "run_id")
     JOB_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     SLOT_SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
     job: str
     rank: int
     world_size: int
     slot_size_bytes: int
-    def __init__(self, job: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., slot_size_bytes: _Optional[int] = ...) -> None: ...
+    generation: int
+    run_id: str
+    def __init__(self, job: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., slot_size_bytes: _Optional[int] = ..., generation: _Optional[int] = ..., run_id: _Optional[str] = ...) -> None: ...
 
 class RegisterRankResponse(_message.Message):
     __slots__ = ("slot_size_bytes", "has_committed", "committed_step")
@@ -41,16 +45,20 @@ class RegisterRankResponse(_message.Message):
     def __init__(self, slot_size_bytes: _Optional[int] = ..., has_committed: _Optional[bool] = ..., committed_step: _Optional[int] = ...) -> None: ...
 
 class BeginSnapshotRequest(_message.Message):
-    __slots__ = ("job", "rank", "step", "size_bytes")
+    __slots__ = ("job", "rank", "step", "size_bytes", "generation", "run_id")
     JOB_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
     job: str
     rank: int
     step: int
     size_bytes: int
-    def __init__(self, job: _Optional[str] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., size_bytes: _Optional[int] = ...) -> None: ...
+    generation: int
+    run_id: str
+    def __init__(self, job: _Optional[str] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., size_bytes: _Optional[int] = ..., generation: _Optional[int] = ..., run_id: _Optional[str] = ...) -> None: ...
 
 class BeginSnapshotResponse(_message.Message):
     __slots__ = ("slot_index", "slot_name", "slot_size_bytes")
@@ -63,20 +71,24 @@ class BeginSnapshotResponse(_message.Message):
     def __init__(self, slot_index: _Optional[int] = ..., slot_name: _Optional[str] = ..., slot_size_bytes: _Optional[int] = ...) -> None: ...
 
 class CommitSnapshotRequest(_message.Message):
-    __slots__ = ("job", "rank", "step", "slot_index", "data_size_bytes", "meta")
+    __slots__ = ("job", "rank", "step", "slot_index", "data_size_bytes", "meta", "generation", "run_id")
     JOB_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     SLOT_INDEX_FIELD_NUMBER: _ClassVar[int]
     DATA_SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     META_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
     job: str
     rank: int
     step: int
     slot_index: int
     data_size_bytes: int
     meta: bytes
-    def __init__(self, job: _Optional[str] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., slot_index: _Optional[int] = ..., data_size_bytes: _Optional[int] = ..., meta: _Optional[bytes] = ...) -> None: ...
+    generation: int
+    run_id: str
+    def __init__(self, job: _Optional[str] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., slot_index: _Optional[int] = ..., data_size_bytes: _Optional[int] = ..., meta: _Optional[bytes] = ..., generation: _Optional[int] = ..., run_id: _Optional[str] = ...) -> None: ...
 
 class CommitSnapshotResponse(_message.Message):
     __slots__ = ("step",)

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from memckpt.agent.config import SOCKET_ENV, default_socket
 from memckpt.agent.shm import ShmDir
+from memckpt.agent.slots import Attempt
 from memckpt.agent.store import SlotGrant
 from memckpt.errors import InvalidRequest, MemckptError, NotFound
 from memckpt.names import check_name
@@ -90,6 +91,9 @@ class Checkpointer:
         rank, world_size: default to torchrun's RANK and WORLD_SIZE.
         socket_path: the agent's socket; default MEMCKPT_SOCKET, else the agent's default.
         strict: raise on snapshot failures instead of logging and counting them.
+        generation, run_id: the job's attempt, so the agent refuses the snapshots of an earlier
+            attempt's zombies; default: torchrun's TORCHELASTIC_RESTART_COUNT + 1 (1 outside
+            torchrun) and TORCHELASTIC_RUN_ID (a requeued job's new run supersedes the old).
         copy_threads: threads that copy CPU tensors into the slot; default: this rank's share
             of the cores (cores / LOCAL_WORLD_SIZE), so ranks' copies do not crowd each other.
     """
@@ -102,6 +106,8 @@ class Checkpointer:
         world_size: int | None = None,
         socket_path: Path | str | None = None,
         strict: bool = False,
+        generation: int | None = None,
+        run_id: str | None = None,
         copy_threads: int | None = None,
     ) -> None:
         self.job = check_name(job, "job")
@@ -110,7 +116,12 @@ class Checkpointer:
         self.socket_path = Path(socket_path or os.environ.get(SOCKET_ENV) or default_socket())
         self.strict = strict
         self.stats = CheckpointerStats()
-        self._client = AgentClient(self.socket_path, self.job, self.rank)
+        if generation is None:
+            generation = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) + 1
+        self.attempt = Attempt(
+            run_id=os.environ.get("TORCHELASTIC_RUN_ID", "") if run_id is None else run_id, generation=generation
+        )
+        self._client = AgentClient(self.socket_path, self.job, self.rank, self.attempt)
         self._shm = ShmDir()
         self._copier = Copier(copy_threads or default_copy_threads())
         self._slots: dict[str, MappedSlot] = {}

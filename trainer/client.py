@@ -7,6 +7,7 @@ from typing import Any
 
 import grpc
 
+from memckpt.agent.slots import Attempt
 from memckpt.agent.store import RestoreSource, SlotGrant
 from memckpt.agent.wire import restore_from_proto
 from memckpt.errors import NotFound
@@ -29,25 +30,47 @@ _OPTIONS = [
 class AgentClient:
     """Calls of one rank to the agent at `socket_path`; every failure is a memckpt error."""
 
-    def __init__(self, socket_path: Path, job: str, rank: int) -> None:
+    def __init__(self, socket_path: Path, job: str, rank: int, attempt: Attempt) -> None:
         self.socket_path = socket_path
         self.job = job
         self.rank = rank
+        self.attempt = attempt
         self._channel = grpc.insecure_channel(f"unix:{socket_path}", options=_OPTIONS)
         self._stub = pb_grpc.AgentServiceStub(self._channel)
 
     def register(self, world_size: int, slot_size_bytes: int) -> None:
-        request = pb.RegisterRankRequest(job=self.job, rank=self.rank, world_size=world_size, slot_size_bytes=slot_size_bytes)
+        request = pb.RegisterRankRequest(
+            job=self.job,
+            rank=self.rank,
+            world_size=world_size,
+            slot_size_bytes=slot_size_bytes,
+            generation=self.attempt.generation,
+            run_id=self.attempt.run_id,
+        )
         self._call("RegisterRank", request, REGISTER_TIMEOUT_S)
 
     def begin(self, step: int, size_bytes: int) -> SlotGrant:
-        request = pb.BeginSnapshotRequest(job=self.job, rank=self.rank, step=step, size_bytes=size_bytes)
+        request = pb.BeginSnapshotRequest(
+            job=self.job,
+            rank=self.rank,
+            step=step,
+            size_bytes=size_bytes,
+            generation=self.attempt.generation,
+            run_id=self.attempt.run_id,
+        )
         response = self._call("BeginSnapshot", request, REGISTER_TIMEOUT_S)
         return SlotGrant(index=response.slot_index, name=response.slot_name, size_bytes=response.slot_size_bytes)
 
     def commit(self, step: int, slot_index: int, data_size_bytes: int, meta: bytes) -> None:
         request = pb.CommitSnapshotRequest(
-            job=self.job, rank=self.rank, step=step, slot_index=slot_index, data_size_bytes=data_size_bytes, meta=meta
+            job=self.job,
+            rank=self.rank,
+            step=step,
+            slot_index=slot_index,
+            data_size_bytes=data_size_bytes,
+            meta=meta,
+            generation=self.attempt.generation,
+            run_id=self.attempt.run_id,
         )
         self._call("CommitSnapshot", request, CALL_TIMEOUT_S)
 

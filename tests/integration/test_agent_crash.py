@@ -85,3 +85,29 @@ def test_fresh_agent_without_old_shm_gets_new_snapshots_not_dead_mappings(agent_
         step = reader.restore(restored)
     assert step is not None and step >= 3
     assert_state_equal(restored, make_state(step))
+
+
+def test_a_zombie_of_an_older_attempt_cannot_commit(agent_factory) -> None:  # noqa: ANN001
+    from memckpt.errors import StaleGeneration
+
+    agent = agent_factory()
+    zombie = Checkpointer("fence", rank=1, world_size=2, socket_path=agent.socket_path, generation=1, run_id="r")
+    try:
+        zombie.snapshot(5, make_state(5))
+        assert zombie.wait().committed
+        with Checkpointer(
+            "fence", rank=0, world_size=2, socket_path=agent.socket_path, generation=2, run_id="r", strict=True
+        ) as new:
+            new.snapshot(5, make_state(5))  # the restarted job registers: generation 2 from now on
+            assert new.wait().committed
+        handle = zombie.snapshot(6, make_state(6))  # FAILED_PRECONDITION, counted, never committed
+        assert isinstance(handle.error, StaleGeneration) and "generation 1" in str(handle.error)
+        restored = empty_like_state()
+        with Checkpointer("fence", rank=1, world_size=2, socket_path=agent.socket_path, generation=2, run_id="r") as reader:
+            assert reader.restore(restored, coordinate=False) == 5
+        requeued = Checkpointer("fence", rank=1, world_size=2, socket_path=agent.socket_path, generation=1, run_id="s")
+        with requeued:  # the job requeued: a new run, its restart count back at 0, is not refused
+            requeued.snapshot(6, make_state(6))
+            assert requeued.wait().committed
+    finally:
+        zombie.close()

@@ -118,3 +118,21 @@ def test_a_pinned_slot_is_never_handed_out_and_protection_sticks_to_its_commit()
     assert slots.latest_committed().protected
     slot, _ = slots.begin(3, 100)
     assert not slot.protected and not slots.set_protected(first.index, first.commit_id)
+
+
+def test_attempts_fence_zombies_within_a_run_and_a_new_run_supersedes() -> None:
+    from memckpt.agent.slots import Attempt, admit_attempt
+
+    run_a1, run_a2, run_b1 = (
+        Attempt(run_id="a", generation=1),
+        Attempt(run_id="a", generation=2),
+        Attempt(run_id="b", generation=1),
+    )
+    assert admit_attempt(None, run_a1, registering=False, job="j") == run_a1
+    assert admit_attempt(run_a1, run_a2, registering=True, job="j") == run_a2  # torchrun restarted the workers
+    with pytest.raises(StaleGeneration, match="generation 1 is older"):
+        admit_attempt(run_a2, run_a1, registering=False, job="j")  # a zombie of the first attempt
+    assert admit_attempt(run_a2, run_b1, registering=True, job="j") == run_b1  # the job was requeued: a new run
+    with pytest.raises(StaleGeneration, match="now runs as 'b'"):
+        admit_attempt(run_b1, run_a2, registering=False, job="j")  # the old run's leftovers
+    assert admit_attempt(run_a2, run_a2, registering=False, job="j") == run_a2
