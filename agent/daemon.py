@@ -21,6 +21,7 @@ from memckpt.agent.coordination import CoordinatorLink
 from memckpt.agent.fragments import FragmentStore, fragment_prefix
 from memckpt.agent.peer_service import PeerServicer
 from memckpt.agent.peers import PeerClient
+from memckpt.agent.recover import RemoteRestore
 from memckpt.agent.replicate import Replicator
 from memckpt.agent.service import AgentServicer
 from memckpt.agent.shm import ShmDir
@@ -97,7 +98,8 @@ def serve(config: AgentConfig, stop: threading.Event) -> int:
         ("grpc.max_send_message_length", config.max_message_bytes),
     ]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="rpc"), options=options)
-    pb_grpc.add_AgentServiceServicer_to_server(AgentServicer(store, config.node), server)
+    servicer = AgentServicer(store, config.node)
+    pb_grpc.add_AgentServiceServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     server.add_insecure_port(f"unix:{config.socket}")
@@ -121,6 +123,7 @@ def serve(config: AgentConfig, stop: threading.Event) -> int:
         link.start()
         replicator = Replicator(store=store, link=link, peers=PeerClient(token=config.token, tls=config.tls), node=config.node)
         replicator.start()
+        servicer.remote = RemoteRestore(link=link, peers=PeerClient(token=config.token, tls=config.tls), store=store)
     log.info(
         "agent ready node=%s socket=%s budget=%s adopted_ranks=%d adopted_fragments=%d pid=%d",
         config.node,

@@ -7,17 +7,20 @@ from typing import Any
 
 from memckpt import __version__
 from memckpt.agent import wire
+from memckpt.agent.recover import RemoteRestore
 from memckpt.agent.slots import Attempt
 from memckpt.agent.store import SlotStore
+from memckpt.errors import NotFound
 from memckpt.protos import agent_pb2 as pb
 from memckpt.protos import agent_pb2_grpc as pb_grpc
 from memckpt.rpc import map_errors
 
 
 class AgentServicer(pb_grpc.AgentServiceServicer):
-    def __init__(self, store: SlotStore, node: str) -> None:
+    def __init__(self, store: SlotStore, node: str, remote: RemoteRestore | None = None) -> None:
         self._store = store
         self._node = node
+        self.remote = remote  # with a coordinator: snapshots of ranks this agent does not hold
 
     @map_errors
     def RegisterRank(self, request: pb.RegisterRankRequest, context: Any) -> pb.RegisterRankResponse:
@@ -43,12 +46,28 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
 
     @map_errors
     def ListSnapshots(self, request: pb.ListSnapshotsRequest, context: Any) -> pb.ListSnapshotsResponse:
-        held = self._store.list_steps(request.job, request.rank)
+        try:
+            held = self._store.list_steps(request.job, request.rank)
+        except NotFound:
+            if self.remote is None:
+                raise
+            held = []
+        if self.remote is not None:  # steps peers can rebuild; their slot is made when restored
+            local = {step for step, _ in held}
+            held += [(step, "") for step in self.remote.steps(request.job, request.rank) if step not in local]
+        if not held:
+            raise NotFound(f"job {request.job!r} rank {request.rank} has no snapshot here or on live peers")
         return pb.ListSnapshotsResponse(steps=[step for step, _ in held], slot_names=[name for _, name in held])
 
     @map_errors
     def OpenRestore(self, request: pb.OpenRestoreRequest, context: Any) -> pb.OpenRestoreResponse:
         step = request.step if request.HasField("step") else None
+        try:
+            return wire.restore_to_proto(self._store.open_restore(request.job, request.rank, step))
+        except NotFound:
+            if self.remote is None:
+                raise
+        self.remote.fetch(request.job, request.rank, step)  # rebuild it here from peers' fragments
         return wire.restore_to_proto(self._store.open_restore(request.job, request.rank, step))
 
     @map_errors

@@ -204,6 +204,17 @@ class SlotStore:
             checksums=expected,
         )
 
+    def install(self, job: str, rank: int, step: int, data: memoryview, meta: bytes) -> None:
+        """Commits bytes rebuilt elsewhere (from peers' fragments) as the rank's snapshot of `step`."""
+        attempt = self._attempts.get(job, _FIRST)  # the agent's own write: it speaks for the current attempt
+        size = max(len(data), 1)
+        self.register(job, rank, rank + 1, size, attempt)  # world size: unknown here, the rank's client sets it
+        grant = self.begin(job, rank, step, size, attempt)
+        with self._lock:
+            segment = self._segments[(RankKey(job=job, rank=rank), grant.index)]
+            segment.buffer[: len(data)] = data
+        self.commit(job, rank, step, grant.index, len(data), meta, attempt)
+
     def release_job(self, job: str) -> tuple[int, int]:
         check_name(job, "job")
         with self._lock:

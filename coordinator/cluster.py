@@ -12,7 +12,16 @@ from dataclasses import dataclass, field
 
 from memckpt.coordinator.groups import Groups, build_groups
 from memckpt.coordinator.membership import AgentInfo, Change, Membership
-from memckpt.coordinator.plan import Decision, FragmentSet, RankInventory, WholeCopy, compute_recovery_plan
+from memckpt.coordinator.plan import (
+    Decision,
+    FragmentSet,
+    RankInventory,
+    RankSource,
+    WholeCopy,
+    compute_recovery_plan,
+    restorable_steps,
+    source_of,
+)
 from memckpt.errors import InvalidRequest, NotFound, StaleGeneration
 from memckpt.names import check_name
 
@@ -148,6 +157,13 @@ class Cluster:
             )
             result[rank] = RankInventory(copies=tuple(copies[rank]), fragments=sets)
         return result
+
+    def locate(self, job: str, rank: int) -> list[tuple[int, RankSource]]:
+        """Every step of a rank restorable from live agents, newest first, with its sources."""
+        alive = frozenset(a.node for a in self.membership.alive())
+        inventory = self.inventories(job).get(rank, RankInventory())
+        steps = sorted(restorable_steps(inventory, alive), reverse=True)
+        return [(step, source_of(rank, inventory, step, alive)) for step in steps]
 
     def rank_steps(self, job: str) -> dict[int, RankSteps]:
         """Newest committed and protected step per rank, from live agents' whole copies."""

@@ -73,7 +73,7 @@ def compute_recovery_plan(inventories: Mapping[int, RankInventory], world_size: 
         detail = f"ranks {missing} have nothing on live agents" if missing else "no step is held for every rank"
         return Decision(plan=None, reason=f"memory cannot restore the job: {detail}")
     step = max(common)
-    sources = tuple(_source(rank, inventories.get(rank, RankInventory()), step, live) for rank in range(world_size))
+    sources = tuple(source_of(rank, inventories.get(rank, RankInventory()), step, live) for rank in range(world_size))
     return Decision(plan=RecoveryPlan(step=step, sources=sources), reason=f"step {step} is the newest every rank can restore")
 
 
@@ -81,7 +81,8 @@ def _live_holders(fragments: FragmentSet, alive: frozenset[str]) -> int:
     return len({index for index, node in fragments.holders if node in alive})
 
 
-def _source(rank: int, inventory: RankInventory, step: int, alive: frozenset[str]) -> RankSource:
+def source_of(rank: int, inventory: RankInventory, step: int, alive: frozenset[str]) -> RankSource:
+    """Where `rank` can get `step`: live whole copies, and the step's fragments if enough are live."""
     copies = tuple(sorted(c.node for c in inventory.copies if c.step == step and c.node in alive))
     usable = [f for f in inventory.fragments if f.step == step and _live_holders(f, alive) >= f.k]
     fragments = None

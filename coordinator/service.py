@@ -72,6 +72,14 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         return wire.plan_to_proto(decision, addresses)
 
     @map_errors
+    def LocateSnapshots(self, request: pb.LocateSnapshotsRequest, context: Any) -> pb.LocateSnapshotsResponse:
+        check_name(request.job, "job")
+        with self._lock:
+            found = self._cluster.locate(request.job, request.rank)
+            addresses = {a.node: a.address for a in self._cluster.membership.alive()}
+        return pb.LocateSnapshotsResponse(locations=[wire.location_to_proto(step, s, addresses) for step, s in found])
+
+    @map_errors
     def GetClusterStatus(self, request: pb.GetClusterStatusRequest, context: Any) -> pb.GetClusterStatusResponse:
         with self._lock:
             return self._status()

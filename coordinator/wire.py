@@ -6,7 +6,7 @@ from collections.abc import Iterable
 
 from memckpt.coordinator.cluster import Held
 from memckpt.coordinator.membership import AgentInfo
-from memckpt.coordinator.plan import Decision
+from memckpt.coordinator.plan import Decision, RankSource
 from memckpt.errors import InvalidRequest
 from memckpt.protos import coordinator_pb2 as pb
 
@@ -71,3 +71,14 @@ def plan_to_proto(decision: Decision, addresses: dict[str, str]) -> pb.GetRecove
             message.fragments.extend(pb.FragmentHolder(index=i, node=n, address=addresses.get(n, "")) for i, n in f.holders)
         sources.append(message)
     return pb.GetRecoveryPlanResponse(has_plan=True, step=decision.plan.step, sources=sources, reason=decision.reason)
+
+
+def location_to_proto(step: int, source: RankSource, addresses: dict[str, str]) -> pb.SnapshotLocation:
+    message = pb.SnapshotLocation(
+        step=step, copies=[pb.AgentDescription(node=n, address=addresses.get(n, "")) for n in source.copies]
+    )
+    if source.fragments is not None:
+        f = source.fragments
+        message.k, message.m, message.size_bytes = f.k, f.m, f.size_bytes
+        message.fragments.extend(pb.FragmentHolder(index=i, node=n, address=addresses.get(n, "")) for i, n in f.holders)
+    return message

@@ -189,3 +189,33 @@ class GetClusterStatusResponse(_message.Message):
     agents: _containers.RepeatedCompositeFieldContainer[AgentStatus]
     jobs: _containers.RepeatedCompositeFieldContainer[JobStatus]
     def __init__(self, agents: _Optional[_Iterable[_Union[AgentStatus, _Mapping]]] = ..., jobs: _Optional[_Iterable[_Union[JobStatus, _Mapping]]] = ...) -> None: ...
+
+class LocateSnapshotsRequest(_message.Message):
+    __slots__ = ("job", "rank")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    rank: int
+    def __init__(self, job: _Optional[str] = ..., rank: _Optional[int] = ...) -> None: ...
+
+class SnapshotLocation(_message.Message):
+    __slots__ = ("step", "copies", "fragments", "k", "m", "size_bytes")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    COPIES_FIELD_NUMBER: _ClassVar[int]
+    FRAGMENTS_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    M_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    copies: _containers.RepeatedCompositeFieldContainer[AgentDescription]
+    fragments: _containers.RepeatedCompositeFieldContainer[FragmentHolder]
+    k: int
+    m: int
+    size_bytes: int
+    def __init__(self, step: _Optional[int] = ..., copies: _Optional[_Iterable[_Union[AgentDescription, _Mapping]]] = ..., fragments: _Optional[_Iterable[_Union[FragmentHolder, _Mapping]]] = ..., k: _Optional[int] = ..., m: _Optional[int] = ..., size_bytes: _Optional[int] = ...) -> None: ...
+
+class LocateSnapshotsResponse(_message.Message):
+    __slots__ = ("locations",)
+    LOCATIONS_FIELD_NUMBER: _ClassVar[int]
+    locations: _containers.RepeatedCompositeFieldContainer[SnapshotLocation]
+    def __init__(self, locations: _Optional[_Iterable[_Union[SnapshotLocation, _Mapping]]] = ...) -> None: ...

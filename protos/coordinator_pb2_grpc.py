@@ -54,6 +54,11 @@ class CoordinatorServiceStub:
                 request_serializer=memckpt_dot_protos_dot_coordinator__pb2.GetRecoveryPlanRequest.SerializeToString,
                 response_deserializer=memckpt_dot_protos_dot_coordinator__pb2.GetRecoveryPlanResponse.FromString,
                 _registered_method=True)
+        self.LocateSnapshots = channel.unary_unary(
+                '/memckpt.v1.CoordinatorService/LocateSnapshots',
+                request_serializer=memckpt_dot_protos_dot_coordinator__pb2.LocateSnapshotsRequest.SerializeToString,
+                response_deserializer=memckpt_dot_protos_dot_coordinator__pb2.LocateSnapshotsResponse.FromString,
+                _registered_method=True)
         self.GetClusterStatus = channel.unary_unary(
                 '/memckpt.v1.CoordinatorService/GetClusterStatus',
                 request_serializer=memckpt_dot_protos_dot_coordinator__pb2.GetClusterStatusRequest.SerializeToString,
@@ -92,6 +97,13 @@ class CoordinatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LocateSnapshots(self, request, context):
+        """Where a rank's snapshots can be restored from (live whole copies, enough fragments), newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetClusterStatus(self, request, context):
         """Agents, groups and jobs, for `memckpt status`.
         """
@@ -121,6 +133,11 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     servicer.GetRecoveryPlan,
                     request_deserializer=memckpt_dot_protos_dot_coordinator__pb2.GetRecoveryPlanRequest.FromString,
                     response_serializer=memckpt_dot_protos_dot_coordinator__pb2.GetRecoveryPlanResponse.SerializeToString,
+            ),
+            'LocateSnapshots': grpc.unary_unary_rpc_method_handler(
+                    servicer.LocateSnapshots,
+                    request_deserializer=memckpt_dot_protos_dot_coordinator__pb2.LocateSnapshotsRequest.FromString,
+                    response_serializer=memckpt_dot_protos_dot_coordinator__pb2.LocateSnapshotsResponse.SerializeToString,
             ),
             'GetClusterStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetClusterStatus,
@@ -236,6 +253,33 @@ class CoordinatorService:
             '/memckpt.v1.CoordinatorService/GetRecoveryPlan',
             memckpt_dot_protos_dot_coordinator__pb2.GetRecoveryPlanRequest.SerializeToString,
             memckpt_dot_protos_dot_coordinator__pb2.GetRecoveryPlanResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LocateSnapshots(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memckpt.v1.CoordinatorService/LocateSnapshots',
+            memckpt_dot_protos_dot_coordinator__pb2.LocateSnapshotsRequest.SerializeToString,
+            memckpt_dot_protos_dot_coordinator__pb2.LocateSnapshotsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -188,10 +188,11 @@ class Checkpointer:
             log.info("restore job=%s rank=%d: %s", self.job, self.rank, choice.reason)
             return None
         start = time.perf_counter()
-        mapping = self._copier.submit(self._map, held[choice.step])  # page tables while the agent verifies
+        known = held[choice.step]  # "" when the agent rebuilds it from peers during open_restore
+        mapping = self._copier.submit(self._map, known) if known else None  # page tables while the agent verifies
         source = self._client.open_restore(choice.step)
-        slot = mapping.result()
-        if source.name != held[choice.step]:  # the slot moved between the two calls
+        slot = mapping.result() if mapping is not None else None
+        if slot is None or source.name != known:  # rebuilt, or the slot moved between the two calls
             slot = self._map(source.name)
         raw = decode_meta(source.meta)
         table = raw["tensors"]
@@ -206,7 +207,7 @@ class Checkpointer:
         try:
             self._copier.parallel.copy(fill(state, raw["tree"], stored))
         finally:
-            for name in {source.name, held[choice.step]} - set(self._slot_names.values()):
+            for name in {source.name, known} - set(self._slot_names.values()) - {""}:
                 if name in self._slots:
                     self._slots.pop(name).close()  # fill copied everything out of it
         log.info(

@@ -6,6 +6,7 @@ import itertools
 
 import grpc
 import pytest
+import torch
 
 from memckpt.agent.erasure import Scheme, decode
 from memckpt.agent.peers import PeerClient
@@ -18,7 +19,7 @@ from memckpt.protos import coordinator_pb2_grpc as cpb_grpc
 from memckpt.security import TlsFiles, token_metadata
 from memckpt.trainer import Checkpointer
 
-from .helpers import agent_stub, make_state
+from .helpers import agent_stub, assert_state_equal, make_state
 from .test_peer_fragments import NODES, TOKEN, Cluster, cluster  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.integration
@@ -82,3 +83,27 @@ def test_newest_step_is_protected_when_snapshots_outpace_peers(cluster: Cluster)
         newest = next(r for r in stub.GetStatus(apb.GetStatusRequest(), timeout=10).ranks if r.job == "fast").committed_step
     assert newest >= 19
     wait_until(lambda: protected_step(cluster, "fast", 0) == newest, 30, "the newest step to be protected")
+
+
+def test_lost_node_is_restored_on_a_replacement_from_its_peers_fragments(cluster: Cluster, agent_factory) -> None:  # noqa: ANN001, F811
+    state = make_state(4, 1 << 18)
+    with Checkpointer("loss", rank=0, world_size=1, socket_path=cluster.agents["node0"].socket_path, strict=True) as ck:
+        ck.snapshot(4, state)
+        ck.wait()
+    wait_until(lambda: protected_step(cluster, "loss", 0) == 4, 30, "step 4 to be protected")
+    lost = cluster.agents["node0"]
+    lost.kill()  # the whole node: its agent and its shared memory
+    for path in DEFAULT_ROOT.iterdir():
+        if path.name.startswith(lost.shm_prefix[:-1]):
+            path.unlink()
+    args = dict(zip(cluster.agent_args["node4"][::2], cluster.agent_args["node4"][1::2]))
+    args.update({"--node": "node5", "--domain": "rack5", "--shm-prefix": lost.shm_prefix.replace("node0", "node5")})
+    replacement = agent_factory(name="node5", extra_args=tuple(x for kv in args.items() for x in kv))
+    wait_until(lambda: "node5" in cluster.addresses() and "node0" not in cluster.addresses(), 30, "node5 to replace node0")
+    restored = {
+        "model": {"w": torch.zeros(1 << 18), "b": torch.zeros(64)},
+        "optim": {"m": torch.zeros(1 << 17), "step": torch.tensor(0)},
+    }
+    with Checkpointer("loss", rank=0, world_size=1, socket_path=replacement.socket_path, strict=True) as ck:
+        assert ck.restore(restored, coordinate=False) == 4
+    assert_state_equal(restored, state)
