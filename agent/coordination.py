@@ -60,10 +60,11 @@ class CoordinatorLink:
         self._thread.join(timeout=10)
         self._channel.close()
 
-    def locate(self, job: str, rank: int) -> list[pb.SnapshotLocation]:
+    def locate(self, job: str, rank: int) -> pb.LocateSnapshotsResponse:
         """Where the cluster holds `rank`'s snapshots (newest first); raises grpc.RpcError when unreachable."""
         request = pb.LocateSnapshotsRequest(job=job, rank=rank)
-        return list(self._stub.LocateSnapshots(request, metadata=self._metadata, timeout=CALL_TIMEOUT_S).locations)
+        reply: pb.LocateSnapshotsResponse = self._stub.LocateSnapshots(request, metadata=self._metadata, timeout=CALL_TIMEOUT_S)
+        return reply
 
     def _loop(self) -> None:
         incarnation, interval_s = 0, RETRY_S

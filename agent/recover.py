@@ -16,7 +16,7 @@ from memckpt.agent.coordination import CoordinatorLink
 from memckpt.agent.erasure import Scheme, decode
 from memckpt.agent.peers import PeerClient
 from memckpt.agent.store import SlotStore
-from memckpt.errors import MemckptError, NotFound, Unavailable
+from memckpt.errors import CorruptSnapshot, MemckptError, NotFound, Unavailable
 from memckpt.protos import coordinator_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -29,17 +29,25 @@ class RemoteRestore:
         self._store = store
 
     def steps(self, job: str, rank: int) -> list[int]:
-        """Steps of the rank that enough live peers can rebuild; [] if the coordinator is away."""
+        """Steps of the rank that enough live peers can rebuild; [] if the coordinator is away.
+
+        Raises:
+            CorruptSnapshot: the rank had snapshots, but too many of their holders failed:
+                memory cannot restore it (DATA_LOSS), and the job must not start over silently.
+        """
         try:
-            return [loc.step for loc in self._link.locate(job, rank) if _rebuildable(loc)]
+            reply = self._link.locate(job, rank)
         except grpc.RpcError as exc:
             log.warning("cannot ask the coordinator where job=%s rank=%d is (%s)", job, rank, exc.code().name)
             return []
+        if reply.lost_reason:
+            raise CorruptSnapshot(f"memory cannot restore the job: {reply.lost_reason}")
+        return [loc.step for loc in reply.locations if _rebuildable(loc)]
 
     def fetch(self, job: str, rank: int, step: int | None) -> None:
         """Rebuilds the rank's snapshot of `step` (None: the newest) from fragments into a local slot."""
         try:
-            locations = [loc for loc in self._link.locate(job, rank) if _rebuildable(loc)]
+            locations = [loc for loc in self._link.locate(job, rank).locations if _rebuildable(loc)]
         except grpc.RpcError as exc:
             raise Unavailable(f"coordinator unreachable while locating job {job!r} rank {rank}: {exc.code().name}") from None
         chosen = next((loc for loc in locations if step is None or loc.step == step), None)

@@ -158,12 +158,19 @@ class Cluster:
             result[rank] = RankInventory(copies=tuple(copies[rank]), fragments=sets)
         return result
 
-    def locate(self, job: str, rank: int) -> list[tuple[int, RankSource]]:
-        """Every step of a rank restorable from live agents, newest first, with its sources."""
+    def locate(self, job: str, rank: int) -> tuple[list[tuple[int, RankSource]], str]:
+        """Every step of a rank restorable from live agents, newest first, with its sources;
+        and, when there is none although the rank had snapshots, why (which nodes held them)."""
         alive = frozenset(a.node for a in self.membership.alive())
         inventory = self.inventories(job).get(rank, RankInventory())
         steps = sorted(restorable_steps(inventory, alive), reverse=True)
-        return [(step, source_of(rank, inventory, step, alive)) for step in steps]
+        found = [(step, source_of(rank, inventory, step, alive)) for step in steps]
+        holders = {c.node for c in inventory.copies} | {n for f in inventory.fragments for _, n in f.holders}
+        lost = ""
+        if not found and holders:
+            dead = sorted(holders - alive)
+            lost = f"job {job!r} rank {rank}: its snapshots were on {sorted(holders)}, of which {dead} failed; too few remain"
+        return found, lost
 
     def rank_steps(self, job: str) -> dict[int, RankSteps]:
         """Newest committed and protected step per rank, from live agents' whole copies."""

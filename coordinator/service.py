@@ -75,9 +75,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
     def LocateSnapshots(self, request: pb.LocateSnapshotsRequest, context: Any) -> pb.LocateSnapshotsResponse:
         check_name(request.job, "job")
         with self._lock:
-            found = self._cluster.locate(request.job, request.rank)
+            found, lost = self._cluster.locate(request.job, request.rank)
             addresses = {a.node: a.address for a in self._cluster.membership.alive()}
-        return pb.LocateSnapshotsResponse(locations=[wire.location_to_proto(step, s, addresses) for step, s in found])
+        locations = [wire.location_to_proto(step, s, addresses) for step, s in found]
+        return pb.LocateSnapshotsResponse(locations=locations, lost_reason=lost)
 
     @map_errors
     def GetClusterStatus(self, request: pb.GetClusterStatusRequest, context: Any) -> pb.GetClusterStatusResponse:

@@ -215,7 +215,9 @@ class SnapshotLocation(_message.Message):
     def __init__(self, step: _Optional[int] = ..., copies: _Optional[_Iterable[_Union[AgentDescription, _Mapping]]] = ..., fragments: _Optional[_Iterable[_Union[FragmentHolder, _Mapping]]] = ..., k: _Optional[int] = ..., m: _Optional[int] = ..., size_bytes: _Optional[int] = ...) -> None: ...
 
 class LocateSnapshotsResponse(_message.Message):
-    __slots__ = ("locations",)
+    __slots__ = ("locations", "lost_reason")
     LOCATIONS_FIELD_NUMBER: _ClassVar[int]
+    LOST_REASON_FIELD_NUMBER: _ClassVar[int]
     locations: _containers.RepeatedCompositeFieldContainer[SnapshotLocation]
-    def __init__(self, locations: _Optional[_Iterable[_Union[SnapshotLocation, _Mapping]]] = ...) -> None: ...
+    lost_reason: str
+    def __init__(self, locations: _Optional[_Iterable[_Union[SnapshotLocation, _Mapping]]] = ..., lost_reason: _Optional[str] = ...) -> None: ...

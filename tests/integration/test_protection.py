@@ -37,6 +37,14 @@ def protected_step(of: Cluster, job: str, rank: int) -> int:
     return -1
 
 
+def alive_nodes(of: Cluster) -> list[str]:
+    with grpc.insecure_channel(of.coordinator.address) as channel:
+        status = cpb_grpc.CoordinatorServiceStub(channel).GetClusterStatus(
+            cpb.GetClusterStatusRequest(), metadata=token_metadata(TOKEN), timeout=10
+        )
+    return sorted(a.agent.node for a in status.agents if a.alive)
+
+
 def committed_bytes(of: Cluster, node: str, job: str) -> bytes:
     channel, stub = agent_stub(of.agents[node].socket_path)
     with channel:
@@ -107,3 +115,33 @@ def test_lost_node_is_restored_on_a_replacement_from_its_peers_fragments(cluster
     with Checkpointer("loss", rank=0, world_size=1, socket_path=replacement.socket_path, strict=True) as ck:
         assert ck.restore(restored, coordinate=False) == 4
     assert_state_equal(restored, state)
+
+
+def test_beyond_tolerance_memory_says_it_cannot_restore_and_restores_nothing(cluster: Cluster, agent_factory) -> None:  # noqa: ANN001, F811
+    from memckpt.errors import CorruptSnapshot
+
+    with Checkpointer("gone", rank=0, world_size=1, socket_path=cluster.agents["node0"].socket_path, strict=True) as ck:
+        ck.snapshot(4, make_state(4, 1 << 18))
+        ck.wait()
+    wait_until(lambda: protected_step(cluster, "gone", 0) == 4, 30, "step 4 to be protected")
+    holders = choose_fragment_holders("node0", tuple(sorted(NODES)), 3)
+    for node in ("node0", *holders[:2]):  # the owner and m+1 = 2 of its 3 fragment holders
+        cluster.agents[node].kill()
+        for path in DEFAULT_ROOT.iterdir():
+            if path.name.startswith(cluster.agents[node].shm_prefix[:-1]):
+                path.unlink()
+    args = dict(zip(cluster.agent_args["node4"][::2], cluster.agent_args["node4"][1::2]))
+    args.update(
+        {"--node": "node5", "--domain": "rack5", "--shm-prefix": cluster.agents["node0"].shm_prefix.replace("node0", "node5")}
+    )
+    replacement = agent_factory(name="node5", extra_args=tuple(x for kv in args.items() for x in kv))
+    wait_until(lambda: alive_nodes(cluster) == ["node3", "node4", "node5"], 30, "node5 to join and the lost nodes to fail")
+    target = {
+        "model": {"w": torch.zeros(1 << 18), "b": torch.zeros(64)},
+        "optim": {"m": torch.zeros(1 << 17), "step": torch.tensor(0)},
+    }
+    with Checkpointer("gone", rank=0, world_size=1, socket_path=replacement.socket_path, strict=True) as ck:
+        with pytest.raises(CorruptSnapshot, match="memory cannot restore the job") as info:
+            ck.restore(target, coordinate=False)
+    assert "node0" in str(info.value)
+    assert not target["model"]["w"].any(), "nothing partial is restored"
