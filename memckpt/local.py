@@ -177,13 +177,14 @@ class CoordinatorProcess:
         return f"127.0.0.1:{self.port}"
 
     def start(self, timeout_s: float = 60.0) -> CoordinatorProcess:
+        """Starts on a free port, or on the same port again after a kill (agents know it)."""
         self.port_file.unlink(missing_ok=True)
         command = [
             sys.executable,
             "-m",
             "memckpt.coordinator",
             "--listen",
-            "127.0.0.1:0",
+            f"127.0.0.1:{self.port}",
             "--port-file",
             str(self.port_file),
             *self.extra_args,

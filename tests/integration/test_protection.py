@@ -145,3 +145,17 @@ def test_beyond_tolerance_memory_says_it_cannot_restore_and_restores_nothing(clu
             ck.restore(target, coordinate=False)
     assert "node0" in str(info.value)
     assert not target["model"]["w"].any(), "nothing partial is restored"
+
+
+def test_coordinator_kill9_training_goes_on_and_protection_resumes(cluster: Cluster) -> None:  # noqa: F811
+    socket_path = cluster.agents["node2"].socket_path
+    with Checkpointer("coord", rank=0, world_size=1, socket_path=socket_path, strict=True) as ck:
+        ck.snapshot(1, make_state(1, 1 << 16))
+        ck.wait()
+        wait_until(lambda: protected_step(cluster, "coord", 0) == 1, 30, "step 1 to be protected")
+        cluster.coordinator.kill()
+        ck.snapshot(2, make_state(2, 1 << 16))  # the coordinator is gone: snapshots go on
+        assert ck.wait().committed
+        cluster.coordinator.start()  # same port: its state is rebuilt from the agents' reports
+        wait_until(lambda: protected_step(cluster, "coord", 0) == 2, 30, "step 2 to be protected after the restart")
+    wait_until(lambda: sorted(cluster.addresses()) == list(NODES), 30, "every agent to register again")
