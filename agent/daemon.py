@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import socket
 import sys
 import threading
@@ -29,6 +28,7 @@ from memckpt.agent.slots import MemoryBudget
 from memckpt.agent.store import SlotStore
 from memckpt.coordinator.membership import AgentInfo
 from memckpt.errors import ConfigError
+from memckpt.process import run_daemon
 from memckpt.protos import agent_pb2_grpc as pb_grpc
 from memckpt.protos import peer_pb2_grpc
 from memckpt.security import TokenInterceptor, describe_security, server_credentials
@@ -178,23 +178,7 @@ def start_peer_server(config: AgentConfig, fragments: FragmentStore) -> tuple[gr
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        config = config_mod.load_config(AgentConfig, args)
-    except ConfigError as exc:
-        print(f"memckpt-agent: {exc}", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    os.umask(0o077)  # everything the agent creates is private to the job's user
-    log.info("config %s", config_mod.to_json(config))
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
-    try:
-        return serve(config, stop)
-    except ConfigError as exc:
-        log.error("%s", exc)
-        return 2
+    return run_daemon(build_parser(), AgentConfig, argv, serve, umask=0o077)  # all it creates is the user's
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
 import threading
 from concurrent import futures
@@ -18,6 +17,7 @@ from memckpt.coordinator.cluster import Cluster
 from memckpt.coordinator.config import CoordinatorConfig
 from memckpt.coordinator.service import CoordinatorServicer
 from memckpt.errors import ConfigError
+from memckpt.process import run_daemon
 from memckpt.protos import coordinator_pb2_grpc as pb_grpc
 from memckpt.security import TokenInterceptor, describe_security, server_credentials
 
@@ -77,22 +77,7 @@ def serve(config: CoordinatorConfig, stop: threading.Event) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        config = config_mod.load_config(CoordinatorConfig, args)
-    except ConfigError as exc:
-        print(f"memckpt-coordinator: {exc}", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    log.info("config %s", config_mod.to_json(config))
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
-    try:
-        return serve(config, stop)
-    except ConfigError as exc:
-        log.error("%s", exc)
-        return 2
+    return run_daemon(build_parser(), CoordinatorConfig, argv, serve)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,28 @@ def is_serving(socket_path: Path, timeout_s: float = 1.0) -> bool:
     return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
 
-class AgentProcess:
+class ChildProcess:
+    """A daemon started in its own session; `kill` is a crash, `stop` a clean stop."""
+
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def kill(self) -> None:
+        """SIGKILL: no chance to clean up, as in a crash."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def stop(self) -> int | None:
+        """TERM, a grace period, then KILL; returns the exit code."""
+        return stop_process(self.process)
+
+
+class AgentProcess(ChildProcess):
     """A `memckpt-agent` child process with its own socket and shm prefix."""
 
     def __init__(
@@ -89,21 +110,6 @@ class AgentProcess:
         if self.process.poll() is not None:
             raise Unavailable(f"agent exited with {self.process.returncode}; see {self.log_path}")
         return True
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
-    def kill(self) -> None:
-        """SIGKILL: the agent gets no chance to clean up, as in a crash."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-
-    def stop(self) -> int | None:
-        """TERM, a grace period, then KILL; returns the exit code."""
-        return stop_process(self.process)
 
 
 def stop_process(process: subprocess.Popen[bytes] | None, grace_s: float = GRACE_S) -> int | None:
@@ -161,7 +167,7 @@ def read_events(path: Path) -> list[dict[str, Any]]:
     return events
 
 
-class CoordinatorProcess:
+class CoordinatorProcess(ChildProcess):
     """A `memckpt-coordinator` child on a free loopback port."""
 
     def __init__(self, *, workdir: Path, extra_args: Sequence[str] = (), env: dict[str, str] | None = None) -> None:
@@ -203,11 +209,3 @@ class CoordinatorProcess:
         wait_until(ready, timeout_s, "the coordinator's port")
         self.port = int(self.port_file.read_text())
         return self
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-
-    def stop(self) -> int | None:
-        return stop_process(self.process)
