@@ -32,12 +32,16 @@ class Segment:
         self.buffer = memoryview(mapping)
 
     def close(self) -> None:
-        """Unmaps; fails if views of `buffer` are still alive (callers drop them first)."""
-        self.buffer.release()
+        """Unmaps, or leaves the unmapping to the last view of it (a reader, a tensor) to go.
+
+        Never fails: a reader still holding a slice keeps valid memory (the mapping lives on,
+        even if the file was unlinked) until it drops the slice.
+        """
         try:
+            self.buffer.release()
             self._mapping.close()
         except BufferError:
-            pass  # a tensor still aliases it; the mapping goes when that tensor does
+            pass  # views still alias it; the mapping goes when they do
 
     def __repr__(self) -> str:
         return f"Segment({self.name!r}, {format_size(self.size_bytes)})"
