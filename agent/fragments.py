@@ -57,6 +57,7 @@ class FragmentHeader:
     crc32c: int  # of the whole fragment
     meta: str = ""  # the snapshot's layout and small values (JSON), so any k holders can restore it
     meta_crc32c: int = 0
+    snapshot_checksums: tuple[int, ...] = ()  # the owner's, of the whole snapshot: a rebuild is verified
 
     @property
     def key(self) -> RankKey:
@@ -177,7 +178,7 @@ def decode_fragment_manifest(data: bytes) -> tuple[StoredFragment, ...]:
         raise CorruptSnapshot("fragment manifest checksum mismatch")
     try:
         fragments = tuple(
-            StoredFragment(header=FragmentHeader(**e["header"]), segment=str(e["segment"])) for e in json.loads(body)
+            StoredFragment(header=_header_from_json(e["header"]), segment=str(e["segment"])) for e in json.loads(body)
         )
         for f in fragments:
             check_header(f.header)
@@ -186,6 +187,12 @@ def decode_fragment_manifest(data: bytes) -> tuple[StoredFragment, ...]:
     if len({(f.header.key, f.header.version) for f in fragments}) > 1:
         raise CorruptSnapshot("fragment manifest mixes ranks or versions")
     return fragments
+
+
+def _header_from_json(raw: dict[str, object]) -> FragmentHeader:
+    raw = dict(raw)
+    raw["snapshot_checksums"] = tuple(int(c) for c in raw.get("snapshot_checksums", ()))  # type: ignore[attr-defined]
+    return FragmentHeader(**raw)  # type: ignore[arg-type]
 
 
 def held_entry(fragments: tuple[StoredFragment, ...]) -> Held:

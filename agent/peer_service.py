@@ -55,6 +55,7 @@ def header_to_proto(header: FragmentHeader) -> pb.FragmentHeader:
         fragment_crc32c=header.crc32c,
         meta=header.meta,
         meta_crc32c=header.meta_crc32c,
+        snapshot_checksums=list(header.snapshot_checksums),
     )
 
 
@@ -73,4 +74,5 @@ def header_from_proto(message: pb.FragmentHeader) -> FragmentHeader:
         crc32c=message.fragment_crc32c,
         meta=message.meta,
         meta_crc32c=message.meta_crc32c,
+        snapshot_checksums=tuple(message.snapshot_checksums),
     )

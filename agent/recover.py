@@ -54,9 +54,9 @@ class RemoteRestore:
         if chosen is None:
             raise NotFound(f"job {job!r} rank {rank}: no live peers hold step {step if step is not None else '(any)'}")
         started = time.perf_counter()
-        fragments, meta = self._gather(job, rank, chosen)
+        fragments, meta, checksums = self._gather(job, rank, chosen)
         data = decode(fragments, Scheme(k=chosen.k, m=chosen.m, size_bytes=chosen.size_bytes))
-        self._store.install(job, rank, chosen.step, memoryview(data), meta)
+        self._store.install(job, rank, chosen.step, memoryview(data), meta, checksums)
         log.info(
             "rebuilt job=%s rank=%d step=%d from fragments %s in %.3f s",
             job,
@@ -66,10 +66,12 @@ class RemoteRestore:
             time.perf_counter() - started,
         )
 
-    def _gather(self, job: str, rank: int, location: pb.SnapshotLocation) -> tuple[dict[int, bytes], bytes]:
-        """Any k good fragments, data fragments first (no decoding work when they all answer)."""
+    def _gather(self, job: str, rank: int, location: pb.SnapshotLocation) -> tuple[dict[int, bytes], bytes, tuple[int, ...]]:
+        """Any k good fragments of the location's attempt, data fragments first; with the meta
+        and the owner's checksums they carry."""
         fragments: dict[int, bytes] = {}
         meta = b""
+        checksums: tuple[int, ...] = ()
         for holder in sorted(location.fragments, key=lambda h: h.index):
             if len(fragments) == location.k:
                 break
@@ -78,11 +80,22 @@ class RemoteRestore:
             except MemckptError as exc:  # a dead or corrupt holder: the next one will do
                 log.warning("fragment %d of job=%s rank=%d from %s unusable: %s", holder.index, job, rank, holder.node, exc)
                 continue
+            if header.generation != location.generation:  # that holder has another attempt's step
+                log.warning(
+                    "fragment %d of job=%s rank=%d on %s is of generation %d, not %d; skipped",
+                    holder.index,
+                    job,
+                    rank,
+                    holder.node,
+                    header.generation,
+                    location.generation,
+                )
+                continue
             fragments[holder.index] = data
-            meta = header.meta.encode()
+            meta, checksums = header.meta.encode(), header.snapshot_checksums
         if len(fragments) < location.k:
             raise Unavailable(f"job {job!r} rank {rank} step {location.step}: only {len(fragments)} of {location.k} fragments")
-        return fragments, meta
+        return fragments, meta, checksums
 
 
 def _rebuildable(location: pb.SnapshotLocation) -> bool:

@@ -80,7 +80,7 @@ class Replicator:
                     job=work.key.job,
                     rank=work.key.rank,
                     step=work.step,
-                    generation=0,
+                    generation=work.generation,
                     index=index,
                     k=k,
                     m=m,
@@ -90,6 +90,7 @@ class Replicator:
                     crc32c=int(crc32c.crc32c(data)),
                     meta=meta,
                     meta_crc32c=int(crc32c.crc32c(work.meta)),
+                    snapshot_checksums=work.checksums,
                 )
                 self._peers.put_fragment(addresses[holder], header, data)
             del fragments, data

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import secrets
 import stat
 from pathlib import Path
 
@@ -117,8 +118,8 @@ class ShmDir:
     def write_file_atomic(self, name: str, data: bytes) -> None:
         """Writes a small file so that readers see the old or the new bytes, never a mix."""
         path = safe_join(self.root, name)
-        tmp = path.with_name(path.name + ".tmp")
-        fd = os.open(tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o600)
+        tmp = path.with_name(f"{path.name}.{secrets.token_hex(4)}.tmp")
+        fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_WRONLY, 0o600)
         try:
             os.write(fd, data)
         finally:
@@ -126,7 +127,15 @@ class ShmDir:
         os.replace(tmp, path)  # tmpfs: no fsync needed, rename is the commit
 
     def read_file(self, name: str) -> bytes:
-        return safe_join(self.root, name).read_bytes()
+        """A small file's bytes, if it is a regular file of ours, private to us (never a link)."""
+        fd = os.open(safe_join(self.root, name), os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or stat.S_IMODE(info.st_mode) & 0o077:
+                raise InvalidRequest(f"{name} in {self.root} is not a private file of uid {os.getuid()}; ignored")
+            return os.read(fd, info.st_size)
+        finally:
+            os.close(fd)
 
     def list_names(self, prefix: str) -> list[str]:
         return sorted(p.name for p in self.root.iterdir() if p.name.startswith(prefix))

@@ -159,19 +159,31 @@ class RankSlots:
         return True
 
     def set_checksums(self, index: int, commit_id: int, checksums: tuple[int, ...]) -> bool:
-        """Records the checksum of a committed slot; False if the slot moved on meanwhile."""
+        """Records the checksums of a committed slot, once; False if it moved on or has them already.
+
+        The first record wins: the owner's checksums of a rebuilt snapshot must not be replaced
+        by ones computed over the rebuilt bytes.
+        """
         slot = self.slots[index]
-        if not self.is_current(index, commit_id):
+        if not self.is_current(index, commit_id) or slot.checksums is not None:
             return False
         self.slots[index] = replace(slot, checksums=checksums)
         return True
 
-    def abandon_writes(self) -> None:
-        """Frees slots left WRITING (by a dead writer); committed ones are kept."""
+    def abandon_writes(self) -> list[int]:
+        """Frees slots left WRITING (by a dead writer, or a zombie still copying); returns them.
+
+        Each gets a new version: its memory must be replaced, so that a writer of an earlier
+        attempt still copying lands in an orphaned mapping, never in the next snapshot.
+        Committed slots are kept.
+        """
+        abandoned = []
         for i, slot in enumerate(self.slots):
             if slot.state is SlotState.WRITING:
-                self.slots[i] = slot.moved_to(SlotState.FREE, step=-1, data_size_bytes=0, meta=b"")
+                self.slots[i] = slot.moved_to(SlotState.FREE, step=-1, data_size_bytes=0, meta=b"", version=slot.version + 1)
+                abandoned.append(i)
         self.session_step = -1
+        return abandoned
 
     def reserved_bytes(self) -> int:
         return sum(slot.size_bytes for slot in self.slots)

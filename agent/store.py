@@ -46,6 +46,8 @@ class ProtectionWork:
     step: int
     size_bytes: int
     meta: bytes
+    generation: int
+    checksums: tuple[int, ...]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -96,7 +98,10 @@ class SlotStore:
         adopted = 0
         for name in self._shm.list_names(self._prefix):
             if name.endswith(".manifest"):
-                adopted += self._adopt_manifest(name)
+                try:
+                    adopted += self._adopt_manifest(name)
+                except MemckptError as exc:  # e.g. shm too full to recreate a slot: serve the rest
+                    log.error("cannot adopt manifest name=%s: %s", name, exc)
         keep = {self._manifest_name(k) for k in self._ranks}
         keep |= {self._slot_name(k, s) for k, r in self._ranks.items() for s in r.slots}
         for name in self._shm.list_names(self._prefix):
@@ -128,7 +133,8 @@ class SlotStore:
                     self._drop_rank(key, unlink=True)
                     raise
             else:
-                slots.abandon_writes()
+                for index in slots.abandon_writes():
+                    self._replace_segment(key, slots.slots[index])
                 slots.world_size = world_size
             slots.attempt = attempt
             self._attempts[job] = job_attempt
@@ -159,6 +165,10 @@ class SlotStore:
         self, job: str, rank: int, step: int, index: int, data_size_bytes: int, meta: bytes, attempt: Attempt = _FIRST
     ) -> Slot:
         key = self._key(job, rank)
+        try:
+            meta.decode()
+        except UnicodeDecodeError as exc:
+            raise InvalidRequest(f"{key} step {step}: snapshot metadata is not UTF-8 JSON ({exc})") from None
         with self._lock:
             self._attempts[job] = self._admit(key, attempt, registering=False)
             slots = self._rank(key)
@@ -204,8 +214,12 @@ class SlotStore:
             checksums=expected,
         )
 
-    def install(self, job: str, rank: int, step: int, data: memoryview, meta: bytes) -> None:
-        """Commits bytes rebuilt elsewhere (from peers' fragments) as the rank's snapshot of `step`."""
+    def install(self, job: str, rank: int, step: int, data: memoryview, meta: bytes, checksums: tuple[int, ...]) -> None:
+        """Commits bytes rebuilt from peers' fragments as the rank's snapshot of `step`.
+
+        `checksums` are the owner's, of the original: the restore that follows verifies the
+        rebuilt bytes against them, so a rebuild from mismatched fragments is never loaded.
+        """
         attempt = self._attempts.get(job, _FIRST)  # the agent's own write: it speaks for the current attempt
         size = max(len(data), 1)
         self.register(job, rank, rank + 1, size, attempt)  # world size: unknown here, the rank's client sets it
@@ -213,7 +227,8 @@ class SlotStore:
         with self._lock:
             segment = self._segments[(RankKey(job=job, rank=rank), grant.index)]
             segment.buffer[: len(data)] = data
-        self.commit(job, rank, step, grant.index, len(data), meta, attempt)
+        slot = self.commit(job, rank, step, grant.index, len(data), meta, attempt)
+        self._record_checksums(RankKey(job=job, rank=rank), slot, checksums)
 
     def release_job(self, job: str) -> tuple[int, int]:
         check_name(job, "job")
@@ -252,6 +267,8 @@ class SlotStore:
                             step=slot.step,
                             size_bytes=slot.data_size_bytes,
                             meta=slot.meta,
+                            generation=slots.attempt.generation,
+                            checksums=slot.checksums,
                         )
                     )
         return work
@@ -325,6 +342,12 @@ class SlotStore:
     def _manifest_name(self, key: RankKey) -> str:
         return f"{self._prefix}{key.job}.r{key.rank}.manifest"
 
+    def _replace_segment(self, key: RankKey, slot: Slot) -> None:
+        """Unlinks a slot's old segment (a late writer keeps only an orphan) and creates its new version."""
+        old_name = self._slot_name(key, replace(slot, version=slot.version - 1))
+        self._unmap(key, slot.index, old_name, unlink=True)
+        self._map_new(key, slot)
+
     def _map_new(self, key: RankKey, slot: Slot) -> None:
         name = self._slot_name(key, slot)
         self._segments[(key, slot.index)] = self._shm.create_segment(name, slot.size_bytes)
@@ -385,9 +408,12 @@ class SlotStore:
         except (MemckptError, OSError) as exc:
             log.error("ignoring manifest name=%s: %s", name, exc)
             return 0
-        slots.abandon_writes()
+        abandoned = set(slots.abandon_writes())  # their old segments are orphans now, removed below
         for slot in slots.slots:
             try:
+                if slot.index in abandoned:
+                    self._map_new(key, slot)
+                    continue
                 segment = self._shm.open_segment(self._slot_name(key, slot))
                 if segment.size_bytes != slot.size_bytes:
                     raise NotFound(f"segment size {segment.size_bytes} != {slot.size_bytes}")

@@ -129,8 +129,9 @@ class Cluster:
 
     def inventories(self, job: str) -> dict[int, RankInventory]:
         copies: dict[int, list[WholeCopy]] = defaultdict(list)
-        fragments: dict[tuple[int, int], dict[int, str]] = defaultdict(dict)
-        schemes: dict[tuple[int, int], Held] = {}
+        # a step committed by two attempts is two fragment sets: their fragments never mix
+        fragments: dict[tuple[int, int, int], dict[int, str]] = defaultdict(dict)
+        schemes: dict[tuple[int, int, int], Held] = {}
         for node, entries in self.held.items():
             for h in entries:
                 if h.job != job:
@@ -139,20 +140,21 @@ class Cluster:
                     copies[h.rank].append(WholeCopy(node=node, step=h.step))
                     continue
                 for index in h.fragment_indices:
-                    fragments[(h.rank, h.step)][index] = node
-                schemes[(h.rank, h.step)] = h
-        ranks = set(copies) | {rank for rank, _ in fragments}
+                    fragments[(h.rank, h.step, h.generation)][index] = node
+                schemes[(h.rank, h.step, h.generation)] = h
+        ranks = set(copies) | {rank for rank, _, _ in fragments}
         result = {}
         for rank in ranks:
             sets = tuple(
                 FragmentSet(
                     step=step,
-                    k=schemes[(r, step)].k,
-                    m=schemes[(r, step)].m,
-                    size_bytes=schemes[(r, step)].size_bytes,
+                    generation=generation,
+                    k=schemes[(r, step, generation)].k,
+                    m=schemes[(r, step, generation)].m,
+                    size_bytes=schemes[(r, step, generation)].size_bytes,
                     holders=tuple(sorted(holders.items())),
                 )
-                for (r, step), holders in fragments.items()
+                for (r, step, generation), holders in fragments.items()
                 if r == rank
             )
             result[rank] = RankInventory(copies=tuple(copies[rank]), fragments=sets)

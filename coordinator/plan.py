@@ -26,6 +26,7 @@ class FragmentSet:
     m: int
     size_bytes: int
     holders: tuple[tuple[int, str], ...]  # (fragment index, node)
+    generation: int = 0  # the attempt that committed the step
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -87,9 +88,10 @@ def source_of(rank: int, inventory: RankInventory, step: int, alive: frozenset[s
     usable = [f for f in inventory.fragments if f.step == step and _live_holders(f, alive) >= f.k]
     fragments = None
     if usable:
-        chosen = usable[0]
+        chosen = max(usable, key=lambda f: f.generation)  # the newest attempt's commit of the step
         fragments = FragmentSet(
             step=step,
+            generation=chosen.generation,
             k=chosen.k,
             m=chosen.m,
             size_bytes=chosen.size_bytes,

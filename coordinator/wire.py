@@ -79,6 +79,6 @@ def location_to_proto(step: int, source: RankSource, addresses: dict[str, str]) 
     )
     if source.fragments is not None:
         f = source.fragments
-        message.k, message.m, message.size_bytes = f.k, f.m, f.size_bytes
+        message.k, message.m, message.size_bytes, message.generation = f.k, f.m, f.size_bytes, f.generation
         message.fragments.extend(pb.FragmentHolder(index=i, node=n, address=addresses.get(n, "")) for i, n in f.holders)
     return message

@@ -199,20 +199,22 @@ class LocateSnapshotsRequest(_message.Message):
     def __init__(self, job: _Optional[str] = ..., rank: _Optional[int] = ...) -> None: ...
 
 class SnapshotLocation(_message.Message):
-    __slots__ = ("step", "copies", "fragments", "k", "m", "size_bytes")
+    __slots__ = ("step", "generation", "copies", "fragments", "k", "m", "size_bytes")
     STEP_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
     COPIES_FIELD_NUMBER: _ClassVar[int]
     FRAGMENTS_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     M_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     step: int
+    generation: int
     copies: _containers.RepeatedCompositeFieldContainer[AgentDescription]
     fragments: _containers.RepeatedCompositeFieldContainer[FragmentHolder]
     k: int
     m: int
     size_bytes: int
-    def __init__(self, step: _Optional[int] = ..., copies: _Optional[_Iterable[_Union[AgentDescription, _Mapping]]] = ..., fragments: _Optional[_Iterable[_Union[FragmentHolder, _Mapping]]] = ..., k: _Optional[int] = ..., m: _Optional[int] = ..., size_bytes: _Optional[int] = ...) -> None: ...
+    def __init__(self, step: _Optional[int] = ..., generation: _Optional[int] = ..., copies: _Optional[_Iterable[_Union[AgentDescription, _Mapping]]] = ..., fragments: _Optional[_Iterable[_Union[FragmentHolder, _Mapping]]] = ..., k: _Optional[int] = ..., m: _Optional[int] = ..., size_bytes: _Optional[int] = ...) -> None: ...
 
 class LocateSnapshotsResponse(_message.Message):
     __slots__ = ("locations", "lost_reason")

@@ -1,12 +1,13 @@
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class FragmentHeader(_message.Message):
-    __slots__ = ("job", "rank", "step", "generation", "fragment_index", "k", "m", "size_bytes", "fragment_bytes", "owner_node", "fragment_crc32c", "meta", "meta_crc32c")
+    __slots__ = ("job", "rank", "step", "generation", "fragment_index", "k", "m", "size_bytes", "fragment_bytes", "owner_node", "fragment_crc32c", "meta", "meta_crc32c", "snapshot_checksums")
     JOB_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -20,6 +21,7 @@ class FragmentHeader(_message.Message):
     FRAGMENT_CRC32C_FIELD_NUMBER: _ClassVar[int]
     META_FIELD_NUMBER: _ClassVar[int]
     META_CRC32C_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
     job: str
     rank: int
     step: int
@@ -33,7 +35,8 @@ class FragmentHeader(_message.Message):
     fragment_crc32c: int
     meta: str
     meta_crc32c: int
-    def __init__(self, job: _Optional[str] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., generation: _Optional[int] = ..., fragment_index: _Optional[int] = ..., k: _Optional[int] = ..., m: _Optional[int] = ..., size_bytes: _Optional[int] = ..., fragment_bytes: _Optional[int] = ..., owner_node: _Optional[str] = ..., fragment_crc32c: _Optional[int] = ..., meta: _Optional[str] = ..., meta_crc32c: _Optional[int] = ...) -> None: ...
+    snapshot_checksums: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, job: _Optional[str] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., generation: _Optional[int] = ..., fragment_index: _Optional[int] = ..., k: _Optional[int] = ..., m: _Optional[int] = ..., size_bytes: _Optional[int] = ..., fragment_bytes: _Optional[int] = ..., owner_node: _Optional[str] = ..., fragment_crc32c: _Optional[int] = ..., meta: _Optional[str] = ..., meta_crc32c: _Optional[int] = ..., snapshot_checksums: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class FragmentData(_message.Message):
     __slots__ = ("data", "data_crc32c")

@@ -312,8 +312,8 @@ class Checkpointer:
             self._client.commit(handle.step, grant.index, size, meta)
             self.stats.snapshots_committed += 1
             handle._done.set()
-        except MemckptError as exc:
-            self._record_failure(handle, exc, raise_strict=False)
+        except Exception as exc:  # on the copy thread: whatever happens, the handle must complete
+            self._record_failure(handle, _as_memckpt_error(exc, handle.step), raise_strict=False)
 
     def _record_failure(self, handle: SnapshotHandle, exc: MemckptError, raise_strict: bool = True) -> None:
         kind = type(exc).__name__

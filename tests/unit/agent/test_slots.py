@@ -136,3 +136,13 @@ def test_attempts_fence_zombies_within_a_run_and_a_new_run_supersedes() -> None:
     with pytest.raises(StaleGeneration, match="now runs as 'b'"):
         admit_attempt(run_b1, run_a2, registering=False, job="j")  # the old run's leftovers
     assert admit_attempt(run_a2, run_a2, registering=False, job="j") == run_a2
+
+
+def test_abandoned_writes_get_new_memory_so_a_late_writer_cannot_tear_the_next_snapshot() -> None:
+    slots = new_rank_slots(KEY, 1, 100)
+    committed(slots, 1)
+    writing, _ = slots.begin(2, 100)  # a writer of an earlier attempt, still copying
+    assert slots.abandon_writes() == [writing.index]
+    fresh = slots.slots[writing.index]
+    assert fresh.state is SlotState.FREE and fresh.version == writing.version + 1
+    assert slots.latest_committed().step == 1

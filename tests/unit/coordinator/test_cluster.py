@@ -65,3 +65,20 @@ def test_restarted_coordinator_rebuilds_jobs_from_agents() -> None:
     cluster = cluster_of_four()  # a fresh Cluster fed only by registrations, as after a restart
     assert cluster.jobs["j"].generation == 1 and cluster.jobs["j"].world_size == 2
     assert cluster.rank_steps("j")[0].committed == 9 and cluster.rank_steps("j")[1].protected == 9
+
+
+def test_fragments_of_one_step_from_two_attempts_never_mix() -> None:
+    cluster = Cluster(k=2, m=1, lease_s=3.0)
+    held = {  # step 9 of rank 0 committed by generation 1, then again by generation 2
+        "a": (frag("j", 0, 9, 0, generation=1),),
+        "b": (frag("j", 0, 9, 1, generation=2),),
+        "c": (frag("j", 0, 9, 2, generation=1),),
+        "d": (frag("j", 0, 9, 0, generation=2),),
+    }
+    for node, entries in held.items():
+        cluster.register_agent(info(node), entries, now=0.0)
+    found, lost = cluster.locate("j", 0)
+    ((step, source),) = found
+    assert step == 9 and lost == "" and source.fragments is not None
+    assert source.fragments.generation == 2, "the newest attempt's commit of the step"
+    assert dict(source.fragments.holders) == {0: "d", 1: "b"}, "only fragments of that attempt"
