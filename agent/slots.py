@@ -108,14 +108,8 @@ class RankSlots:
 
         Returns the slot and whether it must be reallocated to fit `size_bytes`.
         """
-        if step <= self.session_step:
-            raise StaleGeneration(f"{self.key}: snapshot of step {step} after step {self.session_step} in the same session")
-        index = 1 - self.latest if self.latest is not None else self._first_free()
+        index = self.check_begin(step)
         slot = self.slots[index]
-        if index in self.pinned:
-            raise Unavailable(
-                f"{self.key}: slot {index} (step {slot.step}) is being read for protection; snapshot {step} skipped"
-            )
         grow = slot.size_bytes < size_bytes
         self.slots[index] = slot.moved_to(
             SlotState.WRITING,
@@ -129,6 +123,17 @@ class RankSlots:
         )
         self.session_step = step
         return self.slots[index], grow
+
+    def check_begin(self, step: int) -> int:
+        """The slot `begin(step)` would take, or the error it would raise; changes nothing."""
+        if step <= self.session_step:
+            raise StaleGeneration(f"{self.key}: snapshot of step {step} after step {self.session_step} in the same session")
+        index = 1 - self.latest if self.latest is not None else self._first_free()
+        if index in self.pinned:
+            raise Unavailable(
+                f"{self.key}: slot {index} (step {self.slots[index].step}) is being read for protection; snapshot {step} skipped"
+            )
+        return index
 
     def commit(self, index: int, step: int, data_size_bytes: int, meta: bytes) -> Slot:
         """Makes slot `index` the latest committed snapshot; the previous one stays as the older."""

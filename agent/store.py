@@ -149,6 +149,7 @@ class SlotStore:
             slots = self._rank(key)
             if step < 0:
                 raise InvalidRequest(f"{key}: step must be >= 0, got {step}")
+            slots.check_begin(step)  # refused requests must not reserve memory
             self._budget.reserve(
                 str(key), self._grown_total(slots, size_bytes), f"{key} step {step} needs {format_size(size_bytes)}"
             )

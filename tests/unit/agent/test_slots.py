@@ -146,3 +146,17 @@ def test_abandoned_writes_get_new_memory_so_a_late_writer_cannot_tear_the_next_s
     fresh = slots.slots[writing.index]
     assert fresh.state is SlotState.FREE and fresh.version == writing.version + 1
     assert slots.latest_committed().step == 1
+
+
+def test_check_begin_refuses_like_begin_without_changing_anything() -> None:
+    from memckpt.errors import Unavailable
+
+    slots = new_rank_slots(KEY, 1, 100)
+    first = committed(slots, 1)
+    committed(slots, 2)
+    with pytest.raises(StaleGeneration):
+        slots.check_begin(2)
+    slots.pinned.add(first.index)
+    with pytest.raises(Unavailable):
+        slots.check_begin(3)
+    assert slots.session_step == 2 and slots.committed_steps() == [2, 1]
