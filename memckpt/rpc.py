@@ -32,6 +32,16 @@ _EXCEPTION = {code: exc for exc, code in STATUS.items() if exc is not errors.Con
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def _abort(rpc: str, exc: Exception, context: grpc.ServicerContext) -> None:
+    """Ends the call with the status of a memckpt error; anything else is INTERNAL and logged."""
+    if isinstance(exc, errors.MemckptError):
+        code = STATUS.get(type(exc), grpc.StatusCode.INTERNAL)
+        log.info("rpc=%s status=%s error=%s", rpc, code.name, exc)
+        context.abort(code, str(exc))
+    log.error("rpc=%s failed", rpc, exc_info=exc)
+    context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+
+
 def map_errors(method: F) -> F:
     """Aborts the call with the status of a memckpt error; anything else is INTERNAL and logged."""
 
@@ -39,13 +49,8 @@ def map_errors(method: F) -> F:
     def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
         try:
             return method(self, request, context)
-        except errors.MemckptError as exc:
-            code = STATUS.get(type(exc), grpc.StatusCode.INTERNAL)
-            log.info("rpc=%s status=%s error=%s", method.__name__, code.name, exc)
-            context.abort(code, str(exc))
         except Exception as exc:  # the servicer must answer, never hang up silently
-            log.exception("rpc=%s failed", method.__name__)
-            context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+            _abort(method.__name__, exc, context)
 
     return wrapper  # type: ignore[return-value]
 
@@ -61,13 +66,8 @@ def map_stream_errors(method: Callable[..., Iterator[Any]]) -> Callable[..., Ite
     def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         try:
             yield from method(self, request, context)
-        except errors.MemckptError as exc:
-            code = STATUS.get(type(exc), grpc.StatusCode.INTERNAL)
-            log.info("rpc=%s status=%s error=%s", method.__name__, code.name, exc)
-            context.abort(code, str(exc))
         except Exception as exc:  # the servicer must answer, never hang up silently
-            log.exception("rpc=%s failed", method.__name__)
-            context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+            _abort(method.__name__, exc, context)
 
     return wrapper
 

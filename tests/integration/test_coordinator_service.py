@@ -27,6 +27,14 @@ def coordinator(tmp_path: Path) -> Iterator[CoordinatorProcess]:
     assert process.stop() == 0, f"see {process.log_path}"
 
 
+def agent_args(node: str, domain: str, coordinator: CoordinatorProcess) -> tuple[str, ...]:
+    """Flags of an agent that joins `coordinator` with its peer service on a free loopback port."""
+    return (
+        *("--node", node, "--coordinator", coordinator.address, "--domain", domain, "--token", TOKEN),
+        *("--advertise", "127.0.0.1:0", "--peer-listen", "127.0.0.1:0"),
+    )
+
+
 def held(job: str, rank: int, step: int, indices: tuple[int, ...] = ()) -> pb.HeldSnapshot:
     return pb.HeldSnapshot(job=job, rank=rank, step=step, generation=1, fragment_indices=list(indices), k=2, m=1, size_bytes=64)
 
@@ -96,26 +104,7 @@ def test_bad_registrations_get_invalid_argument(coordinator: CoordinatorProcess)
 def test_real_agents_register_heartbeat_and_a_killed_one_is_declared_failed(
     tmp_path: Path, coordinator: CoordinatorProcess, agent_factory
 ) -> None:  # noqa: ANN001
-    agents = [
-        agent_factory(
-            name=f"node{i}",
-            extra_args=(
-                "--node",
-                f"node{i}",
-                "--coordinator",
-                coordinator.address,
-                "--advertise",
-                "127.0.0.1:0",
-                "--peer-listen",
-                "127.0.0.1:0",
-                "--domain",
-                f"rack{i}",
-                "--token",
-                TOKEN,
-            ),
-        )
-        for i in range(5)
-    ]
+    agents = [agent_factory(name=f"node{i}", extra_args=agent_args(f"node{i}", f"rack{i}", coordinator)) for i in range(5)]
     meta = token_metadata(TOKEN)
     with grpc.insecure_channel(coordinator.address) as channel:
         stub = pb_grpc.CoordinatorServiceStub(channel)
@@ -139,26 +128,7 @@ def test_memckpt_status_shows_the_cluster(coordinator: CoordinatorProcess, agent
 
     from .helpers import make_state
 
-    agents = [
-        agent_factory(
-            name=f"n{i}",
-            extra_args=(
-                "--node",
-                f"n{i}",
-                "--coordinator",
-                coordinator.address,
-                "--advertise",
-                "127.0.0.1:0",
-                "--peer-listen",
-                "127.0.0.1:0",
-                "--domain",
-                f"rack{i}",
-                "--token",
-                TOKEN,
-            ),
-        )
-        for i in range(4)
-    ]
+    agents = [agent_factory(name=f"n{i}", extra_args=agent_args(f"n{i}", f"rack{i}", coordinator)) for i in range(4)]
     with Checkpointer("cj", rank=0, world_size=1, socket_path=agents[0].socket_path, strict=True) as ck:
         ck.snapshot(3, make_state(3))
         ck.wait()
