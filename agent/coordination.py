@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import grpc
 
 from memckpt.coordinator import wire
 from memckpt.coordinator.cluster import Held
 from memckpt.coordinator.membership import AgentInfo
+from memckpt.coordinator.protection import JobProtection
 from memckpt.protos import coordinator_pb2 as pb
 from memckpt.protos import coordinator_pb2_grpc as pb_grpc
 from memckpt.security import TlsFiles, channel_credentials, token_metadata
@@ -51,6 +52,8 @@ class CoordinatorLink:
         self.k = 0  # the cluster's erasure scheme, told with the group
         self.m = 0
         self.connected = threading.Event()
+        self._protection: dict[str, JobProtection] = {}  # job -> the coordinator's latest word
+        self.on_protection: Callable[[], object] = lambda: None  # called after the kept steps changed
 
     def start(self) -> None:
         self._thread.start()
@@ -59,6 +62,21 @@ class CoordinatorLink:
         self._stop.set()
         self._thread.join(timeout=10)
         self._channel.close()
+
+    def target(self, job: str, generation: int) -> int | None:
+        """The step the coordinator wants the job's ranks of `generation` to protect next
+        (negative: none now); None when it has not said (then each rank protects its newest)."""
+        protection = self._protection.get(job) if self.connected.is_set() else None
+        if protection is None or protection.generation != generation:
+            return None
+        return protection.target
+
+    def kept_version(self, job: str) -> tuple[int, int] | None:
+        """(generation, step) of the job's newest step protected for every rank, if known."""
+        protection = self._protection.get(job)
+        if protection is None or protection.keep < 0:
+            return None
+        return (protection.generation, protection.keep)
 
     def locate(self, job: str, rank: int) -> pb.LocateSnapshotsResponse:
         """Where the cluster holds `rank`'s snapshots (newest first); raises grpc.RpcError when unreachable."""
@@ -109,4 +127,14 @@ class CoordinatorLink:
             if group != self.group:
                 log.info("protection group now %s", [a.node for a in group])
                 self.group = group
+            self._learn_protection(reply.protection)
         return bool(reply.accepted)
+
+    def _learn_protection(self, messages: Iterable[pb.JobProtection]) -> None:
+        protection = {p.job: JobProtection(generation=p.generation, target=p.target_step, keep=p.keep_step) for p in messages}
+        kept_changed = {j: (p.generation, p.keep) for j, p in protection.items()} != {
+            j: (p.generation, p.keep) for j, p in self._protection.items()
+        }
+        self._protection = protection  # replaced whole: readers on other threads see one or the other
+        if kept_changed:
+            self.on_protection()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
 import os
 import socket
@@ -18,7 +19,7 @@ from memckpt import config as config_mod
 from memckpt.agent.config import AgentConfig
 from memckpt.agent.coordination import CoordinatorLink
 from memckpt.agent.fragments import FragmentStore, fragment_prefix
-from memckpt.agent.peer_service import PeerServicer
+from memckpt.agent.peer_service import PeerServicer, add_to_server
 from memckpt.agent.peers import PeerClient
 from memckpt.agent.recover import RemoteRestore
 from memckpt.agent.replicate import Replicator
@@ -30,7 +31,6 @@ from memckpt.coordinator.membership import AgentInfo
 from memckpt.errors import ConfigError
 from memckpt.process import run_daemon
 from memckpt.protos import agent_pb2_grpc as pb_grpc
-from memckpt.protos import peer_pb2_grpc
 from memckpt.security import TokenInterceptor, describe_security, server_credentials
 from memckpt.sizes import format_size
 
@@ -72,7 +72,40 @@ def prepare_socket(path: Path) -> None:
     raise ConfigError(f"another agent is serving {path}; stop it or choose another --socket")
 
 
+# glibc's allocator, as BASELINES.md measured for gRPC streams of MiB-sized messages: with its
+# defaults each chunk of a fragment is a fresh mmap (or heap pages trimmed and faulted in again),
+# and first touches of fresh memory cost more than the transfer. Chunks up to 32 MiB come from the
+# heap, and freed heap is kept (up to 1 GiB at its top) for the next chunk. The agent's own bulk
+# memory is shared memory, which this does not touch. An environment variable of the same name
+# (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_) set by the operator wins.
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+ALLOCATOR_TUNING = {
+    "MALLOC_MMAP_THRESHOLD_": (M_MMAP_THRESHOLD, 32 << 20),
+    "MALLOC_TRIM_THRESHOLD_": (M_TRIM_THRESHOLD, 1 << 30),
+}
+
+
+def tune_allocator() -> dict[str, int]:
+    """Sets glibc's malloc thresholds for bulk streaming (see ALLOCATOR_TUNING); returns what it set.
+
+    Nothing on a libc without `mallopt` (not glibc), or for a setting the environment already makes.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return {}
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    applied = {}
+    for name, (param, value) in ALLOCATOR_TUNING.items():
+        if name not in os.environ and mallopt(param, value) == 1:
+            applied[name] = value
+    return applied
+
+
 def serve(config: AgentConfig, stop: threading.Event) -> int:
+    if tuned := tune_allocator():
+        log.info("malloc tuned for streaming: %s", " ".join(f"{k}={v}" for k, v in tuned.items()))
     limit = config.memory_limit_bytes()
     budget = MemoryBudget(limit_bytes=limit)  # one budget: own slots and peers' fragments
     store = SlotStore(shm=ShmDir(config.shm_dir), prefix=config.shm_prefix, budget=budget)
@@ -82,12 +115,16 @@ def serve(config: AgentConfig, stop: threading.Event) -> int:
     def group_nodes() -> tuple[str, ...]:
         return tuple(a.node for a in link.group) if link is not None else ()
 
+    def kept_version(job: str) -> tuple[int, int] | None:
+        return link.kept_version(job) if link is not None else None
+
     fragments = FragmentStore(
         shm=ShmDir(config.shm_dir),
         prefix=fragment_prefix(config.shm_prefix),
         budget=budget,
         node=config.node,
         group=group_nodes,
+        kept_version=kept_version,
     )
     adopted = store.adopt()
     adopted_fragments = fragments.adopt()  # also when alone now: they still count, and a coordinator may come back
@@ -120,6 +157,7 @@ def serve(config: AgentConfig, stop: threading.Event) -> int:
             tls=config.tls,
             memory_used=store.memory_used_bytes,
         )
+        link.on_protection = fragments.prune  # the job's kept step moved on: older sets go
         link.start()
         replicator = Replicator(store=store, link=link, peers=PeerClient(token=config.token, tls=config.tls), node=config.node)
         replicator.start()
@@ -160,7 +198,7 @@ def start_peer_server(config: AgentConfig, fragments: FragmentStore) -> tuple[gr
     ]
     executor = futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="peer")
     server = grpc.server(executor, interceptors=interceptors, options=options)
-    peer_pb2_grpc.add_PeerServiceServicer_to_server(PeerServicer(fragments), server)
+    add_to_server(PeerServicer(fragments), server)
     credentials = server_credentials(config.tls)
     try:
         if credentials is None:

@@ -1,9 +1,11 @@
 """Fragments of peers' snapshots held by this agent: shared memory within the memory budget.
 
-Per (job, rank) the store keeps the fragments of the newest complete version (generation,
-then step) and at most one upload in flight. A fragment is complete only when every chunk
-and the whole fragment match their crc32c; only then does it enter the (job, rank)'s
-manifest, written atomically, so a restarted agent re-adopts exactly the complete fragments
+Per (job, rank) the store keeps the fragments of at most two complete versions (generation,
+then step) and one upload in flight: the newest, and the one the coordinator says every
+rank of the job is protected at (without word from it, the one before the newest), so that
+after a node loss some step can still be restored for every rank. A fragment is complete
+only when every chunk and the whole fragment match their crc32c; only then does it enter
+the (job, rank)'s manifest, written atomically, so a restarted agent re-adopts exactly the complete fragments
 and unlinks the rest. The decisions (header checks, placement, which set to keep) are the
 pure functions at the top.
 """
@@ -11,8 +13,10 @@ pure functions at the top.
 from __future__ import annotations
 
 import enum
+import functools
 import json
 import logging
+import os
 import secrets
 import threading
 import zlib
@@ -20,6 +24,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 
 import crc32c
+import numpy as np
 
 from memckpt.agent.erasure import Scheme
 from memckpt.agent.shm import Segment, ShmDir
@@ -27,14 +32,14 @@ from memckpt.agent.slots import MemoryBudget, RankKey
 from memckpt.coordinator.cluster import Held
 from memckpt.coordinator.groups import choose_fragment_holders
 from memckpt.errors import CorruptSnapshot, InvalidRequest, MemckptError, NotFound, PermissionDenied, StaleGeneration
-from memckpt.names import check_name
+from memckpt.names import check_name, safe_join
 from memckpt.sizes import format_size
 
 log = logging.getLogger(__name__)
 
 MAX_CHUNK_BYTES = 4 << 20
 MAX_META_BYTES = 16 << 20
-SERVE_CHUNK_BYTES = 2 << 20  # with its header a message stays under gRPC's default 4 MiB receive limit
+SERVE_CHUNK_BYTES = (4 << 20) - (64 << 10)  # with its framing a message stays under gRPC's default 4 MiB receive limit
 MANIFEST_MAGIC = b"memckpt-fragments-v1\n"
 
 # -- pure decisions ----------------------------------------------------------------
@@ -74,7 +79,7 @@ class FragmentHeader:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Chunk:
-    data: bytes
+    data: bytes | memoryview  # a view into a received message: copied once, into the fragment's segment
     crc32c: int
 
 
@@ -147,15 +152,27 @@ def decide_upload(
 
 
 class Completion(enum.Enum):
-    REPLACE = "replace"  # a newer version: its fragments replace every older one
-    ADD = "add"  # the version held: the fragment joins (or replaces the same index of) the set
+    NEWEST = "newest"  # a newer version: it becomes the newest set; older ones are then pruned
+    ADD = "add"  # the newest version: the fragment joins (or replaces the same index of) the set
     DROP = "drop"  # older than what is held meanwhile
 
 
 def decide_completion(version: tuple[int, int], complete: tuple[int, int] | None) -> Completion:
     if complete is None or version > complete:
-        return Completion.REPLACE
+        return Completion.NEWEST
     return Completion.ADD if version == complete else Completion.DROP
+
+
+def versions_to_keep(versions: Iterable[tuple[int, int]], kept: tuple[int, int] | None) -> set[tuple[int, int]]:
+    """Which complete versions of a rank stay: the newest, and the version every rank of the
+    job is protected at (`kept`, from the coordinator), else the one before the newest."""
+    ordered = sorted(set(versions), reverse=True)
+    keep = set(ordered[:1])
+    if kept is not None and kept in ordered:
+        keep.add(kept)
+    elif len(ordered) > 1:
+        keep.add(ordered[1])
+    return keep
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -184,8 +201,8 @@ def decode_fragment_manifest(data: bytes) -> tuple[StoredFragment, ...]:
             check_header(f.header)
     except (KeyError, TypeError, ValueError, InvalidRequest) as exc:
         raise CorruptSnapshot(f"fragment manifest is malformed: {exc!r}") from exc
-    if len({(f.header.key, f.header.version) for f in fragments}) > 1:
-        raise CorruptSnapshot("fragment manifest mixes ranks or versions")
+    if len({f.header.key for f in fragments}) > 1:
+        raise CorruptSnapshot("fragment manifest mixes ranks")
     return fragments
 
 
@@ -209,6 +226,38 @@ def held_entry(fragments: tuple[StoredFragment, ...]) -> Held:
         m=h.m,
         size_bytes=h.size_bytes,
     )
+
+
+def crc32c_combine(crc_a: int, crc_b: int, length_b: int) -> int:
+    """crc32c of A + B from crc32c(A), crc32c(B) and len(B), without reading the bytes again.
+
+    crc32c(B, value=c) is affine in c: L(c) ^ crc32c(B), with L linear and depending on len(B)
+    only; L's 32 columns are computed once per length (from zeros) and cached.
+    """
+    columns = _crc_shift_columns(length_b)
+    combined, bit = crc_b, 0
+    while crc_a:
+        if crc_a & 1:
+            combined ^= columns[bit]
+        crc_a >>= 1
+        bit += 1
+    return combined
+
+
+@functools.lru_cache(maxsize=16)
+def _crc_shift_columns(length: int) -> tuple[int, ...]:
+    zeros = bytes(length)
+    base = int(crc32c.crc32c(zeros))
+    return tuple(int(crc32c.crc32c(zeros, value=1 << bit)) ^ base for bit in range(32))
+
+
+def copy_into(target: memoryview, data: bytes | memoryview) -> None:
+    """`target[:] = data`, with the GIL released (numpy), so receiving threads copy (and fault
+    fresh pages in) in parallel."""
+    if len(data) < 1 << 16:
+        target[:] = data
+    else:
+        np.copyto(np.frombuffer(target, dtype=np.uint8), np.frombuffer(data, dtype=np.uint8))
 
 
 def iter_chunks(view: memoryview, chunk_bytes: int = SERVE_CHUNK_BYTES) -> Iterator[Chunk]:
@@ -235,12 +284,21 @@ class _Upload:
 
 @dataclass(slots=True, kw_only=True)
 class _RankFragments:
-    complete: dict[int, StoredFragment] = field(default_factory=dict)  # by index; all of one version
+    sets: dict[tuple[int, int], dict[int, StoredFragment]] = field(default_factory=dict)  # version -> index ->
     upload: _Upload | None = None
 
     @property
     def version(self) -> tuple[int, int] | None:
-        return next((f.header.version for f in self.complete.values()), None)
+        """The newest complete version."""
+        return max(self.sets, default=None)
+
+    def fragments(self) -> list[StoredFragment]:
+        return [f for fragments in self.sets.values() for f in fragments.values()]
+
+    def find(self, index: int, step: int | None) -> StoredFragment | None:
+        """Fragment `index` of `step` (None: the newest version); the newest generation of that step."""
+        versions = [v for v in self.sets if (step is None or v[1] == step) and index in self.sets[v]]
+        return self.sets[max(versions)][index] if versions else None
 
 
 class FragmentStore:
@@ -251,13 +309,21 @@ class FragmentStore:
     """
 
     def __init__(
-        self, *, shm: ShmDir, prefix: str, budget: MemoryBudget, node: str, group: Callable[[], tuple[str, ...]]
+        self,
+        *,
+        shm: ShmDir,
+        prefix: str,
+        budget: MemoryBudget,
+        node: str,
+        group: Callable[[], tuple[str, ...]],
+        kept_version: Callable[[str], tuple[int, int] | None] = lambda job: None,
     ) -> None:
         self._shm = shm
         self._prefix = prefix
         self._budget = budget  # shared with the slot store
         self._node = node
         self._group = group  # node names of this agent's current protection group (from the coordinator)
+        self._kept_version = kept_version  # job -> (generation, step) every rank is protected at, if known
         self._lock = threading.Lock()
         self._ranks: dict[RankKey, _RankFragments] = {}
         self._segments: dict[str, Segment] = {}  # complete fragments' segments, by name
@@ -294,8 +360,11 @@ class FragmentStore:
         log.info("stored %s from %s bytes=%d", header, header.owner, header.fragment_bytes)
         return header.fragment_bytes
 
-    def open_fragment(self, job: str, rank: int, index: int, step: int | None) -> tuple[FragmentHeader, memoryview]:
-        """A verified complete fragment: its header and a view of its bytes.
+    def open_fragment(
+        self, job: str, rank: int, index: int, step: int | None, verify: bool = True
+    ) -> tuple[FragmentHeader, memoryview]:
+        """A complete fragment, verified against its crc32c unless `verify` is False (a sender
+        that checks it as it streams, from the chunks' crcs): its header and a view of its bytes.
 
         The view aliases the shm mapping, which stays mapped while the view lives, even if a
         newer set replaces the fragment meanwhile. Raises NotFound or CorruptSnapshot.
@@ -303,11 +372,13 @@ class FragmentStore:
         key = RankKey(job=check_name(job, "job"), rank=rank)
         with self._lock:
             entry = self._ranks.get(key)
-            stored = entry.complete.get(index) if entry is not None else None
-            if stored is None or (step is not None and stored.header.step != step):
-                held = entry.version if entry is not None else None
-                raise NotFound(f"{key}: no complete fragment {index} of step {step} here (holding version {held})")
+            stored = entry.find(index, step) if entry is not None else None
+            if stored is None:
+                held = sorted(entry.sets) if entry is not None else []
+                raise NotFound(f"{key}: no complete fragment {index} of step {step} here (holding versions {held})")
             view = self._segments[stored.segment].buffer[: stored.header.fragment_bytes]
+        if not verify:
+            return stored.header, view
         found = int(crc32c.crc32c(view))
         if found != stored.header.crc32c:
             raise CorruptSnapshot(f"{stored.header}: stored bytes have crc32c {found:08x}, expected {stored.header.crc32c:08x}")
@@ -316,8 +387,16 @@ class FragmentStore:
     def held(self) -> tuple[Held, ...]:
         """The complete fragments held here, one entry per (job, rank, version), for the coordinator's inventory."""
         with self._lock:
-            sets = [tuple(e.complete.values()) for e in self._ranks.values() if e.complete]
+            sets = [tuple(fragments.values()) for e in self._ranks.values() for fragments in e.sets.values() if fragments]
         return tuple(held_entry(fragments) for fragments in sets)
+
+    def prune(self) -> int:
+        """Drops the sets no longer kept (the coordinator's kept step moved on); returns how many."""
+        dropped = 0
+        with self._lock:
+            for entry in self._ranks.values():
+                dropped += len(self._prune(entry))
+        return dropped
 
     def stop(self, remove: bool) -> None:
         """Unmaps every fragment; with `remove`, unlinks them and their manifests too."""
@@ -326,7 +405,7 @@ class FragmentStore:
                 if entry.upload is not None:
                     entry.upload.cancelled = True  # its thread closes it; the name goes now
                     self._shm.unlink(entry.upload.name)
-                for stored in entry.complete.values():
+                for stored in entry.fragments():
                     self._drop_segment(stored.segment, unlink=remove)
                 if remove:
                     self._shm.unlink(self._manifest_name(key))
@@ -369,9 +448,25 @@ class FragmentStore:
             )
         if upload.cancelled:  # read without the lock: a stale False costs one more chunk copy, never memory safety
             raise StaleGeneration(f"{header}: superseded by a newer upload")
-        upload.segment.buffer[upload.received_bytes : upload.received_bytes + size] = chunk.data
-        upload.crc32c = int(crc32c.crc32c(chunk.data, value=upload.crc32c))
+        self._write_at(upload, chunk.data)
+        upload.crc32c = crc32c_combine(upload.crc32c, found, size)
         upload.received_bytes += size
+
+    def _write_at(self, upload: _Upload, data: bytes | memoryview) -> None:
+        """Writes a chunk into the upload's segment at its place, through the file, not the
+        mapping: the kernel copies into the pages, with none of the page faults a first write
+        through a new mapping takes (which cost more than the copy here, BASELINES.md)."""
+        try:
+            fd = os.open(safe_join(self._shm.root, upload.name), os.O_WRONLY | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            raise StaleGeneration(f"{upload.header}: its segment is gone (superseded or stopping)") from None
+        try:
+            view, at = memoryview(data), upload.received_bytes
+            while view:
+                written = os.pwrite(fd, view, at)
+                view, at = view[written:], at + written
+        finally:
+            os.close(fd)
 
     def _finish(self, upload: _Upload) -> None:
         header = upload.header
@@ -386,30 +481,46 @@ class FragmentStore:
             completion = decide_completion(header.version, entry.version)
             if completion is Completion.DROP:
                 raise StaleGeneration(f"{header}: a newer version {entry.version} completed meanwhile")
-            replaced = list(entry.complete.values()) if completion is Completion.REPLACE else []
-            if completion is Completion.ADD and header.index in entry.complete:
-                replaced = [entry.complete[header.index]]
-            for old in replaced:
-                del entry.complete[old.header.index]
-            entry.complete[header.index] = StoredFragment(header=header, segment=upload.name)
+            fragments = entry.sets.setdefault(header.version, {})
+            replaced = [fragments[header.index]] if header.index in fragments else []  # the same fragment sent again
+            fragments[header.index] = StoredFragment(header=header, segment=upload.name)
             self._segments[upload.name] = upload.segment
             entry.upload = None
-            # the manifest names the new set before the old segments go: a crash in between leaves orphans, never a hole
-            self._shm.write_file_atomic(self._manifest_name(header.key), encode_fragment_manifest(entry.complete.values()))
             for old in replaced:
                 self._drop_segment(old.segment, unlink=True)
+            self._prune(entry, always_write=True)
 
     def _discard(self, upload: _Upload) -> None:
         with self._lock:
             entry = self._ranks.get(upload.header.key)
             if entry is not None and entry.upload is upload:
                 entry.upload = None
-            if entry is not None and entry.upload is None and not entry.complete:
+            if entry is not None and entry.upload is None and not entry.sets:
                 del self._ranks[upload.header.key]
             if upload.name not in self._segments:  # not completed: the upload's segment is ours to drop
                 self._budget.release(upload.name)
                 upload.segment.close()
                 self._shm.unlink(upload.name)
+
+    def _prune(self, entry: _RankFragments, always_write: bool = False) -> list[tuple[int, int]]:
+        """Drops the entry's sets that are no longer kept (under the lock); returns their versions.
+
+        The manifest names what stays before the dropped segments go: a crash in between
+        leaves orphans (removed at adoption), never a hole."""
+        if not entry.sets:
+            return []
+        key = next(iter(entry.fragments())).header.key
+        keep = versions_to_keep(entry.sets, self._kept_version(key.job))
+        dropped = [v for v in entry.sets if v not in keep]
+        if not dropped and not always_write:
+            return []
+        gone = [f for v in dropped for f in entry.sets.pop(v).values()]
+        self._shm.write_file_atomic(self._manifest_name(key), encode_fragment_manifest(entry.fragments()))
+        for old in gone:
+            self._drop_segment(old.segment, unlink=True)
+        if dropped:
+            log.info("%s: dropped fragment versions %s, keeping %s", key, sorted(dropped), sorted(entry.sets))
+        return dropped
 
     def _drop_segment(self, name: str, unlink: bool) -> None:
         segment = self._segments.pop(name, None)
@@ -444,17 +555,19 @@ class FragmentStore:
                 log.error("cannot adopt %s: segment of %d bytes; dropping it", stored.header, segment.size_bytes)
                 segment.close()
                 continue
-            entry.complete[stored.header.index] = stored
+            entry.sets.setdefault(stored.header.version, {})[stored.header.index] = stored
             self._segments[stored.segment] = segment
             self._budget.adopt(stored.segment, stored.header.fragment_bytes)  # already in memory: counted, never refused
-        if not entry.complete:
+        if not entry.sets:
             return
-        key = next(iter(entry.complete.values())).header.key
+        key = entry.fragments()[0].header.key
         if name != self._manifest_name(key):
             log.error("fragment manifest name=%s describes %s; ignoring it", name, key)
-            for stored in entry.complete.values():
+            for stored in entry.fragments():
                 self._drop_segment(stored.segment, unlink=False)
             return
         self._ranks[key] = entry
-        self._shm.write_file_atomic(name, encode_fragment_manifest(entry.complete.values()))
-        log.info("adopted fragments of %s version=%s indices=%s", key, entry.version, sorted(entry.complete))
+        self._shm.write_file_atomic(name, encode_fragment_manifest(entry.fragments()))
+        log.info(
+            "adopted fragments of %s versions=%s", key, {v: sorted(fragments) for v, fragments in sorted(entry.sets.items())}
+        )

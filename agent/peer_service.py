@@ -1,43 +1,168 @@
-"""PeerService over gRPC: a thin layer over FragmentStore. Errors map through `memckpt.rpc`."""
+"""PeerService over gRPC: a thin layer over FragmentStore. Errors map through `memckpt.rpc`.
+
+Bulk bytes travel as pre-encoded messages: a data chunk is serialized by hand into the exact
+protobuf encoding of `PutFragmentRequest{chunk}` / `FragmentChunk{chunk}` (the two share field
+numbers), with the data copied once, from shared memory straight into the message, and parsed
+by hand into a view of the received message, which is checksummed and copied into place without
+another copy. Any other valid encoding (the header, or a chunk from a generated stub) is parsed
+by protobuf, so the wire format is still exactly what protos/peer.proto says.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from typing import Any
 
-from memckpt.agent.fragments import Chunk, FragmentHeader, FragmentStore, iter_chunks
-from memckpt.errors import InvalidRequest
+import crc32c
+import grpc
+
+from memckpt.agent.fragments import SERVE_CHUNK_BYTES, Chunk, FragmentHeader, FragmentStore, crc32c_combine
+from memckpt.errors import CorruptSnapshot, InvalidRequest
 from memckpt.protos import peer_pb2 as pb
-from memckpt.protos import peer_pb2_grpc as pb_grpc
 from memckpt.rpc import map_errors, map_stream_errors
 
+SERVICE = "memckpt.v1.PeerService"
+PUT_METHOD = f"/{SERVICE}/PutFragment"
+GET_METHOD = f"/{SERVICE}/GetFragment"
 
-class PeerServicer(pb_grpc.PeerServiceServicer):
+# protobuf tags: (field number << 3) | wire type
+_TAG_CHUNK = 0x12  # field 2 (chunk), length-delimited, of PutFragmentRequest and FragmentChunk
+_TAG_DATA = 0x0A  # field 1 (data), length-delimited, of FragmentData
+_TAG_CRC = 0x10  # field 2 (data_crc32c), varint, of FragmentData
+
+
+class PeerServicer:
+    """Takes pre-encoded or parsed messages; `add_to_server` registers it with its (de)serializers."""
+
     def __init__(self, store: FragmentStore) -> None:
         self._store = store
 
     @map_errors
-    def PutFragment(self, request_iterator: Iterator[pb.PutFragmentRequest], context: Any) -> pb.PutFragmentResponse:
+    def PutFragment(self, request_iterator: Iterator[bytes | pb.PutFragmentRequest], context: Any) -> pb.PutFragmentResponse:
         first = next(request_iterator, None)
-        if first is None or first.WhichOneof("part") != "header":
+        header = _as_put_request(first) if first is not None else None
+        if header is None or header.WhichOneof("part") != "header":
             raise InvalidRequest("PutFragment: the first message must be the fragment header")
-        stored = self._store.put(header_from_proto(first.header), chunks_from_proto(request_iterator))
+        stored = self._store.put(header_from_proto(header.header), chunks_from_messages(request_iterator))
         return pb.PutFragmentResponse(stored_bytes=stored)
 
     @map_stream_errors
-    def GetFragment(self, request: pb.GetFragmentRequest, context: Any) -> Iterator[pb.FragmentChunk]:
+    def GetFragment(self, request: pb.GetFragmentRequest, context: Any) -> Iterator[bytes | pb.FragmentChunk]:
         step = request.step if request.HasField("step") else None
-        header, view = self._store.open_fragment(request.job, request.rank, request.fragment_index, step)
+        # verified as it is sent, from the chunks' crcs: one pass over the bytes, not two
+        header, view = self._store.open_fragment(request.job, request.rank, request.fragment_index, step, verify=False)
         yield pb.FragmentChunk(header=header_to_proto(header))
-        for chunk in iter_chunks(view):
-            yield pb.FragmentChunk(chunk=pb.FragmentData(data=chunk.data, data_crc32c=chunk.crc32c))
+        whole = 0
+        for start in range(0, len(view), SERVE_CHUNK_BYTES):
+            piece = view[start : start + SERVE_CHUNK_BYTES]
+            crc = int(crc32c.crc32c(piece))
+            whole = crc32c_combine(whole, crc, len(piece))
+            if start + len(piece) == len(view) and whole != header.crc32c:  # before the last chunk: the fragment is never whole
+                raise CorruptSnapshot(f"{header}: stored bytes have crc32c {whole:08x}, expected {header.crc32c:08x}")
+            yield encode_chunk(piece, crc)
 
 
-def chunks_from_proto(messages: Iterator[pb.PutFragmentRequest]) -> Iterator[Chunk]:
+def add_to_server(servicer: PeerServicer, server: grpc.Server) -> None:
+    """Registers the service; requests of PutFragment reach it as bytes, parsed in `chunks_from_messages`."""
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
+        "PutFragment": grpc.stream_unary_rpc_method_handler(
+            servicer.PutFragment,
+            request_deserializer=None,  # the raw bytes of each message
+            response_serializer=pb.PutFragmentResponse.SerializeToString,
+        ),
+        "GetFragment": grpc.unary_stream_rpc_method_handler(
+            servicer.GetFragment,
+            request_deserializer=pb.GetFragmentRequest.FromString,
+            response_serializer=serialize,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+
+
+def serialize(message: bytes | Any) -> bytes:
+    """A pre-encoded message as it is, a protobuf message serialized."""
+    return message if isinstance(message, bytes) else bytes(message.SerializeToString())
+
+
+def encode_chunk(data: memoryview | bytes, crc: int) -> bytes:
+    """`{chunk: {data_crc32c: crc, data: data}}` encoded as protobuf does, with one copy of `data`."""
+    inner_head = bytes([_TAG_CRC]) + _varint(crc) + bytes([_TAG_DATA]) + _varint(len(data))
+    head = bytes([_TAG_CHUNK]) + _varint(len(inner_head) + len(data)) + inner_head
+    return b"".join((head, data))
+
+
+def decode_chunk(message: bytes) -> Chunk | None:
+    """The chunk of an encoded `PutFragmentRequest` or `FragmentChunk`, its data a view of
+    `message`; None for any other message (a header), or an encoding this does not parse."""
+    try:
+        if not message or message[0] != _TAG_CHUNK:
+            return None
+        length, at = _read_varint(message, 1)
+        if at + length != len(message):
+            return None
+        data: memoryview | None = None
+        crc = 0
+        while at < len(message):
+            tag = message[at]
+            if tag == _TAG_DATA:
+                size, at = _read_varint(message, at + 1)
+                if at + size > len(message):
+                    return None
+                data = memoryview(message)[at : at + size]
+                at += size
+            elif tag == _TAG_CRC:
+                crc, at = _read_varint(message, at + 1)
+            else:
+                return None
+    except IndexError:
+        return None
+    return Chunk(data=data if data is not None else memoryview(b""), crc32c=crc)
+
+
+def chunks_from_messages(messages: Iterator[bytes | pb.PutFragmentRequest]) -> Iterator[Chunk]:
     for message in messages:
-        if message.WhichOneof("part") != "chunk":
-            raise InvalidRequest("PutFragment: after the header only data chunks may follow")
-        yield Chunk(data=message.chunk.data, crc32c=message.chunk.data_crc32c)
+        chunk = decode_chunk(message) if isinstance(message, bytes) else None
+        if chunk is None:
+            parsed = _as_put_request(message)
+            if parsed is None or parsed.WhichOneof("part") != "chunk":
+                raise InvalidRequest("PutFragment: after the header only data chunks may follow")
+            chunk = Chunk(data=parsed.chunk.data, crc32c=parsed.chunk.data_crc32c)
+        yield chunk
+
+
+def _as_put_request(message: bytes | pb.PutFragmentRequest) -> pb.PutFragmentRequest | None:
+    if not isinstance(message, bytes):
+        return message
+    try:
+        return pb.PutFragmentRequest.FromString(message)
+    except Exception:  # a DecodeError: not a PutFragmentRequest
+        return None
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _read_varint(data: bytes, at: int) -> tuple[int, int]:
+    """(value, offset after it); raises IndexError past the end."""
+    value = shift = 0
+    while True:
+        byte = data[at]
+        at += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, at
+        shift += 7
+        if shift > 63:
+            raise IndexError("varint too long")
 
 
 def header_to_proto(header: FragmentHeader) -> pb.FragmentHeader:

@@ -9,17 +9,22 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
 
 import grpc
 
 from memckpt.agent.coordination import CoordinatorLink
-from memckpt.agent.erasure import Scheme, decode
+from memckpt.agent.erasure import Scheme, fresh_buffer, rebuild_missing
+from memckpt.agent.fragments import FragmentHeader
 from memckpt.agent.peers import PeerClient
 from memckpt.agent.store import SlotStore
 from memckpt.errors import CorruptSnapshot, MemckptError, NotFound, Unavailable
 from memckpt.protos import coordinator_pb2 as pb
 
 log = logging.getLogger(__name__)
+
+DECODE_THREADS = 2  # XOR and zfec release the GIL: a rebuild runs on this many cores
 
 
 class RemoteRestore:
@@ -54,48 +59,95 @@ class RemoteRestore:
         if chosen is None:
             raise NotFound(f"job {job!r} rank {rank}: no live peers hold step {step if step is not None else '(any)'}")
         started = time.perf_counter()
-        fragments, meta, checksums = self._gather(job, rank, chosen)
-        data = decode(fragments, Scheme(k=chosen.k, m=chosen.m, size_bytes=chosen.size_bytes))
-        self._store.install(job, rank, chosen.step, memoryview(data), meta, checksums)
+        scheme = Scheme(k=chosen.k, m=chosen.m, size_bytes=chosen.size_bytes)
+        out = fresh_buffer(scheme.fragment_bytes * scheme.k)  # data fragments land in place
+        with ThreadPoolExecutor(max_workers=max(chosen.k, DECODE_THREADS), thread_name_prefix="rebuild") as pool:
+            gathered = self._gather(job, rank, chosen, scheme, out, pool)
+            fetched_s = time.perf_counter() - started
+            rebuild_missing(out, gathered.parity, gathered.data, scheme, mapper=pool.map)
+        decoded_s = time.perf_counter() - started
+        self._store.install(job, rank, chosen.step, out[: scheme.size_bytes], gathered.meta, gathered.checksums)
         log.info(
-            "rebuilt job=%s rank=%d step=%d from fragments %s in %.3f s",
+            "rebuilt job=%s rank=%d step=%d from fragments %s in %.3f s (fetched at %.3f s, decoded at %.3f s)",
             job,
             rank,
             chosen.step,
-            sorted(fragments),
+            sorted([*gathered.data, *gathered.parity]),
             time.perf_counter() - started,
+            fetched_s,
+            decoded_s,
         )
 
-    def _gather(self, job: str, rank: int, location: pb.SnapshotLocation) -> tuple[dict[int, bytes], bytes, tuple[int, ...]]:
-        """Any k good fragments of the location's attempt, data fragments first; with the meta
-        and the owner's checksums they carry."""
-        fragments: dict[int, bytes] = {}
-        meta = b""
-        checksums: tuple[int, ...] = ()
-        for holder in sorted(location.fragments, key=lambda h: h.index):
-            if len(fragments) == location.k:
-                break
-            try:
-                header, data = self._peers.get_fragment(holder.address, job, rank, holder.index, location.step)
-            except MemckptError as exc:  # a dead or corrupt holder: the next one will do
-                log.warning("fragment %d of job=%s rank=%d from %s unusable: %s", holder.index, job, rank, holder.node, exc)
-                continue
-            if header.generation != location.generation:  # that holder has another attempt's step
-                log.warning(
-                    "fragment %d of job=%s rank=%d on %s is of generation %d, not %d; skipped",
-                    holder.index,
-                    job,
-                    rank,
-                    holder.node,
-                    header.generation,
-                    location.generation,
-                )
-                continue
-            fragments[holder.index] = data
-            meta, checksums = header.meta.encode(), header.snapshot_checksums
-        if len(fragments) < location.k:
-            raise Unavailable(f"job {job!r} rank {rank} step {location.step}: only {len(fragments)} of {location.k} fragments")
-        return fragments, meta, checksums
+    def _gather(
+        self, job: str, rank: int, location: pb.SnapshotLocation, scheme: Scheme, out: memoryview, pool: ThreadPoolExecutor
+    ) -> _Gathered:
+        """Any k good fragments of the location's attempt, fetched in parallel, data fragments
+        first: a data fragment straight into its place in `out`, a parity one into its own buffer;
+        a dead, corrupt or stale holder is replaced by the next. With the meta and the owner's
+        checksums they carry."""
+        size = scheme.fragment_bytes
+        candidates = sorted(location.fragments, key=lambda h: h.index)
+        gathered = _Gathered()
+        running: dict[Future[tuple[FragmentHeader, memoryview]], pb.FragmentHolder] = {}
+
+        def fetch_one(holder: pb.FragmentHolder) -> tuple[FragmentHeader, memoryview]:
+            into = out[holder.index * size : (holder.index + 1) * size] if holder.index < scheme.k else None
+            return self._peers.get_fragment(holder.address, job, rank, holder.index, location.step, into=into)
+
+        def start_more() -> None:
+            busy = {h.index for h in running.values()} | gathered.indices()
+            while candidates and len(running) + len(gathered.indices()) < location.k:
+                holder = candidates.pop(0)
+                if holder.index not in busy and 0 <= holder.index < scheme.k + scheme.m:
+                    running[pool.submit(fetch_one, holder)] = holder
+                    busy.add(holder.index)
+
+        start_more()
+        while running:
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                holder = running.pop(future)
+                try:
+                    header, data = future.result()
+                except MemckptError as exc:  # a dead or corrupt holder: the next one will do
+                    log.warning("fragment %d of job=%s rank=%d from %s unusable: %s", holder.index, job, rank, holder.node, exc)
+                    continue
+                if header.generation != location.generation:  # that holder has another attempt's step
+                    log.warning(
+                        "fragment %d of job=%s rank=%d on %s is of generation %d, not %d; skipped",
+                        holder.index,
+                        job,
+                        rank,
+                        holder.node,
+                        header.generation,
+                        location.generation,
+                    )
+                    continue
+                gathered.add(holder.index, data, scheme.k)
+                gathered.meta, gathered.checksums = header.meta.encode(), header.snapshot_checksums
+            start_more()
+        if len(gathered.indices()) < location.k:
+            raise Unavailable(
+                f"job {job!r} rank {rank} step {location.step}: only {len(gathered.indices())} of {location.k} fragments"
+            )
+        return gathered
+
+
+@dataclass(slots=True)
+class _Gathered:
+    data: list[int] = field(default_factory=list)  # data fragments in place in the decode buffer
+    parity: dict[int, memoryview] = field(default_factory=dict)
+    meta: bytes = b""
+    checksums: tuple[int, ...] = ()
+
+    def indices(self) -> set[int]:
+        return {*self.data, *self.parity}
+
+    def add(self, index: int, data: memoryview, k: int) -> None:
+        if index < k:
+            self.data.append(index)
+        else:
+            self.parity[index] = data
 
 
 def _rebuildable(location: pb.SnapshotLocation) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -68,7 +69,8 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
             if self.remote is None:
                 raise
         self.remote.fetch(request.job, request.rank, step)  # rebuild it here from peers' fragments
-        return wire.restore_to_proto(self._store.open_restore(request.job, request.rank, step))
+        rebuilt = dataclasses.replace(self._store.open_restore(request.job, request.rank, step), source="fragments")
+        return wire.restore_to_proto(rebuilt)
 
     @map_errors
     def ReleaseJob(self, request: pb.ReleaseJobRequest, context: Any) -> pb.ReleaseJobResponse:

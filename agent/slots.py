@@ -103,6 +103,17 @@ class RankSlots:
         found = [s for s in self.slots if s.state is SlotState.COMMITTED and s.step == step]
         return max(found, key=lambda s: s.commit_id) if found else None
 
+    def to_protect(self, target: int | None) -> Slot | None:
+        """The committed, checksummed, unprotected slot to protect next: the one of `target`
+        (the step the coordinator aligns the job's ranks on; a negative target: none now), or
+        without a target the latest."""
+        if target is not None and target < 0:
+            return None
+        slot = self.committed_at(target)
+        if slot is None or slot.checksums is None or slot.protected:
+            return None
+        return slot
+
     def begin(self, step: int, size_bytes: int) -> tuple[Slot, bool]:
         """Moves the slot that is not the latest committed to WRITING(step), whatever it held.
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
@@ -58,6 +59,7 @@ class RestoreSource:
     data_size_bytes: int
     meta: bytes
     checksums: tuple[int, ...]
+    source: str = "local"  # or "fragments": rebuilt from peers for this restore
 
 
 class SlotStore:
@@ -253,13 +255,17 @@ class SlotStore:
             ]
             return ranks, self._budget.used_bytes, self._budget.limit_bytes
 
-    def protection_work(self) -> list[ProtectionWork]:
-        """The newest committed snapshot of each rank that is checksummed but not yet protected."""
+    def protection_work(self, targets: Callable[[str, int], int | None] = lambda job, generation: None) -> list[ProtectionWork]:
+        """Per rank, the committed and checksummed snapshot to protect next, if any.
+
+        `targets(job, generation)` is the step the coordinator aligns the job's ranks on
+        (negative: nothing now), or None when it has not said: then the rank's newest commit.
+        """
         work = []
         with self._lock:
             for key, slots in self._ranks.items():
-                slot = slots.latest_committed()
-                if slot is not None and slot.checksums is not None and not slot.protected:
+                slot = slots.to_protect(targets(key.job, slots.attempt.generation))
+                if slot is not None:
                     work.append(
                         ProtectionWork(
                             key=key,
@@ -269,7 +275,7 @@ class SlotStore:
                             size_bytes=slot.data_size_bytes,
                             meta=slot.meta,
                             generation=slots.attempt.generation,
-                            checksums=slot.checksums,
+                            checksums=slot.checksums or (),
                         )
                     )
         return work

@@ -49,6 +49,7 @@ def restore_to_proto(source: RestoreSource) -> pb.OpenRestoreResponse:
         data_size_bytes=source.data_size_bytes,
         meta=source.meta,
         checksums=source.checksums,
+        source=source.source,
     )
 
 
@@ -60,4 +61,5 @@ def restore_from_proto(response: pb.OpenRestoreResponse) -> RestoreSource:
         data_size_bytes=response.data_size_bytes,
         meta=response.meta,
         checksums=tuple(response.checksums),
+        source=response.source or "local",
     )

@@ -8,6 +8,7 @@ that matters. Plans are pinned per (job, generation) so every rank restores the 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from memckpt.coordinator.groups import Groups, build_groups
@@ -22,6 +23,7 @@ from memckpt.coordinator.plan import (
     restorable_steps,
     source_of,
 )
+from memckpt.coordinator.protection import NONE, JobProtection, RankProgress, job_protection
 from memckpt.errors import InvalidRequest, NotFound, StaleGeneration
 from memckpt.names import check_name
 
@@ -59,30 +61,69 @@ class Cluster:
     m: int
     lease_s: float
     membership: Membership = field(init=False)
-    groups: Groups = field(init=False)
-    held: dict[str, tuple[Held, ...]] = field(default_factory=dict)
-    jobs: dict[str, JobRecord] = field(default_factory=dict)
+    _held: dict[str, tuple[Held, ...]] = field(default_factory=dict, init=False, repr=False)
+    _jobs: dict[str, JobRecord] = field(default_factory=dict, init=False, repr=False)
+    # node -> its newest reported inventory, not decoded yet: a heartbeat only files it, and it
+    # is decoded and indexed when something reads the state (a plan, a locate, the status)
+    _pending: dict[str, Callable[[], tuple[Held, ...]]] = field(default_factory=dict, init=False, repr=False)
     pinned: dict[tuple[str, int], Decision] = field(default_factory=dict)
     memory_used: dict[str, int] = field(default_factory=dict)
+    # job -> rank -> node -> what that node holds of the rank: a heartbeat touches only its own
+    # entries, and a rank's or a job's inventory never scans the whole cluster
+    _index: dict[str, dict[int, dict[str, tuple[Held, ...]]]] = field(default_factory=dict, init=False, repr=False)
+    _groups: Groups | None = field(default=None, init=False, repr=False)  # None: rebuilt when next asked
+    _group_infos: dict[int, list[AgentInfo]] = field(default_factory=dict, init=False, repr=False)
+    _protection: dict[str, JobProtection] = field(default_factory=dict, init=False, repr=False)  # job -> latest
 
     def __post_init__(self) -> None:
         self.membership = Membership(lease_s=self.lease_s)
-        self.groups = build_groups([], self.k, self.m)
+
+    @property
+    def held(self) -> dict[str, tuple[Held, ...]]:
+        """node -> everything it reported holding (live or not)."""
+        self._flush()
+        return self._held
+
+    @property
+    def jobs(self) -> dict[str, JobRecord]:
+        """Jobs and their generations, started here or learned from what agents hold."""
+        self._flush()
+        return self._jobs
+
+    @property
+    def groups(self) -> Groups:
+        """The protection groups of the live agents, rebuilt once after membership changed (not
+        once per registration: a restarted coordinator sees thousands of them at once)."""
+        if self._groups is None:
+            self._groups = build_groups(self.membership.alive(), self.k, self.m)
+            self._group_infos = {}
+        return self._groups
 
     def register_agent(self, info: AgentInfo, held: tuple[Held, ...], now: float) -> tuple[int, Change]:
         member, change = self.membership.register(info, now)
-        self.held[info.node] = held
-        self._learn_jobs(held)
+        self._set_held(info.node, held)
         if change.changed:
             self._regroup()
         return member.incarnation, change
 
-    def heartbeat(self, node: str, incarnation: int, held: tuple[Held, ...], now: float, memory_used_bytes: int = 0) -> bool:
+    def heartbeat(
+        self,
+        node: str,
+        incarnation: int,
+        held: tuple[Held, ...] | Callable[[], tuple[Held, ...]],
+        now: float,
+        memory_used_bytes: int = 0,
+    ) -> bool:
+        """Renews the lease and files the inventory; `held` may be a function that decodes it,
+        called only if the state is read before the node's next heartbeat replaces it."""
         if not self.membership.heartbeat(node, incarnation, now):
             return False
-        self.held[node] = held
+        if callable(held):
+            self._pending[node] = held
+        else:
+            self._pending.pop(node, None)
+            self._set_held(node, held)
         self.memory_used[node] = memory_used_bytes
-        self._learn_jobs(held)
         return True
 
     def tick(self, now: float) -> Change:
@@ -93,9 +134,15 @@ class Cluster:
         return change
 
     def group_of(self, node: str) -> list[AgentInfo]:
-        members = self.groups.group_of(node) or ()
-        infos = {i.node: i for i in self.membership.alive()}
-        return [infos[n] for n in members if n in infos]
+        groups = self.groups
+        position = groups.position_of(node)
+        if position < 0:
+            return []
+        infos = self._group_infos.get(position)
+        if infos is None:
+            members = {n: m.info for n in groups.groups[position] if (m := self.membership.members.get(n)) and m.alive}
+            infos = self._group_infos[position] = list(members.values())
+        return list(infos)
 
     def start_generation(self, job: str, world_size: int, previous: int) -> int:
         """A new generation for a (re)started job; older generations are fenced from now on."""
@@ -123,48 +170,21 @@ class Cluster:
             raise StaleGeneration(f"job {job!r}: plan asked for generation {generation}, current is {record.generation}")
         key = (job, generation)
         if key not in self.pinned:
-            alive = [a.node for a in self.membership.alive()]
+            alive = self.membership.alive_nodes()
             self.pinned[key] = compute_recovery_plan(self.inventories(job), record.world_size, alive)
         return self.pinned[key]
 
     def inventories(self, job: str) -> dict[int, RankInventory]:
-        copies: dict[int, list[WholeCopy]] = defaultdict(list)
-        # a step committed by two attempts is two fragment sets: their fragments never mix
-        fragments: dict[tuple[int, int, int], dict[int, str]] = defaultdict(dict)
-        schemes: dict[tuple[int, int, int], Held] = {}
-        for node, entries in self.held.items():
-            for h in entries:
-                if h.job != job:
-                    continue
-                if not h.fragment_indices:
-                    copies[h.rank].append(WholeCopy(node=node, step=h.step))
-                    continue
-                for index in h.fragment_indices:
-                    fragments[(h.rank, h.step, h.generation)][index] = node
-                schemes[(h.rank, h.step, h.generation)] = h
-        ranks = set(copies) | {rank for rank, _, _ in fragments}
-        result = {}
-        for rank in ranks:
-            sets = tuple(
-                FragmentSet(
-                    step=step,
-                    generation=generation,
-                    k=schemes[(r, step, generation)].k,
-                    m=schemes[(r, step, generation)].m,
-                    size_bytes=schemes[(r, step, generation)].size_bytes,
-                    holders=tuple(sorted(holders.items())),
-                )
-                for (r, step, generation), holders in fragments.items()
-                if r == rank
-            )
-            result[rank] = RankInventory(copies=tuple(copies[rank]), fragments=sets)
-        return result
+        self._flush()
+        return {rank: _rank_inventory(by_node) for rank, by_node in self._index.get(job, {}).items()}
 
     def locate(self, job: str, rank: int) -> tuple[list[tuple[int, RankSource]], str]:
         """Every step of a rank restorable from live agents, newest first, with its sources;
         and, when there is none although the rank had snapshots, why (which nodes held them)."""
-        alive = frozenset(a.node for a in self.membership.alive())
-        inventory = self.inventories(job).get(rank, RankInventory())
+        self._flush()
+        alive = self.membership.alive_nodes()
+        by_node = self._index.get(job, {}).get(rank)
+        inventory = _rank_inventory(by_node) if by_node else RankInventory()
         steps = sorted(restorable_steps(inventory, alive), reverse=True)
         found = [(step, source_of(rank, inventory, step, alive)) for step in steps]
         holders = {c.node for c in inventory.copies} | {n for f in inventory.fragments for _, n in f.holders}
@@ -176,29 +196,119 @@ class Cluster:
 
     def rank_steps(self, job: str) -> dict[int, RankSteps]:
         """Newest committed and protected step per rank, from live agents' whole copies."""
-        alive = {a.node for a in self.membership.alive()}
+        self._flush()
+        alive = self.membership.alive_nodes()
         steps: dict[int, RankSteps] = {}
-        for node, entries in self.held.items():
-            if node not in alive:
-                continue
-            for h in entries:
-                if h.job != job or h.fragment_indices:
+        for rank, by_node in self._index.get(job, {}).items():
+            committed = protected = -1
+            for node, entries in by_node.items():
+                if node not in alive:
                     continue
-                old = steps.get(h.rank, RankSteps(committed=-1, protected=-1))
-                steps[h.rank] = RankSteps(
-                    committed=max(old.committed, h.step), protected=max(old.protected, h.step if h.protected else -1)
-                )
+                for h in entries:
+                    if not h.fragment_indices:
+                        committed = max(committed, h.step)
+                        protected = max(protected, h.step if h.protected else -1)
+            if committed >= 0:
+                steps[rank] = RankSteps(committed=committed, protected=protected)
         return steps
 
-    def _learn_jobs(self, held: tuple[Held, ...]) -> None:
-        """A restarted coordinator learns jobs and generations from what agents hold."""
-        for h in held:
-            record = self.jobs.get(h.job)
+    def refresh_protection(self) -> dict[str, JobProtection]:
+        """Recomputes every job's protection target and kept step (see `protection.py`) from
+        live agents' inventories; heartbeat replies carry the result until the next refresh."""
+        self._flush()
+        alive = self.membership.alive_nodes()
+        result: dict[str, JobProtection] = {}
+        for job, by_rank in self._index.items():
+            record = self._jobs.get(job)
             if record is None:
-                self.jobs[h.job] = JobRecord(world_size=h.rank + 1, generation=h.generation)
+                continue
+            ranks: dict[int, RankProgress] = {}
+            for rank, by_node in by_rank.items():
+                committed: set[int] = set()
+                indices: dict[int, set[int]] = defaultdict(set)
+                width = 0
+                for node, entries in by_node.items():
+                    if node not in alive:
+                        continue
+                    for h in entries:
+                        if h.generation != record.generation:
+                            continue
+                        if not h.fragment_indices:
+                            committed.add(h.step)
+                        else:
+                            indices[h.step].update(h.fragment_indices)
+                            width = h.k + h.m
+                complete = {step for step, found in indices.items() if width and len(found) >= width}
+                ranks[rank] = RankProgress(committed=frozenset(committed), complete=frozenset(complete))
+            previous = self._protection.get(job)
+            current = previous.target if previous is not None and previous.generation == record.generation else NONE
+            result[job] = job_protection(record.generation, record.world_size, ranks, current)
+        self._protection = result
+        return result
+
+    def _set_held(self, node: str, held: tuple[Held, ...]) -> None:
+        """Replaces what `node` holds in the index, touching only its own entries; a restarted
+        coordinator learns jobs and generations from them."""
+        self._pending.pop(node, None)
+        old = self._held.get(node, ())
+        self._held[node] = held
+        for job, rank in {(h.job, h.rank) for h in old}:
+            by_rank = self._index[job]
+            by_node = by_rank[rank]
+            del by_node[node]
+            if not by_node:
+                del by_rank[rank]
+        grouped: dict[tuple[str, int], list[Held]] = defaultdict(list)
+        for h in held:
+            grouped[(h.job, h.rank)].append(h)
+        learned: dict[str, tuple[int, int]] = {}  # job -> (highest rank, newest generation)
+        for (job, rank), entries in grouped.items():
+            self._index.setdefault(job, {}).setdefault(rank, {})[node] = tuple(entries)
+            top_rank, generation = learned.get(job, (-1, 0))
+            learned[job] = (max(top_rank, rank), max(generation, *(h.generation for h in entries)))
+        for job, (top_rank, generation) in learned.items():
+            record = self._jobs.get(job)
+            if record is None:
+                self._jobs[job] = JobRecord(world_size=top_rank + 1, generation=generation)
             else:
-                record.world_size = max(record.world_size, h.rank + 1)
-                record.generation = max(record.generation, h.generation)
+                record.world_size = max(record.world_size, top_rank + 1)
+                record.generation = max(record.generation, generation)
+
+    def _flush(self) -> None:
+        """Decodes and indexes the inventories that heartbeats filed since the state was last read."""
+        while self._pending:
+            node, decode = next(iter(self._pending.items()))
+            self._set_held(node, decode())
 
     def _regroup(self) -> None:
-        self.groups = build_groups(self.membership.alive(), self.k, self.m)
+        self._groups = None
+
+
+def _rank_inventory(by_node: dict[str, tuple[Held, ...]]) -> RankInventory:
+    """What the cluster holds of one rank, from each node's entries of it."""
+    copies: list[WholeCopy] = []
+    # a step committed by two attempts is two fragment sets: their fragments never mix
+    fragments: dict[tuple[int, int], dict[int, str]] = {}
+    schemes: dict[tuple[int, int], Held] = {}
+    for node, entries in by_node.items():
+        for h in entries:
+            if not h.fragment_indices:
+                copies.append(WholeCopy(node=node, step=h.step))
+                continue
+            key = (h.step, h.generation)
+            holders = fragments.setdefault(key, {})
+            for index in h.fragment_indices:
+                holders[index] = node
+            schemes[key] = h
+    sets = tuple(
+        FragmentSet(
+            step=step,
+            generation=generation,
+            k=schemes[(step, generation)].k,
+            m=schemes[(step, generation)].m,
+            size_bytes=schemes[(step, generation)].size_bytes,
+            holders=tuple(sorted(holders.items())),
+        )
+        for (step, generation), holders in fragments.items()
+    )
+    return RankInventory(copies=tuple(copies), fragments=sets)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import hmac
 import logging
 import os
 import sys
 import threading
-from concurrent import futures
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -19,7 +22,7 @@ from memckpt.coordinator.service import CoordinatorServicer
 from memckpt.errors import ConfigError
 from memckpt.process import run_daemon
 from memckpt.protos import coordinator_pb2_grpc as pb_grpc
-from memckpt.security import TokenInterceptor, describe_security, server_credentials
+from memckpt.security import HEALTH_METHOD_PREFIX, describe_security, server_credentials
 
 log = logging.getLogger("memckpt.coordinator")
 
@@ -40,13 +43,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def serve(config: CoordinatorConfig, stop: threading.Event) -> int:
+    return asyncio.run(serve_async(config, stop))
+
+
+async def serve_async(config: CoordinatorConfig, stop: threading.Event) -> int:
+    """An asyncio gRPC server: one event loop answers every agent, without a thread per call."""
     cluster = Cluster(k=config.k, m=config.m, lease_s=config.lease_s)
     servicer = CoordinatorServicer(cluster, config.heartbeat_interval_s)
-    interceptors: list[grpc.ServerInterceptor] = [TokenInterceptor(config.token)] if config.token else []
-    executor = futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="rpc")
-    server = grpc.server(executor, interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
+    interceptors: list[grpc.aio.ServerInterceptor] = [AsyncTokenInterceptor(config.token)] if config.token else []
+    server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
     pb_grpc.add_CoordinatorServiceServicer_to_server(servicer, server)
-    health_servicer = health.HealthServicer()
+    health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     credentials = server_credentials(config.tls)
     if credentials is None:
@@ -55,10 +62,10 @@ def serve(config: CoordinatorConfig, stop: threading.Event) -> int:
         port = server.add_secure_port(config.listen, credentials)
     if port == 0:
         raise ConfigError(f"cannot listen on {config.listen}")
-    server.start()
+    await server.start()
     if config.port_file is not None:
         config.port_file.write_text(f"{port}\n")
-    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     log.info("%s", describe_security("coordinator", config.tls, config.token))
     log.info(
         "coordinator ready listen=%s port=%d k=%d m=%d lease_s=%.1f pid=%d",
@@ -69,11 +76,55 @@ def serve(config: CoordinatorConfig, stop: threading.Event) -> int:
         config.lease_s,
         os.getpid(),
     )
-    while not stop.wait(min(1.0, config.lease_s / 4)):
+    loop = asyncio.get_running_loop()
+    tick_s = min(1.0, config.lease_s / 4, config.heartbeat_interval_s)  # leases, and protection targets
+    while not await loop.run_in_executor(None, stop.wait, tick_s):
         servicer.tick()
     log.info("stopping")
-    server.stop(GRACE_S).wait()
+    await server.stop(GRACE_S)
     return 0
+
+
+class AsyncTokenInterceptor(grpc.aio.ServerInterceptor):
+    """`memckpt.security.TokenInterceptor` for the asyncio server: calls without the shared
+    token are refused (UNAUTHENTICATED); health checks pass."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}".encode()
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(details)
+        if details.method.startswith(HEALTH_METHOD_PREFIX) or handler is None:
+            return handler
+        presented = dict(details.invocation_metadata or ()).get("authorization", "")
+        if hmac.compare_digest(str(presented).encode(), self._expected):
+            return handler
+        return _deny_handler(handler)
+
+
+def _deny_handler(handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
+    """A handler of the same kind as `handler` (gRPC drives the call by it) that answers UNAUTHENTICATED."""
+
+    async def deny(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token (authorization: Bearer ...)")
+
+    async def deny_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        await deny(request, context)
+        yield None  # never reached: abort raised
+
+    make = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+    }.get((handler.request_streaming, handler.response_streaming))
+    behavior: Any = deny
+    if make is None:
+        behavior = deny_stream
+        make = grpc.stream_stream_rpc_method_handler if handler.request_streaming else grpc.unary_stream_rpc_method_handler
+    return make(behavior, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
 
 
 def main(argv: list[str] | None = None) -> int:

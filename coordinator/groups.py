@@ -8,7 +8,7 @@ Groups are rebuilt from the live members when membership changes.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from memckpt.coordinator.membership import AgentInfo
 
@@ -18,9 +18,18 @@ class Groups:
     groups: tuple[tuple[str, ...], ...]  # node names per group
     unprotected: tuple[str, ...]  # live nodes that no group can take (too few agents)
     reason: str
+    index: dict[str, int] = field(init=False, repr=False, compare=False)  # node -> its group's position
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "index", {node: i for i, group in enumerate(self.groups) for node in group})
 
     def group_of(self, node: str) -> tuple[str, ...] | None:
-        return next((g for g in self.groups if node in g), None)
+        i = self.index.get(node)
+        return None if i is None else self.groups[i]
+
+    def position_of(self, node: str) -> int:
+        """The index of `node`'s group, or -1 when it has none."""
+        return self.index.get(node, -1)
 
 
 def build_groups(agents: list[AgentInfo], k: int, m: int) -> Groups:

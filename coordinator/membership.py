@@ -50,6 +50,10 @@ class Membership:
     lease_s: float
     members: dict[str, Member] = field(default_factory=dict)
     incarnations: int = 0
+    # the live members, sorted by node, kept until a registration or a failure changes them
+    _alive: tuple[AgentInfo, ...] | None = field(default=None, init=False, repr=False)
+    _alive_nodes: frozenset[str] = field(default=frozenset(), init=False, repr=False)
+    _addresses: dict[str, str] = field(default_factory=dict, init=False, repr=False)
 
     def register(self, info: AgentInfo, now: float) -> tuple[Member, Change]:
         """(Re)admits an agent with a fresh lease and a new incarnation."""
@@ -57,6 +61,7 @@ class Membership:
         previous = self.members.get(info.node)
         member = Member(info=info, incarnation=self.incarnations, lease_deadline=now + self.lease_s)
         self.members[info.node] = member
+        self._alive = None
         if previous is not None and previous.alive and previous.info == info:
             return member, Change(reason=f"node {info.node} re-registered (incarnation {member.incarnation})")
         return member, Change(joined=(info.node,), reason=f"node {info.node} joined at {info.address} ({info.domain})")
@@ -74,8 +79,28 @@ class Membership:
         failed = tuple(sorted(n for n, m in self.members.items() if m.alive and m.lease_deadline < now))
         for node in failed:
             self.members[node] = replace(self.members[node], alive=False)
+        if failed:
+            self._alive = None
         reason = f"lease of {len(failed)} node(s) ran out: {', '.join(failed)}" if failed else ""
         return Change(failed=failed, reason=reason)
 
     def alive(self) -> list[AgentInfo]:
-        return sorted((m.info for m in self.members.values() if m.alive), key=lambda i: i.node)
+        return list(self._live())
+
+    def alive_nodes(self) -> frozenset[str]:
+        self._live()
+        return self._alive_nodes
+
+    def addresses(self) -> dict[str, str]:
+        """node -> peer address of every live member (shared: do not modify)."""
+        self._live()
+        return self._addresses
+
+    def _live(self) -> tuple[AgentInfo, ...]:
+        """The sorted live members, recomputed only after a registration or a failure, so that
+        a heartbeat or a lookup never sorts the whole cluster."""
+        if self._alive is None:
+            self._alive = tuple(sorted((m.info for m in self.members.values() if m.alive), key=lambda i: i.node))
+            self._alive_nodes = frozenset(i.node for i in self._alive)
+            self._addresses = {i.node: i.address for i in self._alive}
+        return self._alive

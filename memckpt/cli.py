@@ -1,6 +1,6 @@
 """`memckpt`: the command line for people who run training clusters.
 
-memckpt demo             a local job loses a rank to kill -9 and resumes from memory
+memckpt demo             a local cluster loses a rank, then a node, and resumes from memory
 memckpt status           what the node agent holds (ranks, slots, steps, memory)
 memckpt release JOB      drops a finished job's snapshots from the agent
 """
@@ -37,14 +37,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="memckpt", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    demo = sub.add_parser("demo", help="run a local job, kill a rank, resume from memory, compare with an undisturbed run")
+    demo = sub.add_parser(
+        "demo",
+        help="run a local cluster and job, kill a rank and a node, resume from memory, compare with an undisturbed run",
+    )
     demo.add_argument("--ranks", type=int, default=2, help="trainer ranks under torchrun, 2-4 (default: 2)")
+    demo.add_argument("--nodes", type=int, help="agents, one per simulated node, at least 4 (default: max(4, ranks))")
     demo.add_argument("--steps", type=int, default=30, help="training steps (default: 30)")
     demo.add_argument("--snapshot-every", type=int, default=1, help="snapshot every N steps (default: 1)")
-    demo.add_argument("--seed", type=int, default=0, help="seed of the run and of the kill step (default: 0)")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the run and of the fault steps (default: 0)")
     demo.add_argument("--preset", default="small", choices=["tiny", "small", "default"], help="model size (default: small)")
-    demo.add_argument("--kill-rank", type=int, default=1, help="rank that gets SIGKILL (default: 1)")
-    demo.add_argument("--kill-at-step", type=int, help="kill after this step (default: drawn from the seed)")
+    demo.add_argument(
+        "--faults",
+        default="rank,node",
+        help="faults in order, comma-separated: rank (SIGKILL of a trainer rank), node (its agent, rank and "
+        "shared memory lost; a replacement joins) (default: rank,node)",
+    )
+    demo.add_argument("--kill-rank", type=int, default=1, help="rank hit by the faults (default: 1)")
+    demo.add_argument("--fault-steps", help="comma-separated step after which each fault strikes (default: drawn from the seed)")
     demo.add_argument("--workdir", type=Path, help="keep sockets, logs and events here (default: a temp dir, removed)")
     demo.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
@@ -202,24 +212,48 @@ def cmd_release(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from memckpt.demo import DemoConfig, run_demo
 
-    if not 2 <= args.ranks <= 4 or not 0 <= args.kill_rank < args.ranks:
-        print("memckpt demo: --ranks must be 2-4 and --kill-rank one of them", file=sys.stderr)
+    try:
+        config = DemoConfig(
+            ranks=args.ranks,
+            nodes=args.nodes or max(4, args.ranks),
+            steps=args.steps,
+            snapshot_every=args.snapshot_every,
+            seed=args.seed,
+            preset=args.preset,
+            faults=tuple(f for f in args.faults.split(",") if f),
+            kill_rank=args.kill_rank,
+            fault_steps=tuple(int(s) for s in args.fault_steps.split(",")) if args.fault_steps else None,
+            workdir=args.workdir,
+        )
+        if not 2 <= config.ranks <= 4:
+            raise ValueError("--ranks must be 2-4")
+    except ValueError as exc:
+        print(f"memckpt demo: {exc}", file=sys.stderr)
         return 2
-    config = DemoConfig(
-        ranks=args.ranks,
-        steps=args.steps,
-        snapshot_every=args.snapshot_every,
-        seed=args.seed,
-        preset=args.preset,
-        kill_rank=args.kill_rank,
-        kill_at_step=args.kill_at_step,
-        workdir=args.workdir,
-    )
     progress = (lambda _msg: None) if args.json else (lambda msg: print(msg, flush=True))
     result = run_demo(config, progress=progress)
     if args.json:
         print(json.dumps(result.as_dict()))
         return 0 if result.bit_exact else 1
+    print()
+    rows = [("", "value")]
+    for r in result.recoveries:
+        what = f"rank {r.rank} killed (SIGKILL)" if r.fault == "rank" else f"node {r.lost_node} lost (rank {r.rank})"
+        sources = ", ".join(f"r{rank}:{source}" for rank, source in sorted(r.sources.items()))
+        rows += [
+            (f"{what} after step", str(r.killed_after_step)),
+            ("  step restored from memory", f"{r.restored_step} ({r.steps_recomputed} steps recomputed)"),
+            ("  where each rank's state came from", sources),
+            ("  recovery (kill -> all ranks restored)", f"{r.recovery_s:.2f} s"),
+            ("  of which restore from memory", f"{r.restore_s * 1e3:.1f} ms"),
+        ]
+    rows += [
+        ("final loss", f"{result.final_loss:.6f}"),
+        ("final loss, uninterrupted run", f"{result.reference_final_loss:.6f}"),
+        ("bit-exact with the uninterrupted run", "yes" if result.bit_exact else f"NO (steps {result.mismatched_steps})"),
+    ]
+    _print_table(rows)
+    return 0 if result.bit_exact else 1
     print()
     _print_table(
         [

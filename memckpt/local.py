@@ -1,4 +1,4 @@
-"""Processes of a local memckpt cluster on one machine: agents and torchrun trainers.
+"""Processes of a local memckpt cluster on one machine: coordinator, agents, torchrun trainers.
 
 Used by `memckpt demo` and by the integration tests. Each agent gets its own socket and
 shm prefix; `stop()` ends a process with TERM, a grace period, then KILL.
@@ -19,7 +19,11 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from memckpt.agent.shm import DEFAULT_ROOT
 from memckpt.errors import Unavailable
+from memckpt.protos import coordinator_pb2 as cpb
+from memckpt.protos import coordinator_pb2_grpc as cpb_grpc
+from memckpt.security import token_metadata
 
 GRACE_S = 10.0
 
@@ -76,6 +80,7 @@ class AgentProcess(ChildProcess):
         log_path: Path,
         extra_args: Sequence[str] = (),
         env: dict[str, str] | None = None,
+        wrapper: Sequence[str] = (),
     ) -> None:
         self.socket_path = socket_path
         self.shm_prefix = shm_prefix
@@ -83,10 +88,12 @@ class AgentProcess(ChildProcess):
         self.log_path = log_path
         self.extra_args = list(extra_args)
         self.env = env
+        self.wrapper = list(wrapper)  # a command prefix that execs the agent, e.g. `ip netns exec NAME`
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout_s: float = 60.0) -> AgentProcess:
         command = [
+            *self.wrapper,
             sys.executable,
             "-m",
             "memckpt.agent",
@@ -209,3 +216,122 @@ class CoordinatorProcess(ChildProcess):
         wait_until(ready, timeout_s, "the coordinator's port")
         self.port = int(self.port_file.read_text())
         return self
+
+
+class LocalCluster:
+    """A coordinator and `nodes` agents on this machine, each agent standing for one node.
+
+    Node i has its own socket `workdir/host{i}.sock`, shm prefix, peer port (loopback) and
+    failure domain (`rack{i}`), so rank r of a trainer started with `socket_template` talks
+    to host r's agent. `lose_node` does what a dead machine does (SIGKILL of its agent, its
+    shared memory gone); `replace_node` starts a fresh agent with a new node name at that
+    host's socket, as a replacement machine would be.
+    """
+
+    def __init__(
+        self,
+        *,
+        workdir: Path,
+        nodes: int,
+        memory_limit: str,
+        shm_prefix: str,
+        token: str,
+        k: int = 2,
+        m: int = 1,
+        lease_s: float = 2.0,
+        heartbeat_interval_s: float = 0.2,
+        agent_args: Sequence[str] = (),
+    ) -> None:
+        if nodes < k + m + 1:
+            raise ValueError(f"{nodes} nodes cannot protect with k={k}, m={m}: an owner needs k+m={k + m} peers")
+        self.workdir = workdir
+        self.token = token
+        self.memory_limit = memory_limit
+        self.shm_base = shm_prefix.removesuffix(".")
+        self.agent_args = list(agent_args)
+        self.coordinator = CoordinatorProcess(
+            workdir=workdir,
+            extra_args=[
+                *("--lease-s", str(lease_s), "--heartbeat-interval-s", str(heartbeat_interval_s)),
+                *("--k", str(k), "--m", str(m), "--token", token),
+            ],
+        )
+        self.hosts: list[AgentProcess | None] = [None] * nodes
+        self.node_names: list[str] = [f"node{i}" for i in range(nodes)]
+        self._next_node = nodes
+
+    @property
+    def socket_template(self) -> Path:
+        return self.workdir / "host{rank}.sock"
+
+    def socket_of(self, host: int) -> Path:
+        return self.workdir / f"host{host}.sock"
+
+    def start(self, timeout_s: float = 60.0) -> LocalCluster:
+        self.coordinator.start(timeout_s)
+        for host in range(len(self.hosts)):
+            self._start_agent(host, timeout_s)
+        wait_until(lambda: len(self.grouped_nodes()) == len(self.hosts), timeout_s, "every agent in a protection group")
+        return self
+
+    def lose_node(self, host: int) -> str:
+        """SIGKILL of the host's agent and removal of its shared memory; returns the node's name."""
+        agent = self.hosts[host]
+        if agent is None:
+            raise ValueError(f"host {host} has no agent")
+        agent.kill()
+        self.hosts[host] = None
+        self._unlink_shm(self.node_names[host])
+        return self.node_names[host]
+
+    def replace_node(self, host: int, timeout_s: float = 60.0) -> str:
+        """A fresh agent, under a new node name, at the lost host's socket; returns its name."""
+        if self.hosts[host] is not None:
+            raise ValueError(f"host {host} still has a live agent")
+        self.node_names[host] = f"node{self._next_node}"
+        self._next_node += 1
+        self._start_agent(host, timeout_s)
+        return self.node_names[host]
+
+    def cluster_status(self) -> cpb.GetClusterStatusResponse:
+        with grpc.insecure_channel(self.coordinator.address) as channel:
+            stub = cpb_grpc.CoordinatorServiceStub(channel)  # type: ignore[no-untyped-call]
+            reply: cpb.GetClusterStatusResponse = stub.GetClusterStatus(
+                cpb.GetClusterStatusRequest(), metadata=token_metadata(self.token), timeout=10
+            )
+            return reply
+
+    def grouped_nodes(self) -> list[str]:
+        """Live agents that are members of a protection group, as the coordinator sees them."""
+        return sorted(a.agent.node for a in self.cluster_status().agents if a.alive and a.group >= 0)
+
+    def stop(self) -> list[int | None]:
+        """Stops every agent (their slots and fragments removed) and the coordinator; exit codes."""
+        codes = [agent.stop() for agent in self.hosts if agent is not None]
+        codes.append(self.coordinator.stop())
+        for node in self.node_names:
+            self._unlink_shm(node)
+        return codes
+
+    def _start_agent(self, host: int, timeout_s: float) -> None:
+        node = self.node_names[host]
+        agent = AgentProcess(
+            socket_path=self.socket_of(host),
+            shm_prefix=f"{self.shm_base}-{node}.",
+            memory_limit=self.memory_limit,
+            log_path=self.workdir / f"{node}.log",
+            extra_args=[
+                *("--on-exit", "remove", "--node", node, "--domain", f"rack{host}"),
+                *("--coordinator", self.coordinator.address, "--token", self.token),
+                *("--advertise", "127.0.0.1:0", "--peer-listen", "127.0.0.1:0"),
+                *self.agent_args,
+            ],
+        )
+        self.hosts[host] = agent
+        agent.start(timeout_s)
+
+    def _unlink_shm(self, node: str) -> None:
+        prefix = f"{self.shm_base}-{node}"  # its slots ("prefix.") and its peers' fragments ("prefix-frag.")
+        for path in DEFAULT_ROOT.iterdir():
+            if path.name.startswith((f"{prefix}.", f"{prefix}-")):
+                path.unlink(missing_ok=True)

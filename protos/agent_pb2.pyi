@@ -123,20 +123,22 @@ class OpenRestoreRequest(_message.Message):
     def __init__(self, job: _Optional[str] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ...) -> None: ...
 
 class OpenRestoreResponse(_message.Message):
-    __slots__ = ("step", "slot_name", "slot_size_bytes", "data_size_bytes", "meta", "checksums")
+    __slots__ = ("step", "slot_name", "slot_size_bytes", "data_size_bytes", "meta", "checksums", "source")
     STEP_FIELD_NUMBER: _ClassVar[int]
     SLOT_NAME_FIELD_NUMBER: _ClassVar[int]
     SLOT_SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     DATA_SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     META_FIELD_NUMBER: _ClassVar[int]
     CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
     step: int
     slot_name: str
     slot_size_bytes: int
     data_size_bytes: int
     meta: bytes
     checksums: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, step: _Optional[int] = ..., slot_name: _Optional[str] = ..., slot_size_bytes: _Optional[int] = ..., data_size_bytes: _Optional[int] = ..., meta: _Optional[bytes] = ..., checksums: _Optional[_Iterable[int]] = ...) -> None: ...
+    source: str
+    def __init__(self, step: _Optional[int] = ..., slot_name: _Optional[str] = ..., slot_size_bytes: _Optional[int] = ..., data_size_bytes: _Optional[int] = ..., meta: _Optional[bytes] = ..., checksums: _Optional[_Iterable[int]] = ..., source: _Optional[str] = ...) -> None: ...
 
 class ReleaseJobRequest(_message.Message):
     __slots__ = ("job",)

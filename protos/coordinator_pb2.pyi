@@ -71,16 +71,30 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, node: _Optional[str] = ..., incarnation: _Optional[int] = ..., held: _Optional[_Iterable[_Union[HeldSnapshot, _Mapping]]] = ..., memory_used_bytes: _Optional[int] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("accepted", "group", "k", "m")
+    __slots__ = ("accepted", "group", "k", "m", "protection")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     GROUP_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     M_FIELD_NUMBER: _ClassVar[int]
+    PROTECTION_FIELD_NUMBER: _ClassVar[int]
     accepted: bool
     group: _containers.RepeatedCompositeFieldContainer[AgentDescription]
     k: int
     m: int
-    def __init__(self, accepted: _Optional[bool] = ..., group: _Optional[_Iterable[_Union[AgentDescription, _Mapping]]] = ..., k: _Optional[int] = ..., m: _Optional[int] = ...) -> None: ...
+    protection: _containers.RepeatedCompositeFieldContainer[JobProtection]
+    def __init__(self, accepted: _Optional[bool] = ..., group: _Optional[_Iterable[_Union[AgentDescription, _Mapping]]] = ..., k: _Optional[int] = ..., m: _Optional[int] = ..., protection: _Optional[_Iterable[_Union[JobProtection, _Mapping]]] = ...) -> None: ...
+
+class JobProtection(_message.Message):
+    __slots__ = ("job", "generation", "target_step", "keep_step")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    TARGET_STEP_FIELD_NUMBER: _ClassVar[int]
+    KEEP_STEP_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    generation: int
+    target_step: int
+    keep_step: int
+    def __init__(self, job: _Optional[str] = ..., generation: _Optional[int] = ..., target_step: _Optional[int] = ..., keep_step: _Optional[int] = ...) -> None: ...
 
 class StartGenerationRequest(_message.Message):
     __slots__ = ("job", "world_size", "previous_generation")

@@ -23,7 +23,7 @@ from memckpt.agent.config import SOCKET_ENV, default_socket
 from memckpt.agent.shm import ShmDir
 from memckpt.agent.slots import Attempt
 from memckpt.agent.store import SlotGrant
-from memckpt.errors import InvalidRequest, MemckptError, NotFound
+from memckpt.errors import CorruptSnapshot, InvalidRequest, MemckptError, NotFound
 from memckpt.names import check_name
 from memckpt.trainer.client import AgentClient
 from memckpt.trainer.copier import Copier, CopyJob, MappedSlot
@@ -38,6 +38,18 @@ def default_copy_threads() -> int:
     """This rank's share of the cores, at least 1 and at most 4."""
     local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     return max(1, min(4, (os.cpu_count() or 1) // local_ranks))
+
+
+def socket_for_rank(template: Path | str, rank: int) -> Path:
+    """The agent socket of this rank: `{rank}` and `{local_rank}` in `template` filled in."""
+    text = str(template)
+    if "{" not in text:
+        return Path(text)
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    try:
+        return Path(text.format(rank=rank, local_rank=local_rank))
+    except (KeyError, IndexError, ValueError) as exc:
+        raise InvalidRequest(f"socket path {text!r}: only {{rank}} and {{local_rank}} may be filled in ({exc})") from None
 
 
 def _as_memckpt_error(exc: Exception, step: int) -> MemckptError:
@@ -90,6 +102,8 @@ class Checkpointer:
         job: the job's name (`[A-Za-z0-9._-]{1,64}`), shared by all its ranks.
         rank, world_size: default to torchrun's RANK and WORLD_SIZE.
         socket_path: the agent's socket; default MEMCKPT_SOCKET, else the agent's default.
+            `{rank}` and `{local_rank}` in it are replaced by this rank's, so ranks on one
+            machine can be spread over several agents (tests, demos: one agent per "node").
         strict: raise on snapshot failures instead of logging and counting them.
         generation, run_id: the job's attempt, so the agent refuses the snapshots of an earlier
             attempt's zombies; default: torchrun's TORCHELASTIC_RESTART_COUNT + 1 (1 outside
@@ -113,7 +127,7 @@ class Checkpointer:
         self.job = check_name(job, "job")
         self.rank = int(os.environ.get("RANK", 0)) if rank is None else rank
         self.world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
-        self.socket_path = Path(socket_path or os.environ.get(SOCKET_ENV) or default_socket())
+        self.socket_path = socket_for_rank(socket_path or os.environ.get(SOCKET_ENV) or default_socket(), self.rank)
         self.strict = strict
         self.stats = CheckpointerStats()
         if generation is None:
@@ -130,6 +144,7 @@ class Checkpointer:
         self._registered_bytes = 0
         self._inflight: SnapshotHandle | None = None
         self._warned: set[str] = set()
+        self.restored_from = ""  # after a restore: "local" or "fragments" (rebuilt from peers)
 
     # -- the API ---------------------------------------------------------------------
 
@@ -179,11 +194,15 @@ class Checkpointer:
 
         Raises:
             CorruptSnapshot: the stored bytes fail their checksum (gRPC DATA_LOSS); not loaded.
+            CorruptSnapshot: also when ranks hold snapshots but no step common to all of them
+                (memory cannot restore the job; never a silent fresh start).
             Unavailable: the agent cannot be reached.
         """
         self.wait()
         held = self._client.list_snapshots()
         choice = self._choose_step(list(held), coordinate)
+        if choice.lost:
+            raise CorruptSnapshot(f"job {self.job!r} rank {self.rank}: {choice.reason}")
         if choice.step is None:
             log.info("restore job=%s rank=%d: %s", self.job, self.rank, choice.reason)
             return None
@@ -210,11 +229,13 @@ class Checkpointer:
             for name in {source.name, known} - set(self._slot_names.values()) - {""}:
                 if name in self._slots:
                     self._slots.pop(name).close()  # fill copied everything out of it
+        self.restored_from = source.source
         log.info(
-            "restored job=%s rank=%d step=%d bytes=%d s=%.3f",
+            "restored job=%s rank=%d step=%d from=%s bytes=%d s=%.3f",
             self.job,
             self.rank,
             source.step,
+            source.source,
             source.data_size_bytes,
             time.perf_counter() - start,
         )

@@ -54,7 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seq-len", type=int, help="override the preset's sequence length")
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per rank per step (default: 8)")
     parser.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate (default: 3e-4)")
-    parser.add_argument("--socket", type=Path, help=f"the node agent's socket (default: ${SOCKET_ENV}, else {default_socket()})")
+    parser.add_argument(
+        "--socket",
+        type=Path,
+        help=f"the node agent's socket; {{rank}}, {{local_rank}} are filled in (default: ${SOCKET_ENV}, else {default_socket()})",
+    )
     parser.add_argument("--threads", type=int, help="torch threads per rank (default: cores / local ranks)")
     parser.add_argument("--events", type=Path, help="append one JSON line per event (start, restore, step, end) to this file")
     parser.add_argument("--step-delay-s", type=float, default=0.0, help="sleep after each step (to watch a demo)")
@@ -151,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
             apply_training_state(model, optimizer, state)
             first_step = int(state["data"])
             state = training_state(model, optimizer, step=restored, data_position=first_step)
-            events.write("restore", step=restored, restore_s=time.perf_counter() - started)
+            events.write("restore", step=restored, restore_s=time.perf_counter() - started, source=ck.restored_from)
     if rank == 0:
         log.info("job=%s world=%d parameters=%d first_step=%d", args.job, world, count_parameters(model), first_step)
         if first_step > 1:

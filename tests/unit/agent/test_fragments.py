@@ -22,6 +22,7 @@ from memckpt.agent.fragments import (
     encode_fragment_manifest,
     fragment_prefix,
     iter_chunks,
+    versions_to_keep,
 )
 from memckpt.agent.peer_service import header_from_proto, header_to_proto
 from memckpt.agent.shm import ShmDir
@@ -115,9 +116,9 @@ def test_upload_decisions_keep_the_newest_version_and_one_in_flight() -> None:
     assert not decide_upload((1, 6), None, (1, 7)).accept
 
 
-def test_completion_replaces_older_sets_and_joins_the_same_version() -> None:
-    assert decide_completion((1, 5), None) is Completion.REPLACE
-    assert decide_completion((1, 6), (1, 5)) is Completion.REPLACE
+def test_completion_makes_a_newer_set_the_newest_and_joins_the_same_version() -> None:
+    assert decide_completion((1, 5), None) is Completion.NEWEST
+    assert decide_completion((1, 6), (1, 5)) is Completion.NEWEST
     assert decide_completion((1, 5), (1, 5)) is Completion.ADD
     assert decide_completion((1, 4), (1, 5)) is Completion.DROP
 
@@ -225,20 +226,46 @@ def test_a_misplaced_fragment_is_refused_before_anything_is_allocated(shm: ShmDi
     assert shm.list_names(PREFIX) == []
 
 
-def test_a_newer_step_replaces_the_older_and_an_older_one_is_refused(shm: ShmDir) -> None:
+def test_versions_kept_are_the_newest_and_the_coordinators_or_else_the_one_before() -> None:
+    versions = [(1, 5), (1, 7), (1, 6)]
+    assert versions_to_keep(versions, None) == {(1, 7), (1, 6)}
+    assert versions_to_keep(versions, (1, 5)) == {(1, 7), (1, 5)}
+    assert versions_to_keep(versions, (1, 4)) == {(1, 7), (1, 6)}, "a kept version not held here: the one before"
+    assert versions_to_keep([(2, 3), (1, 9)], None) == {(2, 3), (1, 9)}, "generations first, then steps"
+    assert versions_to_keep([], (1, 5)) == set()
+
+
+def test_newer_steps_keep_two_versions_and_an_older_one_is_refused(shm: ShmDir) -> None:
     budget = MemoryBudget(limit_bytes=1 << 20)
     store = make_store(shm, budget)
-    newer = DATA[::-1]
-    store.put(header(DATA, step=5), chunks(fragments_of(DATA)[0], 1000))
-    store.put(header(newer, step=6), chunks(fragments_of(newer)[0], 1000))
-    assert read_back(store) == fragments_of(newer)[0]
+    datas = {step: bytes([step]) * len(DATA) for step in (5, 6, 7)}
+    for step, data in datas.items():
+        store.put(header(data, step=step), chunks(fragments_of(data)[0], 1000))
+    assert read_back(store) == fragments_of(datas[7])[0], "the newest by default"
+    assert read_back(store, step=6) == fragments_of(datas[6])[0], "the one before stays"
     with pytest.raises(NotFound):
         store.open_fragment("j", 0, 0, 5)
-    assert len([n for n in shm.list_names(PREFIX) if not n.endswith(".manifest")]) == 1
-    assert budget.used_bytes == len(fragments_of(newer)[0])
+    assert len([n for n in shm.list_names(PREFIX) if not n.endswith(".manifest")]) == 2
+    assert budget.used_bytes == 2 * len(fragments_of(datas[7])[0])
     with pytest.raises(StaleGeneration):
-        store.put(header(DATA, step=5), chunks(fragments_of(DATA)[0], 1000))
-    assert [h.step for h in store.held()] == [6]
+        store.put(header(datas[5], step=5), chunks(fragments_of(datas[5])[0], 1000))
+    assert sorted(h.step for h in store.held()) == [6, 7]
+
+
+def test_the_version_every_rank_is_protected_at_stays_until_the_coordinator_moves_on(shm: ShmDir) -> None:
+    kept: dict[str, tuple[int, int] | None] = {"j": (1, 5)}
+    store = FragmentStore(
+        shm=shm, prefix=PREFIX, budget=MemoryBudget(limit_bytes=1 << 20), node="b", group=lambda: GROUP, kept_version=kept.get
+    )
+    datas = {step: bytes([step]) * len(DATA) for step in (5, 6, 7)}
+    for step, data in datas.items():
+        store.put(header(data, step=step), chunks(fragments_of(data)[0], 1000))
+    assert sorted(h.step for h in store.held()) == [5, 7], "6 went: 5 is where the job is safe"
+    assert store.prune() == 0
+    kept["j"] = (1, 7)
+    assert store.prune() == 1 and [h.step for h in store.held()] == [7]
+    restarted = make_store(shm)
+    assert restarted.adopt() == 1 and read_back(restarted) == fragments_of(datas[7])[0], "the manifest follows the prune"
 
 
 def test_a_newer_upload_supersedes_the_one_in_flight(shm: ShmDir) -> None:

@@ -160,3 +160,17 @@ def test_check_begin_refuses_like_begin_without_changing_anything() -> None:
     with pytest.raises(Unavailable):
         slots.check_begin(3)
     assert slots.session_step == 2 and slots.committed_steps() == [2, 1]
+
+
+def test_to_protect_follows_the_coordinators_target_and_skips_what_is_not_ready() -> None:
+    slots = new_rank_slots(RankKey(job="j", rank=0), 1, 100)
+    older, newer = committed(slots, 5), committed(slots, 6)
+    assert slots.to_protect(None) is None and slots.to_protect(5) is None, "nothing is checksummed yet"
+    slots.set_checksums(older.index, older.commit_id, (1,))
+    slots.set_checksums(newer.index, newer.commit_id, (2,))
+    assert slots.to_protect(None).step == 6, "without a target: the newest commit"
+    assert slots.to_protect(5).step == 5, "the target, although a newer step is committed"
+    assert slots.to_protect(4) is None, "a target this rank no longer holds"
+    assert slots.to_protect(-1) is None, "the coordinator says: nothing now"
+    slots.set_protected(older.index, older.commit_id)
+    assert slots.to_protect(5) is None, "already protected"

@@ -1,0 +1,604 @@
+"""How one coordinator copes with thousands of agents: heartbeat latency and the whole job's plan.
+
+One real `memckpt-coordinator` process; a few load-generator processes (grpc.aio, a few TCP
+connections each) play thousands of agents that register, then heartbeat every second with
+their whole inventory, as `agent/coordination.py` does: per rank they own, the two committed
+slots (the newer one protected half a step later), and one fragment of each rank of the three
+agents before them (k=2, m=1). Ranks commit a new step every `--step-interval-s`, so the
+inventories change all the time, as in training with a snapshot every step.
+
+A heartbeat's latency runs from its send to its reply, measured by the client. A client that
+falls behind its schedule (the machine is shared) sends late: that lag is the client's, not
+the coordinator's, and is reported apart, with the share of heartbeats sent on time. After the
+steady-state window the job restarts (StartGeneration) and asks for its recovery plan for every
+rank (GetRecoveryPlan, pinned), then every rank locates its snapshots (LocateSnapshots, the
+RPC the agents' restore path calls), while the heartbeats go on; the plan is also computed in
+process, without gRPC, on the same inventory.
+
+    python bench/coordinator_scale.py --agents 2000 --ranks-per-agent 8 --duration-s 30 [--quick] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import math
+import os
+import select
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from memckpt.coordinator.cluster import Cluster, Held
+from memckpt.coordinator.membership import AgentInfo
+from memckpt.local import CoordinatorProcess, stop_process
+from memckpt.protos import coordinator_pb2 as pb
+
+JOB = "scale"
+K, M = 2, 1
+FIRST_STEP = 100
+SNAPSHOT_BYTES = 1 << 30
+DOMAINS = 50  # racks
+ON_TIME_S = 0.1  # a heartbeat sent later than this after its slot was late (the client's fault)
+CALL_TIMEOUT_S = 10.0
+CHANNELS_PER_CLIENT = 4
+REGISTER_CONCURRENCY = 32
+LOCATE_CONCURRENCY = 64
+TARGET_HEARTBEAT_P99_MS = 50.0
+TARGET_PLAN_S = 1.0
+SERVICE = "/memckpt.v1.CoordinatorService/"
+LOG_TAIL_BYTES = 4000
+
+
+def progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# --- the simulated cluster --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Shape:
+    agents: int
+    ranks_per_agent: int
+    step_interval_s: float
+
+    @property
+    def ranks(self) -> int:
+        return self.agents * self.ranks_per_agent
+
+    def steps_at(self, t: float, t0: float) -> tuple[int, int]:
+        """(newest committed, newest protected) step of every rank at time `t`: a step commits
+        every `step_interval_s` from `t0`, and is protected half an interval later."""
+        steps = max(0.0, t - t0) / self.step_interval_s
+        return FIRST_STEP + math.floor(steps), FIRST_STEP - 1 + math.floor(steps + 0.5)
+
+
+def node_name(agent: int) -> str:
+    return f"node-{agent:05d}"
+
+
+def agent_info(agent: int) -> AgentInfo:
+    return AgentInfo(
+        node=node_name(agent),
+        address=f"10.{agent // 250}.{agent % 250}.1:7401",
+        capacity_bytes=64 << 30,
+        domain=f"rack-{agent % DOMAINS:03d}",
+    )
+
+
+def inventory(shape: Shape, agent: int, committed: int, protected: int) -> tuple[Held, ...]:
+    """What one agent holds: two committed slots per own rank, one fragment of each rank of
+    the k+m agents before it (its holders are the k+m agents after the owner)."""
+    held = []
+    for rank in range(agent * shape.ranks_per_agent, (agent + 1) * shape.ranks_per_agent):
+        for step in (committed, committed - 1):
+            held.append(Held(job=JOB, rank=rank, step=step, generation=1, protected=step <= protected))
+    for distance in range(1, K + M + 1):
+        owner = (agent - distance) % shape.agents
+        if owner == agent:
+            continue
+        for rank in range(owner * shape.ranks_per_agent, (owner + 1) * shape.ranks_per_agent):
+            held.append(
+                Held(
+                    job=JOB,
+                    rank=rank,
+                    step=protected,
+                    generation=1,
+                    fragment_indices=(distance - 1,),
+                    k=K,
+                    m=M,
+                    size_bytes=SNAPSHOT_BYTES,
+                )
+            )
+    return tuple(held)
+
+
+def to_proto(held: Sequence[Held]) -> list[pb.HeldSnapshot]:
+    return [
+        pb.HeldSnapshot(
+            job=h.job,
+            rank=h.rank,
+            step=h.step,
+            generation=h.generation,
+            fragment_indices=list(h.fragment_indices),
+            k=h.k,
+            m=h.m,
+            size_bytes=h.size_bytes,
+            protected=h.protected,
+        )
+        for h in held
+    ]
+
+
+# --- a load-generator process -----------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class ClientStats:
+    latencies_s: list[float] = dataclasses.field(default_factory=list)  # in the window
+    lags_s: list[float] = dataclasses.field(default_factory=list)
+    during_plan_latencies_s: list[float] = dataclasses.field(default_factory=list)  # after the window
+    missed: int = 0  # slots skipped because the client was a whole interval behind
+    failed: int = 0
+    failures: dict[str, int] = dataclasses.field(default_factory=dict)  # status code -> count
+    refused: int = 0
+    inventory_entries: int = 0
+    heartbeats_sent: int = 0
+
+
+class SimulatedAgents:
+    def __init__(self, shape: Shape, first: int, count: int, address: str, interval_s: float) -> None:
+        self.shape = shape
+        self.agents = range(first, first + count)
+        self.interval_s = interval_s
+        self.channels = [
+            grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1), ("grpc.channel_id", i)])
+            for i in range(CHANNELS_PER_CLIENT)
+        ]
+        # raw bytes both ways: requests are serialized once per inventory change
+        self.register = [c.unary_unary(SERVICE + "RegisterAgent") for c in self.channels]
+        self.heartbeat = [c.unary_unary(SERVICE + "Heartbeat") for c in self.channels]
+        self.incarnations: dict[int, int] = {}
+        self.requests: dict[int, tuple[tuple[int, int], bytes]] = {}
+        self.stats = ClientStats()
+        self.t0 = 0.0
+        self.window = (0.0, 0.0)
+        self.stopping = asyncio.Event()
+
+    def _channel(self, agent: int) -> int:
+        return agent % len(self.channels)
+
+    async def register_all(self) -> None:
+        gate = asyncio.Semaphore(REGISTER_CONCURRENCY)
+
+        async def one(agent: int) -> None:
+            async with gate:
+                committed, protected = self.shape.steps_at(time.monotonic(), math.inf)
+                request = pb.RegisterAgentRequest(
+                    agent=pb.AgentDescription(**dataclasses.asdict(agent_info(agent))),
+                    held=to_proto(inventory(self.shape, agent, committed, protected)),
+                )
+                raw = await self.register[self._channel(agent)](request.SerializeToString(), timeout=CALL_TIMEOUT_S * 6)
+                self.incarnations[agent] = pb.RegisterAgentResponse.FromString(raw).incarnation
+
+        await asyncio.gather(*(one(a) for a in self.agents))
+
+    def _request(self, agent: int, now: float) -> bytes:
+        steps = self.shape.steps_at(min(now, self.window[1]), self.t0)  # the job stops at the window's end
+        cached = self.requests.get(agent)
+        if cached is not None and cached[0] == steps:
+            return cached[1]
+        held = inventory(self.shape, agent, *steps)
+        self.stats.inventory_entries = len(held)
+        request = pb.HeartbeatRequest(
+            node=node_name(agent),
+            incarnation=self.incarnations[agent],
+            held=to_proto(held),
+            memory_used_bytes=2 * self.shape.ranks_per_agent * SNAPSHOT_BYTES,
+        ).SerializeToString()
+        self.requests[agent] = (steps, request)
+        return request
+
+    async def beat(self, agent: int, phase_s: float) -> None:
+        loop = asyncio.get_running_loop()
+        call = self.heartbeat[self._channel(agent)]
+        slot = self.t0 + phase_s
+        stats = self.stats
+        while not self.stopping.is_set():
+            delay = slot - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+                if self.stopping.is_set():
+                    return
+            request = self._request(agent, slot)
+            sent = time.monotonic()
+            try:
+                raw = await call(request, timeout=CALL_TIMEOUT_S)
+            except grpc.aio.AioRpcError as exc:
+                stats.failed += 1
+                stats.failures[exc.code().name] = stats.failures.get(exc.code().name, 0) + 1
+                raw = None
+            done = time.monotonic()
+            stats.heartbeats_sent += 1
+            if raw is not None and not pb.HeartbeatResponse.FromString(raw).accepted:
+                stats.refused += 1
+            if self.window[0] <= slot < self.window[1]:
+                stats.latencies_s.append(done - sent)
+                stats.lags_s.append(sent - slot)
+            elif slot >= self.window[1]:
+                stats.during_plan_latencies_s.append(done - sent)
+            slot += self.interval_s
+            while slot < time.monotonic() - self.interval_s:  # a whole interval behind: skip a beat
+                stats.missed += self.window[0] <= slot < self.window[1]
+                slot += self.interval_s
+
+    async def close(self) -> None:
+        for channel in self.channels:
+            await channel.close()
+
+
+async def read_line(loop: asyncio.AbstractEventLoop) -> str:
+    return await loop.run_in_executor(None, sys.stdin.readline)
+
+
+async def client_main(args: argparse.Namespace) -> int:
+    """One load generator: registers its agents, says `ready`, then heartbeats from the `start`
+    line it reads (t0, window start, window end: monotonic seconds) until `stop`; prints its stats."""
+    loop = asyncio.get_running_loop()
+    shape = Shape(agents=args.agents, ranks_per_agent=args.ranks_per_agent, step_interval_s=args.step_interval_s)
+    sim = SimulatedAgents(shape, args.first_agent, args.agent_count, args.address, args.interval_s)
+    cpu_start = time.process_time()
+    await sim.register_all()
+    print("ready", flush=True)
+    _, t0, begin, end = (await read_line(loop)).split()
+    sim.t0, sim.window = float(t0), (float(begin), float(end))
+    cpu_begin, wall_begin = time.process_time(), time.monotonic()
+    tasks = [
+        asyncio.create_task(sim.beat(a, sim.interval_s * ((a * 0.618034) % 1.0)))  # spread phases evenly
+        for a in sim.agents
+    ]
+    await read_line(loop)  # "stop"
+    cpu_end, wall_end = time.process_time(), time.monotonic()
+    sim.stopping.set()
+    await asyncio.gather(*tasks)
+    await sim.close()
+    report = dataclasses.asdict(sim.stats) | {
+        "cpu_s": cpu_end - cpu_begin,
+        "wall_s": wall_end - wall_begin,
+        "register_cpu_s": cpu_begin - cpu_start,
+        "window_s": float(end) - float(begin),
+    }
+    print(json.dumps(report), flush=True)
+    return 0
+
+
+# --- the driver -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ScaleReport:
+    agents: int
+    ranks: int
+    clients: int
+    duration_s: float
+    heartbeat_interval_s: float
+    step_interval_s: float
+    inventory_entries: int  # per heartbeat
+    register_s: float
+    heartbeats: int  # in the window
+    heartbeats_per_s: float
+    heartbeat_p50_ms: float
+    heartbeat_p90_ms: float
+    heartbeat_p99_ms: float
+    heartbeat_max_ms: float
+    heartbeats_on_time: float  # share sent within ON_TIME_S of their slot
+    client_lag_p50_ms: float
+    client_lag_p99_ms: float
+    heartbeats_missed: int  # slots the clients skipped, a whole interval behind
+    heartbeats_failed: int
+    heartbeat_failures: dict[str, int]  # status code -> count
+    heartbeats_refused: int
+    coordinator_cpu_pct: float  # of one core, over the window
+    clients_cpu_pct: float  # all load generators together, of one core
+    plan_s: float  # GetRecoveryPlan of the whole job, first ask (computed and pinned)
+    plan_again_s: float  # the pinned plan asked again
+    plan_step: int
+    plan_sources: int
+    plan_compute_s: float  # Cluster.recovery_plan in process, no gRPC
+    locate_all_s: float  # LocateSnapshots for every rank, LOCATE_CONCURRENCY in flight
+    locate_p50_ms: float
+    locate_p99_ms: float
+    locate_compute_s: float  # Cluster.locate of every rank in process
+    during_restore_heartbeat_p99_ms: float  # heartbeats while the plan and locates ran
+    during_restore_heartbeat_max_ms: float
+    heartbeat_target_met: bool
+    plan_target_met: bool
+
+
+def percentile(samples: Sequence[float], q: float) -> float:
+    if not samples:
+        return math.nan
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+def process_cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def start_clients(args: argparse.Namespace, address: str) -> list[subprocess.Popen[str]]:
+    per_client = math.ceil(args.agents / args.clients)
+    clients = []
+    for first in range(0, args.agents, per_client):
+        command = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--client",
+            *("--address", address, "--first-agent", str(first), "--agent-count", str(min(per_client, args.agents - first))),
+            *("--agents", str(args.agents), "--ranks-per-agent", str(args.ranks_per_agent)),
+            *("--interval-s", str(args.interval_s), "--step-interval-s", str(args.step_interval_s)),
+        ]
+        clients.append(
+            subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True)
+        )
+    return clients
+
+
+def expect_line(client: subprocess.Popen[str], timeout_s: float, what: str) -> str:
+    assert client.stdout is not None
+    ready, _, _ = select.select([client.stdout], [], [], timeout_s)
+    line = client.stdout.readline() if ready else ""
+    if not line:
+        raise RuntimeError(f"load generator {client.pid} gave no {what} (exit code {client.poll()})")
+    return line
+
+
+def tell(clients: Sequence[subprocess.Popen[str]], line: str) -> None:
+    for client in clients:
+        assert client.stdin is not None
+        client.stdin.write(line + "\n")
+        client.stdin.flush()
+
+
+async def restore_storm(address: str, shape: Shape) -> tuple[float, float, int, int, float, list[float]]:
+    """A restarted job: a new generation, the whole job's plan (twice: computed, then pinned),
+    then every rank's LocateSnapshots. Returns plan_s, plan_again_s, step, sources, locate_all_s,
+    locate latencies."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        start = channel.unary_unary(
+            SERVICE + "StartGeneration",
+            request_serializer=pb.StartGenerationRequest.SerializeToString,
+            response_deserializer=pb.StartGenerationResponse.FromString,
+        )
+        plan_call = channel.unary_unary(
+            SERVICE + "GetRecoveryPlan",
+            request_serializer=pb.GetRecoveryPlanRequest.SerializeToString,
+            response_deserializer=pb.GetRecoveryPlanResponse.FromString,
+        )
+        locate = channel.unary_unary(
+            SERVICE + "LocateSnapshots",
+            request_serializer=pb.LocateSnapshotsRequest.SerializeToString,
+            response_deserializer=pb.LocateSnapshotsResponse.FromString,
+        )
+        generation = (
+            await start(pb.StartGenerationRequest(job=JOB, world_size=shape.ranks, previous_generation=1), timeout=60)
+        ).generation
+        began = time.perf_counter()
+        plan = await plan_call(pb.GetRecoveryPlanRequest(job=JOB, generation=generation), timeout=600)
+        plan_s = time.perf_counter() - began
+        began = time.perf_counter()
+        await plan_call(pb.GetRecoveryPlanRequest(job=JOB, generation=generation), timeout=600)
+        plan_again_s = time.perf_counter() - began
+        if not plan.has_plan or len(plan.sources) != shape.ranks:
+            raise RuntimeError(f"no plan for the whole job: {plan.reason}")
+        progress(f"plan: step {plan.step} for {len(plan.sources)} ranks in {plan_s:.3f}s (pinned: {plan_again_s:.3f}s)")
+        latencies: list[float] = []
+        gate = asyncio.Semaphore(LOCATE_CONCURRENCY)
+
+        async def one(rank: int) -> None:
+            async with gate:
+                sent = time.perf_counter()
+                reply = await locate(pb.LocateSnapshotsRequest(job=JOB, rank=rank), timeout=600)
+                latencies.append(time.perf_counter() - sent)
+                if not reply.locations or reply.lost_reason:
+                    raise RuntimeError(f"rank {rank} cannot be located: {reply.lost_reason}")
+
+        began = time.perf_counter()
+        await asyncio.gather(*(one(r) for r in range(shape.ranks)))
+        locate_all_s = time.perf_counter() - began
+        progress(f"LocateSnapshots of {shape.ranks} ranks: {locate_all_s:.3f}s")
+        return plan_s, plan_again_s, plan.step, len(plan.sources), locate_all_s, latencies
+
+
+def compute_in_process(shape: Shape) -> tuple[float, float]:
+    """The plan and every rank's locate, on the same inventory, without gRPC or other load."""
+    cluster = Cluster(k=K, m=M, lease_s=1e9)
+    committed, protected = shape.steps_at(0.0, math.inf)
+    for agent in range(shape.agents):
+        cluster.register_agent(agent_info(agent), inventory(shape, agent, committed, protected), now=0.0)
+    generation = cluster.start_generation(JOB, shape.ranks, previous=1)
+    began = time.perf_counter()
+    decision = cluster.recovery_plan(JOB, generation)
+    plan_s = time.perf_counter() - began
+    assert decision.plan is not None and len(decision.plan.sources) == shape.ranks, decision.reason
+    began = time.perf_counter()
+    for rank in range(shape.ranks):
+        found, _ = cluster.locate(JOB, rank)
+        assert found, rank
+    return plan_s, time.perf_counter() - began
+
+
+def run(args: argparse.Namespace) -> ScaleReport:
+    shape = Shape(agents=args.agents, ranks_per_agent=args.ranks_per_agent, step_interval_s=args.step_interval_s)
+    with tempfile.TemporaryDirectory(prefix="memckpt-coordinator-scale-") as workdir:
+        coordinator = CoordinatorProcess(
+            workdir=Path(workdir),
+            extra_args=[
+                *("--lease-s", str(max(10.0, 10 * args.interval_s)), "--heartbeat-interval-s", str(args.interval_s)),
+                *("--k", str(K), "--m", str(M), "--log-level", "WARNING"),
+            ],
+        )
+        clients: list[subprocess.Popen[str]] = []
+        try:
+            coordinator.start()
+            progress(f"coordinator pid {coordinator.pid} on {coordinator.address}; registering {args.agents} agents")
+            began = time.monotonic()
+            clients = start_clients(args, coordinator.address)
+            for client in clients:
+                expect_line(client, 600, "ready")
+            register_s = time.monotonic() - began
+            progress(f"{args.agents} agents registered in {register_s:.2f}s; warming up {args.warmup_s:.0f}s")
+            t0 = time.monotonic() + 0.2
+            window = (t0 + args.warmup_s, t0 + args.warmup_s + args.duration_s)
+            tell(clients, f"start {t0!r} {window[0]!r} {window[1]!r}")
+            time.sleep(max(0.0, window[0] - time.monotonic()))
+            cpu_begin = process_cpu_s(coordinator.pid)
+            time.sleep(max(0.0, window[1] - time.monotonic()))
+            cpu_window = process_cpu_s(coordinator.pid) - cpu_begin
+            progress("steady state measured; the job stops, and restarts once every agent reported its last step")
+            time.sleep(args.interval_s + 0.5)
+            plan_s, plan_again_s, step, sources, locate_all_s, locates = asyncio.run(restore_storm(coordinator.address, shape))
+            time.sleep(args.interval_s)  # heartbeats stuck behind the restore complete
+            tell(clients, "stop")
+            results = [json.loads(expect_line(c, 120, "report")) for c in clients]
+            for client in clients:
+                client.wait(30)
+        except BaseException:
+            tail = coordinator.log_path.read_bytes()[-LOG_TAIL_BYTES:] if coordinator.log_path.exists() else b""
+            progress(f"coordinator log tail:\n{tail.decode(errors='replace')}")
+            raise
+        finally:
+            for client in clients:
+                stop_process(client, grace_s=2.0)  # type: ignore[arg-type]
+            coordinator.stop()
+    progress("computing the plan in process")
+    plan_compute_s, locate_compute_s = compute_in_process(shape)
+    latencies = [x for r in results for x in r["latencies_s"]]
+    lags = [x for r in results for x in r["lags_s"]]
+    during = [x for r in results for x in r["during_plan_latencies_s"]]
+    p99_ms = percentile(latencies, 0.99) * 1e3
+    return ScaleReport(
+        agents=args.agents,
+        ranks=shape.ranks,
+        clients=len(clients),
+        duration_s=args.duration_s,
+        heartbeat_interval_s=args.interval_s,
+        step_interval_s=args.step_interval_s,
+        inventory_entries=max(r["inventory_entries"] for r in results),
+        register_s=register_s,
+        heartbeats=len(latencies),
+        heartbeats_per_s=len(latencies) / args.duration_s,
+        heartbeat_p50_ms=percentile(latencies, 0.50) * 1e3,
+        heartbeat_p90_ms=percentile(latencies, 0.90) * 1e3,
+        heartbeat_p99_ms=p99_ms,
+        heartbeat_max_ms=max(latencies, default=math.nan) * 1e3,
+        heartbeats_on_time=sum(lag <= ON_TIME_S for lag in lags) / max(1, len(lags)),
+        client_lag_p50_ms=percentile(lags, 0.50) * 1e3,
+        client_lag_p99_ms=percentile(lags, 0.99) * 1e3,
+        heartbeats_missed=sum(r["missed"] for r in results),
+        heartbeats_failed=sum(r["failed"] for r in results),
+        heartbeat_failures={
+            code: sum(r["failures"].get(code, 0) for r in results) for code in {c for r in results for c in r["failures"]}
+        },
+        heartbeats_refused=sum(r["refused"] for r in results),
+        coordinator_cpu_pct=100 * cpu_window / args.duration_s,
+        clients_cpu_pct=100 * sum(r["cpu_s"] / r["wall_s"] for r in results),
+        plan_s=plan_s,
+        plan_again_s=plan_again_s,
+        plan_step=step,
+        plan_sources=sources,
+        plan_compute_s=plan_compute_s,
+        locate_all_s=locate_all_s,
+        locate_p50_ms=percentile(locates, 0.50) * 1e3,
+        locate_p99_ms=percentile(locates, 0.99) * 1e3,
+        locate_compute_s=locate_compute_s,
+        during_restore_heartbeat_p99_ms=percentile(during, 0.99) * 1e3,
+        during_restore_heartbeat_max_ms=max(during, default=math.nan) * 1e3,
+        heartbeat_target_met=p99_ms < TARGET_HEARTBEAT_P99_MS,
+        plan_target_met=plan_s < TARGET_PLAN_S,
+    )
+
+
+def format_table(r: ScaleReport) -> str:
+    def target(ok: bool, limit: str) -> str:
+        return f"target < {limit}: {'met' if ok else 'MISSED'}"
+
+    rows: list[tuple[str, str, str]] = [
+        ("heartbeats measured", f"{r.heartbeats}", f"{r.heartbeats_per_s:.0f}/s over {r.duration_s:.0f}s"),
+        ("heartbeat p50", f"{r.heartbeat_p50_ms:.2f} ms", "send to reply, at the client"),
+        ("heartbeat p90", f"{r.heartbeat_p90_ms:.2f} ms", ""),
+        ("heartbeat p99", f"{r.heartbeat_p99_ms:.2f} ms", target(r.heartbeat_target_met, f"{TARGET_HEARTBEAT_P99_MS:.0f} ms")),
+        ("heartbeat max", f"{r.heartbeat_max_ms:.2f} ms", ""),
+        ("sent on time", f"{100 * r.heartbeats_on_time:.1f} %", f"within {ON_TIME_S * 1e3:.0f} ms of the slot"),
+        ("client lag p50/p99", f"{r.client_lag_p50_ms:.1f}/{r.client_lag_p99_ms:.1f} ms", "the load generators' own delay"),
+        (
+            "missed/failed/refused",
+            f"{r.heartbeats_missed}/{r.heartbeats_failed}/{r.heartbeats_refused}",
+            ", ".join(f"{code}: {n}" for code, n in sorted(r.heartbeat_failures.items())),
+        ),
+        ("coordinator CPU", f"{r.coordinator_cpu_pct:.0f} %", "of one core, steady state"),
+        ("load generators CPU", f"{r.clients_cpu_pct:.0f} %", f"of one core, {r.clients} processes, whole run"),
+        ("register all agents", f"{r.register_s:.2f} s", ""),
+        ("GetRecoveryPlan", f"{r.plan_s:.3f} s", f"step {r.plan_step}, " + target(r.plan_target_met, f"{TARGET_PLAN_S:.0f} s")),
+        ("  pinned, again", f"{r.plan_again_s:.3f} s", ""),
+        ("  in process", f"{r.plan_compute_s:.3f} s", "Cluster.recovery_plan, no gRPC"),
+        ("LocateSnapshots x all", f"{r.locate_all_s:.3f} s", f"{r.ranks} calls, {LOCATE_CONCURRENCY} in flight"),
+        ("  per call p50/p99", f"{r.locate_p50_ms:.2f}/{r.locate_p99_ms:.2f} ms", ""),
+        ("  in process", f"{r.locate_compute_s:.3f} s", "Cluster.locate of every rank"),
+        (
+            "heartbeat p99/max in restore",
+            f"{r.during_restore_heartbeat_p99_ms:.1f}/{r.during_restore_heartbeat_max_ms:.1f} ms",
+            "while the plan and locates ran",
+        ),
+    ]
+    lines = [
+        f"{r.agents} agents, {r.ranks} ranks, {r.inventory_entries} inventory entries per heartbeat, "
+        f"heartbeat every {r.heartbeat_interval_s:g}s, a step every {r.step_interval_s:g}s",
+        f"{'what':<30} | {'figure':>14} | note",
+    ]
+    lines += [f"{name:<30} | {value:>14} | {note}" for name, value, note in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--agents", type=int, default=2000, help="simulated agents (default: 2000)")
+    parser.add_argument("--ranks-per-agent", type=int, default=8, help="ranks of the job per agent (default: 8)")
+    parser.add_argument("--duration-s", type=float, default=20.0, help="steady-state window measured (default: 20)")
+    parser.add_argument("--warmup-s", type=float, default=5.0, help="heartbeats before the window (default: 5)")
+    parser.add_argument("--interval-s", type=float, default=1.0, help="heartbeat interval (default: 1)")
+    parser.add_argument("--step-interval-s", type=float, default=2.0, help="a new step commits this often (default: 2)")
+    parser.add_argument("--clients", type=int, default=2, help="load-generator processes (default: 2)")
+    parser.add_argument("--quick", action="store_true", help="a small run: 100 agents, 1 s warm-up, 3 s window")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.add_argument("--client", action="store_true", help=argparse.SUPPRESS)  # a load generator
+    parser.add_argument("--address", help=argparse.SUPPRESS)
+    parser.add_argument("--first-agent", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--agent-count", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.client:
+        return asyncio.run(client_main(args))
+    if args.quick:
+        args.agents, args.warmup_s, args.duration_s = 100, 1.0, 3.0
+    if args.agents < K + M + 1 or args.ranks_per_agent < 1 or args.duration_s <= 0 or args.clients < 1:
+        parser.error(f"need --agents >= {K + M + 1}, --ranks-per-agent >= 1, --duration-s > 0, --clients >= 1")
+    report = run(args)
+    if args.json:
+        print(json.dumps(dataclasses.asdict(report)), flush=True)
+    else:
+        print(format_table(report), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+from memckpt.coordinator.protection import NONE, RankProgress, job_protection
+
+
+def progress(committed: set[int], complete: set[int] | None = None) -> RankProgress:
+    return RankProgress(committed=frozenset(committed), complete=frozenset(complete or ()))
+
+
+def test_first_target_is_the_newest_step_every_rank_holds() -> None:
+    p = job_protection(1, 3, {0: progress({5, 6}), 1: progress({5, 6}), 2: progress({4, 5})})
+    assert (p.target, p.keep) == (5, NONE)
+
+
+def test_target_stays_until_every_rank_protected_it_even_when_newer_steps_commit() -> None:
+    ranks = {0: progress({7, 8}, {5}), 1: progress({5, 8}), 2: progress({5, 8})}
+    p = job_protection(1, 3, ranks, current_target=5)
+    assert (p.target, p.keep) == (5, NONE), "rank 0 finished 5 first; the others still hold and send 5"
+
+
+def test_keep_advances_when_every_rank_protected_the_target_and_a_newer_target_follows() -> None:
+    ranks = {0: progress({8, 9}, {3, 5}), 1: progress({8, 9}, {5}), 2: progress({8, 9}, {5})}
+    p = job_protection(1, 3, ranks, current_target=5)
+    assert (p.target, p.keep) == (9, 5)
+
+
+def test_target_a_rank_can_no_longer_protect_is_replaced_by_a_newer_common_step() -> None:
+    ranks = {0: progress({8, 9}, {5}), 1: progress({8, 9}), 2: progress({5, 9})}  # rank 1 recycled 5 unprotected
+    p = job_protection(1, 3, ranks, current_target=5)
+    assert (p.target, p.keep) == (9, NONE)
+
+
+def test_nothing_to_do_when_the_kept_step_is_the_newest_common_one() -> None:
+    ranks = {0: progress({6}, {6}), 1: progress({6}, {6})}
+    p = job_protection(2, 2, ranks, current_target=6)
+    assert (p.generation, p.target, p.keep) == (2, NONE, 6)
+
+
+def test_a_rank_without_any_report_holds_back_the_whole_job() -> None:
+    p = job_protection(1, 3, {0: progress({4}, {4}), 1: progress({4}, {4})})
+    assert (p.target, p.keep) == (NONE, NONE)
