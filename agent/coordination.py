@@ -65,10 +65,13 @@ class CoordinatorLink:
 
     def target(self, job: str, generation: int) -> int | None:
         """The step the coordinator wants the job's ranks of `generation` to protect next
-        (negative: none now); None when it has not said (then each rank protects its newest)."""
-        protection = self._protection.get(job) if self.connected.is_set() else None
+        (negative: none now, also while it has not seen the job yet); None while the
+        coordinator is unreachable (then each rank protects its newest)."""
+        if not self.connected.is_set():
+            return None  # alone: protect what we can, unaligned, rather than nothing
+        protection = self._protection.get(job)
         if protection is None or protection.generation != generation:
-            return None
+            return -1  # the coordinator has not seen this job (or attempt) yet: wait for its word
         return protection.target
 
     def kept_version(self, job: str) -> tuple[int, int] | None:

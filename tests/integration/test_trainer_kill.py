@@ -54,6 +54,7 @@ def test_node_lost_under_torchrun_resumes_from_peers_fragments_bit_exact(tmp_pat
         faults=("node",),
         kill_rank=1,
         fault_steps=(9,),
+        step_delay_s=0.2,  # steps of a real model take longer than protection; the tiny one's do not
         workdir=tmp_path / "run",
         memory_limit="256MiB",
         timeout_s=300,
