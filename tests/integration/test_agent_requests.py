@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+from pathlib import Path
 
 import grpc
 import pytest
@@ -11,6 +12,7 @@ import torch
 
 from memckpt.agent.shm import DEFAULT_ROOT
 from memckpt.errors import BudgetExceeded
+from memckpt.local import wait_until
 from memckpt.protos import agent_pb2 as pb
 from memckpt.trainer import Checkpointer
 
@@ -105,13 +107,22 @@ def test_agent_keeps_serving_others_after_bad_requests(agent_factory) -> None:  
     assert_state_equal(restored, state)
 
 
+def agent_status_checksummed(socket_path: Path) -> bool:
+    channel, stub = agent_stub(socket_path)
+    with channel:
+        ranks = stub.GetStatus(pb.GetStatusRequest(), timeout=10).ranks
+    return all(s.checksum_ready for r in ranks for s in r.slots if s.state == pb.SLOT_STATE_COMMITTED)
+
+
 def test_socket_and_segments_are_private_to_the_user(agent_factory, shm_prefix) -> None:  # noqa: ANN001
     agent = agent_factory()
     assert stat.S_IMODE(os.stat(agent.socket_path).st_mode) == 0o600
     with Checkpointer("priv", rank=0, world_size=1, socket_path=agent.socket_path, strict=True) as ck:
         ck.snapshot(1, make_state(1))
         ck.wait()
-    segments = [p for p in DEFAULT_ROOT.iterdir() if p.name.startswith(shm_prefix)]
+    # the background checksum rewrites the manifest (write a .tmp, rename): wait until it is done
+    wait_until(lambda: agent_status_checksummed(agent.socket_path), 30, "the commit to be checksummed")
+    segments = [p for p in DEFAULT_ROOT.iterdir() if p.name.startswith(shm_prefix) and not p.name.endswith(".tmp")]
     assert len(segments) == 3  # two slots and the manifest
     for path in segments:
         info = path.stat()
