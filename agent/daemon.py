@@ -157,6 +157,7 @@ def serve(config: AgentConfig, stop: threading.Event) -> int:
             tls=config.tls,
             memory_used=store.memory_used_bytes,
         )
+        store.protection_target = link.target  # a commit of the target step is kept until protected
         link.on_protection = fragments.prune  # the job's kept step moved on: older sets go
         link.start()
         replicator = Replicator(store=store, link=link, peers=PeerClient(token=config.token, tls=config.tls), node=config.node)

@@ -47,7 +47,7 @@ class Replicator:
     def _loop(self) -> None:
         while not self._stop.is_set():
             progressed = False
-            for work in self._store.protection_work(self._link.target):
+            for work in self._store.protection_work(self._link.target):  # the coordinator's aligned step
                 try:
                     progressed |= self._protect(work)
                 except Exception as exc:  # a peer down or slow: log once per kind, retry later

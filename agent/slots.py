@@ -87,6 +87,7 @@ class RankSlots:
     latest: int | None = None  # index of the latest committed slot
     commits: int = 0
     pinned: set[int] = field(default_factory=set)  # slots being read (protection): never handed out
+    reserved: set[int] = field(default_factory=set)  # committed at the protection target: kept until protected
     attempt: Attempt = field(default_factory=Attempt)  # the job attempt that registered this rank last
 
     def latest_committed(self) -> Slot | None:
@@ -140,7 +141,7 @@ class RankSlots:
         if step <= self.session_step:
             raise StaleGeneration(f"{self.key}: snapshot of step {step} after step {self.session_step} in the same session")
         index = 1 - self.latest if self.latest is not None else self._first_free()
-        if index in self.pinned:
+        if index in self.pinned or index in self.reserved:
             raise Unavailable(
                 f"{self.key}: slot {index} (step {self.slots[index].step}) is being read for protection; snapshot {step} skipped"
             )
@@ -166,6 +167,13 @@ class RankSlots:
         """Whether slot `index` still holds the commit `commit_id` (readers check this)."""
         slot = self.slots[index]
         return slot.state is SlotState.COMMITTED and slot.commit_id == commit_id
+
+    def release_reservations(self, target: int | None) -> None:
+        """Frees reserved slots that are no longer the protection target (or are protected)."""
+        for index in list(self.reserved):
+            slot = self.slots[index]
+            if slot.state is not SlotState.COMMITTED or slot.protected or slot.step != target:
+                self.reserved.discard(index)
 
     def set_protected(self, index: int, commit_id: int) -> bool:
         """Marks a commit protected; False if the slot moved on meanwhile."""

@@ -70,6 +70,8 @@ class SlotStore:
         self._prefix = prefix
         self._budget = budget
         self._lock = threading.Lock()
+        # (job, generation) -> the step the coordinator aligns the job's ranks on; set by the daemon
+        self.protection_target: Callable[[str, int], int | None] = lambda job, generation: None
         self._ranks: dict[RankKey, RankSlots] = {}
         self._attempts: dict[str, Attempt] = {}  # each job's current attempt
         self._segments: dict[tuple[RankKey, int], Segment] = {}
@@ -176,6 +178,8 @@ class SlotStore:
             self._attempts[job] = self._admit(key, attempt, registering=False)
             slots = self._rank(key)
             slot = slots.commit(index, step, data_size_bytes, meta)
+            if self.protection_target(job, slots.attempt.generation) == step:
+                slots.reserved.add(index)  # the step the job's ranks protect: not recycled before it is sent
             self._write_manifest(slots)
         self._pending.put((key, index, slot.commit_id))
         log.debug("commit %s step=%d slot=%d bytes=%d", key, step, index, data_size_bytes)
@@ -264,7 +268,9 @@ class SlotStore:
         work = []
         with self._lock:
             for key, slots in self._ranks.items():
-                slot = slots.to_protect(targets(key.job, slots.attempt.generation))
+                target = targets(key.job, slots.attempt.generation)
+                slots.release_reservations(target)
+                slot = slots.to_protect(target)
                 if slot is not None:
                     work.append(
                         ProtectionWork(

@@ -7,9 +7,10 @@ that matters. Plans are pinned per (job, generation) so every rank restores the 
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from memckpt.coordinator.groups import Groups, build_groups
 from memckpt.coordinator.membership import AgentInfo, Change, Membership
@@ -26,6 +27,9 @@ from memckpt.coordinator.plan import (
 from memckpt.coordinator.protection import NONE, JobProtection, RankProgress, job_protection
 from memckpt.errors import InvalidRequest, NotFound, StaleGeneration
 from memckpt.names import check_name
+
+log = logging.getLogger(__name__)
+TARGET_PATIENCE = 3  # refreshes a target may look unprotectable before a new one replaces it
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -74,6 +78,8 @@ class Cluster:
     _groups: Groups | None = field(default=None, init=False, repr=False)  # None: rebuilt when next asked
     _group_infos: dict[int, list[AgentInfo]] = field(default_factory=dict, init=False, repr=False)
     _protection: dict[str, JobProtection] = field(default_factory=dict, init=False, repr=False)  # job -> latest
+    _newest: dict[str, int] = field(default_factory=dict, init=False, repr=False)  # job -> newest commit seen
+    _strikes: dict[str, int] = field(default_factory=dict, init=False, repr=False)  # job -> refreshes its target looked lost
 
     def __post_init__(self) -> None:
         self.membership = Membership(lease_s=self.lease_s)
@@ -242,7 +248,22 @@ class Cluster:
                 ranks[rank] = RankProgress(committed=frozenset(committed), complete=frozenset(complete))
             previous = self._protection.get(job)
             current = previous.target if previous is not None and previous.generation == record.generation else NONE
-            result[job] = job_protection(record.generation, record.world_size, ranks, current)
+            newest = max((max(p.committed, default=NONE) for p in ranks.values()), default=NONE)
+            last = self._newest.get(job, newest)
+            self._newest[job] = newest
+            lead = min(1000, max(2, 4 * (newest - last)))  # the steps committed while word of it travels, with margin
+            decided = job_protection(record.generation, record.world_size, ranks, current, lead)
+            if current > decided.keep and decided.target != current:
+                # given up as unprotectable: inventories lag (holders report a set after its owner
+                # recycled the slot), so only after it has looked so for a few refreshes
+                strikes = self._strikes[job] = self._strikes.get(job, 0) + 1
+                if strikes < TARGET_PATIENCE:
+                    decided = replace(decided, target=current)
+                else:
+                    log.info("job=%s: target step %d given up (a rank cannot protect it); next %d", job, current, decided.target)
+            if decided.target != current:
+                self._strikes[job] = 0
+            result[job] = decided
         self._protection = result
         return result
 

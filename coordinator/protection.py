@@ -7,10 +7,11 @@ loss no step could be restored for every rank. So the coordinator aligns them:
 - `keep`: the newest step whose fragment sets are complete for every rank of the job.
   Holders keep that set until a newer step is complete for every rank: the job can
   always be restored from it.
-- `target`: the step every owner protects next: the newest step that every rank has
-  committed and still holds, newer than `keep`. Once chosen it stays the target until
-  every rank has protected it, unless a rank can no longer protect it (its slot was
-  recycled before its agent got to it): then a newer common step replaces it.
+- `target`: the step every owner protects next, chosen a little ahead of the newest
+  commit (`lead` steps: what the job commits while the word travels), so that each owner
+  protects it the moment it commits it. Once chosen it stays the target until every rank
+  has protected it, unless a rank can no longer protect it (it recycled that step's slot
+  unprotected, or skipped the step): then a new target ahead of the newest commit follows.
 
 Only the job's current generation counts: a restarted job goes back in steps, and the
 steps it commits again are other snapshots than the ones the same numbers had before.
@@ -40,14 +41,24 @@ class JobProtection:
 
 
 def job_protection(
-    generation: int, world_size: int, ranks: Mapping[int, RankProgress], current_target: int = NONE
+    generation: int, world_size: int, ranks: Mapping[int, RankProgress], current_target: int = NONE, lead: int = 1
 ) -> JobProtection:
-    """The job's protection target and kept step, given the target it had until now."""
+    """The job's protection target and kept step, given the target it had until now.
+
+    A new target lies `lead` steps ahead of the newest commit: by the time the owners hear
+    of it they have not recycled it yet, they protect it as soon as they commit it.
+    """
     progress = [ranks.get(rank, RankProgress()) for rank in range(world_size)]
     protected_by_all = set.intersection(*(set(p.complete) for p in progress)) if progress else set()
     keep = max(protected_by_all, default=NONE)
-    if current_target > keep and all(current_target in p.complete or current_target in p.committed for p in progress):
+    if current_target > keep and all(_can_still_protect(p, current_target) for p in progress):
         return JobProtection(generation=generation, target=current_target, keep=keep)
-    held_by_all = set.intersection(*(set(p.committed) for p in progress)) if progress else set()
-    target = max((step for step in held_by_all if step > keep), default=NONE)
-    return JobProtection(generation=generation, target=target, keep=keep)
+    newest = max((max(p.committed, default=NONE) for p in progress), default=NONE)
+    if newest == NONE:
+        return JobProtection(generation=generation, target=NONE, keep=keep)
+    return JobProtection(generation=generation, target=max(newest + max(1, lead), keep + 1), keep=keep)
+
+
+def _can_still_protect(progress: RankProgress, target: int) -> bool:
+    """Protected it already, holds it now, or has not reached it yet."""
+    return target in progress.complete or target in progress.committed or target > max(progress.committed, default=NONE)

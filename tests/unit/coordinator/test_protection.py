@@ -7,9 +7,14 @@ def progress(committed: set[int], complete: set[int] | None = None) -> RankProgr
     return RankProgress(committed=frozenset(committed), complete=frozenset(complete or ()))
 
 
-def test_first_target_is_the_newest_step_every_rank_holds() -> None:
-    p = job_protection(1, 3, {0: progress({5, 6}), 1: progress({5, 6}), 2: progress({4, 5})})
-    assert (p.target, p.keep) == (5, NONE)
+def test_first_target_lies_ahead_of_the_newest_commit_by_the_lead() -> None:
+    p = job_protection(1, 3, {0: progress({5, 6}), 1: progress({5, 6}), 2: progress({4, 5})}, lead=3)
+    assert (p.target, p.keep) == (9, NONE)
+
+
+def test_a_target_not_reached_yet_stays() -> None:
+    p = job_protection(1, 2, {0: progress({8, 9}), 1: progress({7, 8})}, current_target=9)
+    assert p.target == 9, "rank 1 will commit 9 soon"
 
 
 def test_target_stays_until_every_rank_protected_it_even_when_newer_steps_commit() -> None:
@@ -21,21 +26,21 @@ def test_target_stays_until_every_rank_protected_it_even_when_newer_steps_commit
 def test_keep_advances_when_every_rank_protected_the_target_and_a_newer_target_follows() -> None:
     ranks = {0: progress({8, 9}, {3, 5}), 1: progress({8, 9}, {5}), 2: progress({8, 9}, {5})}
     p = job_protection(1, 3, ranks, current_target=5)
-    assert (p.target, p.keep) == (9, 5)
+    assert (p.target, p.keep) == (10, 5)
 
 
 def test_target_a_rank_can_no_longer_protect_is_replaced_by_a_newer_common_step() -> None:
     ranks = {0: progress({8, 9}, {5}), 1: progress({8, 9}), 2: progress({5, 9})}  # rank 1 recycled 5 unprotected
-    p = job_protection(1, 3, ranks, current_target=5)
-    assert (p.target, p.keep) == (9, NONE)
+    p = job_protection(1, 3, ranks, current_target=5, lead=2)
+    assert (p.target, p.keep) == (11, NONE)
 
 
-def test_nothing_to_do_when_the_kept_step_is_the_newest_common_one() -> None:
+def test_after_the_target_is_protected_everywhere_the_next_lies_ahead() -> None:
     ranks = {0: progress({6}, {6}), 1: progress({6}, {6})}
     p = job_protection(2, 2, ranks, current_target=6)
-    assert (p.generation, p.target, p.keep) == (2, NONE, 6)
+    assert (p.generation, p.target, p.keep) == (2, 7, 6)
 
 
-def test_a_rank_without_any_report_holds_back_the_whole_job() -> None:
+def test_a_rank_without_any_report_holds_back_the_kept_step() -> None:
     p = job_protection(1, 3, {0: progress({4}, {4}), 1: progress({4}, {4})})
-    assert (p.target, p.keep) == (NONE, NONE)
+    assert p.keep == NONE, "rank 2 has nothing protected: no step is safe for the job"
