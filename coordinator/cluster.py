@@ -251,7 +251,8 @@ class Cluster:
             newest = max((max(p.committed, default=NONE) for p in ranks.values()), default=NONE)
             last = self._newest.get(job, newest)
             self._newest[job] = newest
-            lead = min(1000, max(2, 4 * (newest - last)))  # the steps committed while word of it travels, with margin
+            # the steps committed while word of a target travels, with margin; 0: the job stands still
+            lead = min(1000, 4 * (newest - last)) if newest > last else 0
             decided = job_protection(record.generation, record.world_size, ranks, current, lead)
             if current > decided.keep and decided.target != current:
                 # given up as unprotectable: inventories lag (holders report a set after its owner

@@ -45,20 +45,29 @@ def job_protection(
 ) -> JobProtection:
     """The job's protection target and kept step, given the target it had until now.
 
-    A new target lies `lead` steps ahead of the newest commit: by the time the owners hear
-    of it they have not recycled it yet, they protect it as soon as they commit it.
+    While the job advances (`lead` > 0) a new target lies `lead` steps ahead of the newest
+    commit: by the time the owners hear of it they have not recycled it yet, and they
+    protect it as soon as they commit it. When the job stands still (`lead` 0: no commit
+    since the last look) the target is the newest step every rank holds, so the last
+    snapshots of a paused or finished job get protected too.
     """
     progress = [ranks.get(rank, RankProgress()) for rank in range(world_size)]
     protected_by_all = set.intersection(*(set(p.complete) for p in progress)) if progress else set()
     keep = max(protected_by_all, default=NONE)
-    if current_target > keep and all(_can_still_protect(p, current_target) for p in progress):
+    advancing = lead > 0
+    if current_target > keep and all(_can_still_protect(p, current_target, advancing) for p in progress):
         return JobProtection(generation=generation, target=current_target, keep=keep)
+    if not advancing:
+        held_by_all = set.intersection(*(set(p.committed) for p in progress)) if progress else set()
+        return JobProtection(generation=generation, target=max((s for s in held_by_all if s > keep), default=NONE), keep=keep)
     newest = max((max(p.committed, default=NONE) for p in progress), default=NONE)
     if newest == NONE:
         return JobProtection(generation=generation, target=NONE, keep=keep)
-    return JobProtection(generation=generation, target=max(newest + max(1, lead), keep + 1), keep=keep)
+    return JobProtection(generation=generation, target=max(newest + lead, keep + 1), keep=keep)
 
 
-def _can_still_protect(progress: RankProgress, target: int) -> bool:
-    """Protected it already, holds it now, or has not reached it yet."""
-    return target in progress.complete or target in progress.committed or target > max(progress.committed, default=NONE)
+def _can_still_protect(progress: RankProgress, target: int, advancing: bool) -> bool:
+    """Protected it already, holds it now, or (while the job advances) has not reached it yet."""
+    if target in progress.complete or target in progress.committed:
+        return True
+    return advancing and target > max(progress.committed, default=NONE)
