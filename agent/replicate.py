@@ -1,9 +1,10 @@
 """Protection: each new commit is erasure-coded and its k+m fragments sent to the group.
 
-One background thread, never on the trainer's path. It always works on the newest
-committed step of each rank: when peers are slower than snapshots it skips the steps in
-between instead of queueing them. While a slot is read it is pinned, so the trainer's next
-snapshot skips (counted, training goes on) rather than overwrite bytes being sent.
+One background thread, never on the trainer's path. It works on the step the coordinator
+aligns the job's ranks on (see coordinator/protection.py), or, while the coordinator is
+unreachable, on each rank's newest commit: when peers are slower than snapshots it skips
+the steps in between instead of queueing them. While a slot is read it is pinned, so the
+trainer's next snapshot skips (counted, training goes on) rather than overwrite bytes being sent.
 """
 
 from __future__ import annotations

@@ -39,6 +39,7 @@ import grpc
 
 from memckpt.coordinator.cluster import Cluster, Held
 from memckpt.coordinator.membership import AgentInfo
+from memckpt.coordinator.wire import held_to_proto
 from memckpt.local import CoordinatorProcess, stop_process
 from memckpt.protos import coordinator_pb2 as pb
 
@@ -122,23 +123,6 @@ def inventory(shape: Shape, agent: int, committed: int, protected: int) -> tuple
     return tuple(held)
 
 
-def to_proto(held: Sequence[Held]) -> list[pb.HeldSnapshot]:
-    return [
-        pb.HeldSnapshot(
-            job=h.job,
-            rank=h.rank,
-            step=h.step,
-            generation=h.generation,
-            fragment_indices=list(h.fragment_indices),
-            k=h.k,
-            m=h.m,
-            size_bytes=h.size_bytes,
-            protected=h.protected,
-        )
-        for h in held
-    ]
-
-
 # --- a load-generator process -----------------------------------------------------------------
 
 
@@ -185,7 +169,7 @@ class SimulatedAgents:
                 committed, protected = self.shape.steps_at(time.monotonic(), math.inf)
                 request = pb.RegisterAgentRequest(
                     agent=pb.AgentDescription(**dataclasses.asdict(agent_info(agent))),
-                    held=to_proto(inventory(self.shape, agent, committed, protected)),
+                    held=held_to_proto(inventory(self.shape, agent, committed, protected)),
                 )
                 raw = await self.register[self._channel(agent)](request.SerializeToString(), timeout=CALL_TIMEOUT_S * 6)
                 self.incarnations[agent] = pb.RegisterAgentResponse.FromString(raw).incarnation
@@ -202,7 +186,7 @@ class SimulatedAgents:
         request = pb.HeartbeatRequest(
             node=node_name(agent),
             incarnation=self.incarnations[agent],
-            held=to_proto(held),
+            held=held_to_proto(held),
             memory_used_bytes=2 * self.shape.ranks_per_agent * SNAPSHOT_BYTES,
         ).SerializeToString()
         self.requests[agent] = (steps, request)
