@@ -54,6 +54,9 @@ class AgentConfig:
     peer_listen: str = field("0.0.0.0:7500", "host:port the peer service binds (with a coordinator); port 0: any free one")
     """Bind it to the interface of the network that carries fragments; the bound port is logged."""
     domain: str = field("default", "failure domain (rack) of this node")
+    restore_wait_s: float = field(
+        30.0, "a restore with nothing on this node waits this long for the coordinator to say what peers hold"
+    )
     token: str = field("", "shared token sent to the coordinator and peers", default_text="none")
     tls_cert: Path | None = field(None, "this agent's certificate (PEM), for mutual TLS", default_text="none")
     tls_key: Path | None = field(None, "this agent's private key (PEM)", default_text="none")
@@ -68,6 +71,8 @@ class AgentConfig:
         if self.memory_limit is not None and self.memory_limit <= 0:
             raise ConfigError(f"memory_limit must be positive, got {self.memory_limit}")
         check_name(self.domain, "domain")
+        if not 0 <= self.restore_wait_s <= 3600:
+            raise ConfigError(f"restore_wait_s {self.restore_wait_s} must be between 0 and 3600")
         if self.coordinator and not self.advertise:
             raise ConfigError("with a coordinator, advertise must say host:port where peers reach this agent")
         for name in ("peer_listen", "advertise"):

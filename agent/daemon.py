@@ -134,16 +134,7 @@ def serve(config: AgentConfig, stop: threading.Event) -> int:
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
     ]
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="rpc"), options=options)
-    servicer = AgentServicer(store, config.node)
-    pb_grpc.add_AgentServiceServicer_to_server(servicer, server)
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    server.add_insecure_port(f"unix:{config.socket}")
-    server.start()
-    os.chmod(config.socket, 0o600)
-    health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    servicer = AgentServicer(store, config.node, remote_wait_s=config.restore_wait_s)
     peer_server = None
     if config.coordinator:
         peer_server, peer_port = start_peer_server(config, fragments)
@@ -163,6 +154,17 @@ def serve(config: AgentConfig, stop: threading.Event) -> int:
         replicator = Replicator(store=store, link=link, peers=PeerClient(token=config.token, tls=config.tls), node=config.node)
         replicator.start()
         servicer.remote = RemoteRestore(link=link, peers=PeerClient(token=config.token, tls=config.tls), store=store)
+    # Ranks are served only now that the servicer is whole: a rank asking a replacement agent
+    # before its link to the coordinator existed would have heard "nothing held" and started fresh.
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="rpc"), options=options)
+    pb_grpc.add_AgentServiceServicer_to_server(servicer, server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    server.add_insecure_port(f"unix:{config.socket}")
+    server.start()
+    os.chmod(config.socket, 0o600)
+    health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     log.info(
         "agent ready node=%s socket=%s budget=%s adopted_ranks=%d adopted_fragments=%d pid=%d",
         config.node,

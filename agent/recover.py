@@ -34,17 +34,20 @@ class RemoteRestore:
         self._store = store
 
     def steps(self, job: str, rank: int) -> list[int]:
-        """Steps of the rank that enough live peers can rebuild; [] if the coordinator is away.
+        """Steps of the rank that enough live peers can rebuild.
 
         Raises:
             CorruptSnapshot: the rank had snapshots, but too many of their holders failed:
                 memory cannot restore it (DATA_LOSS), and the job must not start over silently.
+            Unavailable: the coordinator cannot be asked (unreachable, or still rebuilding its
+                tables after a restart): whether peers hold the rank is unknown.
         """
         try:
             reply = self._link.locate(job, rank)
         except grpc.RpcError as exc:
-            log.warning("cannot ask the coordinator where job=%s rank=%d is (%s)", job, rank, exc.code().name)
-            return []
+            raise Unavailable(
+                f"cannot ask the coordinator where job {job!r} rank {rank} is: {exc.code().name}: {exc.details()}"
+            ) from None
         if reply.lost_reason:
             raise CorruptSnapshot(f"memory cannot restore the job: {reply.lost_reason}")
         return [loc.step for loc in reply.locations if _rebuildable(loc)]

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
+import time
 from typing import Any
 
 from memckpt import __version__
@@ -11,17 +13,22 @@ from memckpt.agent import wire
 from memckpt.agent.recover import RemoteRestore
 from memckpt.agent.slots import Attempt
 from memckpt.agent.store import SlotStore
-from memckpt.errors import NotFound
+from memckpt.errors import NotFound, Unavailable
 from memckpt.protos import agent_pb2 as pb
 from memckpt.protos import agent_pb2_grpc as pb_grpc
 from memckpt.rpc import map_errors
 
+log = logging.getLogger(__name__)
+
+REMOTE_RETRY_S = 0.5
+
 
 class AgentServicer(pb_grpc.AgentServiceServicer):
-    def __init__(self, store: SlotStore, node: str, remote: RemoteRestore | None = None) -> None:
+    def __init__(self, store: SlotStore, node: str, remote: RemoteRestore | None = None, remote_wait_s: float = 30.0) -> None:
         self._store = store
         self._node = node
         self.remote = remote  # with a coordinator: snapshots of ranks this agent does not hold
+        self.remote_wait_s = remote_wait_s  # how long a restore with nothing local waits for the coordinator
 
     @map_errors
     def RegisterRank(self, request: pb.RegisterRankRequest, context: Any) -> pb.RegisterRankResponse:
@@ -54,11 +61,34 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
                 raise
             held = []
         if self.remote is not None:  # steps peers can rebuild; their slot is made when restored
-            local = {step for step, _ in held}
-            held += [(step, "") for step in self.remote.steps(request.job, request.rank) if step not in local]
+            held += self._remote_steps(request.job, request.rank, {step for step, _ in held})
         if not held:
             raise NotFound(f"job {request.job!r} rank {request.rank} has no snapshot here or on live peers")
         return pb.ListSnapshotsResponse(steps=[step for step, _ in held], slot_names=[name for _, name in held])
+
+    def _remote_steps(self, job: str, rank: int, local: set[int]) -> list[tuple[int, str]]:
+        """Steps peers can rebuild that are not held here, with "" for the slot not made yet.
+
+        With nothing here, "none on peers either" is an answer only the coordinator can give:
+        while it cannot (unreachable, or rebuilding its tables after a restart) this waits up
+        to `remote_wait_s`, then raises Unavailable, so a rank on a replacement node never
+        takes an unanswered question for a fresh start. With local steps, those are served.
+        """
+        assert self.remote is not None
+        deadline = time.monotonic() + self.remote_wait_s
+        while True:
+            try:
+                return [(step, "") for step in self.remote.steps(job, rank) if step not in local]
+            except Unavailable as exc:
+                if local:
+                    log.warning("job=%s rank=%d: serving local steps only: %s", job, rank, exc)
+                    return []
+                if time.monotonic() >= deadline:
+                    raise Unavailable(
+                        f"job {job!r} rank {rank}: no snapshot on this agent, and whether peers hold one is unknown "
+                        f"after {self.remote_wait_s:.0f} s ({exc}); not starting fresh"
+                    ) from None
+                time.sleep(REMOTE_RETRY_S)
 
     @map_errors
     def OpenRestore(self, request: pb.OpenRestoreRequest, context: Any) -> pb.OpenRestoreResponse:

@@ -17,6 +17,7 @@ from memckpt.rpc import error_from_rpc
 
 CALL_TIMEOUT_S = 30.0
 REGISTER_TIMEOUT_S = 600.0  # the agent allocates and pre-faults the slots during the call
+LIST_TIMEOUT_S = 120.0  # an agent with nothing local may wait for the coordinator (its --restore-wait-s)
 _OPTIONS = [
     # the agent restarts in seconds: do not back off for minutes
     ("grpc.initial_reconnect_backoff_ms", 100),
@@ -78,7 +79,7 @@ class AgentClient:
         """Committed steps the agent holds for this rank and their slots; {} if it knows none."""
         try:
             request = pb.ListSnapshotsRequest(job=self.job, rank=self.rank)
-            response = self._call("ListSnapshots", request, CALL_TIMEOUT_S, wait_for_ready=True)
+            response = self._call("ListSnapshots", request, LIST_TIMEOUT_S, wait_for_ready=True)
         except NotFound:
             return {}
         return dict(zip(response.steps, response.slot_names))

@@ -72,6 +72,7 @@ def test_agent_flag_set_is_frozen() -> None:
         "--node",
         "--on-exit",
         "--peer-listen",
+        "--restore-wait-s",
         "--shm-dir",
         "--shm-prefix",
         "--socket",
