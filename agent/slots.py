@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import enum
 import threading
+from collections import Counter
 from dataclasses import dataclass, field, replace
 
 from memckpt.errors import BudgetExceeded, InvalidRequest, StaleGeneration, Unavailable
@@ -86,8 +87,8 @@ class RankSlots:
     session_step: int = -1
     latest: int | None = None  # index of the latest committed slot
     commits: int = 0
-    pinned: set[int] = field(default_factory=set)  # slots being read (protection): never handed out
-    reserved: set[int] = field(default_factory=set)  # committed at the protection target: kept until protected
+    pinned: Counter[int] = field(default_factory=Counter)  # slots being read (protection, persistence), by readers
+    reserved: set[int] = field(default_factory=set)  # the protection target or the step to persist: kept until done
     attempt: Attempt = field(default_factory=Attempt)  # the job attempt that registered this rank last
 
     def latest_committed(self) -> Slot | None:
@@ -143,7 +144,7 @@ class RankSlots:
         index = 1 - self.latest if self.latest is not None else self._first_free()
         if index in self.pinned or index in self.reserved:
             raise Unavailable(
-                f"{self.key}: slot {index} (step {self.slots[index].step}) is being read for protection; snapshot {step} skipped"
+                f"{self.key}: slot {index} (step {self.slots[index].step}) is kept for protection or persistence; snapshot {step} skipped"
             )
         return index
 
@@ -168,12 +169,23 @@ class RankSlots:
         slot = self.slots[index]
         return slot.state is SlotState.COMMITTED and slot.commit_id == commit_id
 
-    def release_reservations(self, target: int | None) -> None:
-        """Frees reserved slots that are no longer the protection target (or are protected)."""
+    def release_reservations(self, target: int | None, persisting: int | None = None) -> None:
+        """Frees reserved slots that are neither the protection target still unprotected nor
+        the step still to be persisted."""
         for index in list(self.reserved):
             slot = self.slots[index]
-            if slot.state is not SlotState.COMMITTED or slot.protected or slot.step != target:
+            wanted = (slot.step == target and not slot.protected) or slot.step == persisting
+            if slot.state is not SlotState.COMMITTED or not wanted:
                 self.reserved.discard(index)
+
+    def pin(self, index: int) -> None:
+        self.pinned[index] += 1
+
+    def unpin(self, index: int) -> None:
+        if self.pinned[index] <= 1:
+            del self.pinned[index]
+        else:
+            self.pinned[index] -= 1
 
     def set_protected(self, index: int, commit_id: int) -> bool:
         """Marks a commit protected; False if the slot moved on meanwhile."""

@@ -292,14 +292,14 @@ class SlotStore:
             slots = self._ranks.get(work.key)
             if slots is None or not slots.is_current(work.index, work.commit_id):
                 return None
-            slots.pinned.add(work.index)
+            slots.pin(work.index)
             return self._segments[(work.key, work.index)].buffer[: work.size_bytes]
 
     def unpin(self, work: ProtectionWork) -> None:
         with self._lock:
             slots = self._ranks.get(work.key)
             if slots is not None:
-                slots.pinned.discard(work.index)
+                slots.unpin(work.index)
 
     def mark_protected(self, work: ProtectionWork) -> bool:
         with self._lock:

@@ -109,11 +109,15 @@ def test_a_pinned_slot_is_never_handed_out_and_protection_sticks_to_its_commit()
     slots = new_rank_slots(KEY, 1, 100)
     first = committed(slots, 1)
     second = committed(slots, 2)
-    slots.pinned.add(first.index)  # being sent to peers
+    slots.pin(first.index)  # being sent to peers
+    slots.pin(first.index)  # and persisted
     with pytest.raises(Unavailable, match="skipped"):
         slots.begin(3, 100)
     assert slots.session_step == 2, "a refused begin changes nothing"
-    slots.pinned.discard(first.index)
+    slots.unpin(first.index)
+    with pytest.raises(Unavailable, match="skipped"):
+        slots.begin(3, 100)  # still read by the other
+    slots.unpin(first.index)
     assert slots.set_protected(second.index, second.commit_id)
     assert slots.latest_committed().protected
     slot, _ = slots.begin(3, 100)
@@ -156,7 +160,7 @@ def test_check_begin_refuses_like_begin_without_changing_anything() -> None:
     committed(slots, 2)
     with pytest.raises(StaleGeneration):
         slots.check_begin(2)
-    slots.pinned.add(first.index)
+    slots.pin(first.index)
     with pytest.raises(Unavailable):
         slots.check_begin(3)
     assert slots.session_step == 2 and slots.committed_steps() == [2, 1]
