@@ -13,8 +13,10 @@ Newer incomplete ones may be in progress on another agent and are left alone.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +24,7 @@ from pathlib import Path
 from memckpt.names import check_name
 
 METADATA = ".metadata"  # DCP's global metadata: its presence makes a checkpoint complete
+ATTEMPT = ".attempt"  # the job attempt whose ranks write into an incomplete checkpoint
 _STEP_DIR = re.compile(r"^step-(\d{12})$")
 
 
@@ -34,9 +37,14 @@ class Checkpoint:
 
 def step_dir(root: Path, job: str, step: int) -> Path:
     check_name(job, "job")
+    return step_dir_in(root / job, step)
+
+
+def step_dir_in(job_dir: Path, step: int) -> Path:
+    """The directory of `step` in a job's directory (ROOT/JOB)."""
     if not 0 <= step < 10**12:
         raise ValueError(f"step {step} does not fit a checkpoint directory name")
-    return root / job / f"step-{step:012d}"
+    return job_dir / f"step-{step:012d}"
 
 
 def list_checkpoints(root: Path, job: str) -> list[Checkpoint]:
@@ -52,6 +60,62 @@ def list_checkpoints(root: Path, job: str) -> list[Checkpoint]:
         if match and path.is_dir():
             found.append(Checkpoint(step=int(match.group(1)), path=path, complete=(path / METADATA).is_file()))
     return sorted(found, key=lambda c: c.step)
+
+
+def complete_steps(root: Path, job: str) -> list[int]:
+    """Steps of the job's complete checkpoints, newest first."""
+    return sorted((c.step for c in list_checkpoints(root, job) if c.complete), reverse=True)
+
+
+def claim(directory: Path, attempt: str) -> None:
+    """Makes `directory` (an incomplete checkpoint) the one of `attempt` before a rank writes into it.
+
+    A job that restarted writes some step numbers again, and another attempt's files there
+    (left by a crash, or a job that went back) must never be finalized with this one's. An
+    `.attempt` marker names the directory's attempt; a directory of another attempt, or
+    with files and no marker, is renamed away (atomically: of several agents claiming it at
+    once, one moves it) and removed, then made again with this attempt's marker.
+    """
+    marker = directory / ATTEMPT
+    for _ in range(5):
+        try:
+            if marker.read_text() == attempt:
+                return
+            stale = True
+        except FileNotFoundError:
+            stale = directory.is_dir() and any(directory.iterdir())
+        if stale:
+            doomed = directory.with_name(f"{directory.name}.stale-{uuid.uuid4().hex[:8]}")
+            try:
+                os.rename(directory, doomed)
+            except FileNotFoundError:
+                pass  # another agent moved it first
+            else:
+                shutil.rmtree(doomed, ignore_errors=True)
+        directory.mkdir(parents=True, exist_ok=True)
+        written = directory / f"{ATTEMPT}.{uuid.uuid4().hex[:8]}.tmp"
+        written.write_text(attempt)
+        try:
+            os.link(written, marker)  # appears whole, and only if no other agent's came first
+            return
+        except FileExistsError:
+            continue  # another agent claimed it meanwhile: read whose it is
+        finally:
+            written.unlink(missing_ok=True)
+    raise OSError(f"cannot claim checkpoint directory {directory} for attempt {attempt}: it keeps changing")
+
+
+def describe(checkpoint: Checkpoint) -> tuple[int, float]:
+    """Bytes of a checkpoint's files, and when it was last written (its metadata's time when complete)."""
+    size, mtime = 0, 0.0
+    for path in checkpoint.path.iterdir():
+        try:
+            info = path.stat()
+        except FileNotFoundError:  # removed meanwhile
+            continue
+        size += info.st_size
+        mtime = max(mtime, info.st_mtime)
+    return size, mtime
 
 
 def newest_complete(checkpoints: Sequence[Checkpoint]) -> Checkpoint | None:

@@ -16,6 +16,7 @@ from memckpt.security import TlsFiles
 from memckpt.sizes import format_size
 
 DEFAULT_MEMORY_FRACTION = 0.5
+DEFAULT_PROTECT_CPU = 1.0  # cores: protection takes at most one core of the node on average
 SOCKET_ENV = "MEMCKPT_SOCKET"
 
 
@@ -54,9 +55,35 @@ class AgentConfig:
     peer_listen: str = field("0.0.0.0:7500", "host:port the peer service binds (with a coordinator); port 0: any free one")
     """Bind it to the interface of the network that carries fragments; the bound port is logged."""
     domain: str = field("default", "failure domain (rack) of this node")
+    persist_root: Path | None = field(
+        None, "shared filesystem directory checkpoints persist to (ROOT/JOB/step-N/, DCP format)", default_text="none: off"
+    )
+    persist_every: int = field(0, "persist every this many steps (0: not by steps)")
+    persist_interval_s: float = field(0.0, "persist at least this often, in seconds (0: not by time)")
+    persist_rate: int = field(256 << 20, "write rate limit per agent, bytes/s (0: unlimited)", size=True, default_text="256MiB")
+    persist_keep: int = field(3, "complete checkpoints kept per job (older ones go once a newer one is complete)")
+    persist_keep_every: int = field(0, "also keep forever every checkpoint whose step is a multiple of this (0: none)")
+    persist_on_failure: bool = field(True, "persist a rank's newest snapshot at once when the rank dies uncleanly")
     restore_wait_s: float = field(
         30.0, "a restore with nothing on this node waits this long for the coordinator to say what peers hold"
     )
+    put_min_rate_bytes_per_s: int = field(
+        32 << 20, "slowest a fragment may stream to a peer before its put is abandoned, bytes per second, e.g. 32MiB", size=True
+    )
+    """A put's deadline is 5 s plus the fragment's bytes at this rate; a peer slower than that is
+    given up on (the step is retried, or a newer one sent), so a cut peer cannot hold a slot pinned."""
+    protect_rate: int = field(
+        0, "average rate this agent sends fragments to its peers at, bytes per second, e.g. 100MiB (0: no limit)", size=True
+    )
+    """Protection sends a step at full speed, then rests until the average is back under the limit,
+    and then protects the newest step (the ones in between are skipped, never queued)."""
+    protect_cpu: float = field(
+        DEFAULT_PROTECT_CPU,
+        "average CPU the agent may use, in cores (0.5: half of one core; 0: no limit); protection rests while over it",
+    )
+    """The agent process's CPU time, all threads, counting peers' fragments it receives: it shares the
+    node's cores with the trainer ranks. Rests as `protect_rate` does; a pace too slow for the
+    snapshots shows as protected steps lagging the committed ones (`memckpt status`)."""
     token: str = field("", "shared token sent to the coordinator and peers", default_text="none")
     tls_cert: Path | None = field(None, "this agent's certificate (PEM), for mutual TLS", default_text="none")
     tls_key: Path | None = field(None, "this agent's private key (PEM)", default_text="none")
@@ -71,8 +98,27 @@ class AgentConfig:
         if self.memory_limit is not None and self.memory_limit <= 0:
             raise ConfigError(f"memory_limit must be positive, got {self.memory_limit}")
         check_name(self.domain, "domain")
+        if self.persist_every < 0 or self.persist_interval_s < 0 or self.persist_rate < 0 or self.persist_keep_every < 0:
+            raise ConfigError("persist_every, persist_interval_s, persist_rate and persist_keep_every must not be negative")
+        if self.persist_keep < 1:
+            raise ConfigError(
+                f"persist_keep {self.persist_keep} must be at least 1: a checkpoint goes only once a newer one is complete"
+            )
+        if self.coordinator and self.persist_interval_s:
+            raise ConfigError(
+                "persist_interval_s needs one agent holding the whole job (no coordinator): agents of a cluster "
+                "would persist different steps; use persist_every, which they all count alike"
+            )
+        if self.persist_root is None and (self.persist_every or self.persist_interval_s):
+            raise ConfigError("persist_every / persist_interval_s need persist_root (where checkpoints go)")
         if not 0 <= self.restore_wait_s <= 3600:
             raise ConfigError(f"restore_wait_s {self.restore_wait_s} must be between 0 and 3600")
+        if self.protect_rate < 0 or not 0 <= self.protect_cpu <= 1024:
+            raise ConfigError(
+                f"protect_rate {self.protect_rate} must not be negative, protect_cpu {self.protect_cpu} must be 0..1024 cores"
+            )
+        if self.put_min_rate_bytes_per_s < 1 << 20:
+            raise ConfigError(f"put_min_rate_bytes_per_s {self.put_min_rate_bytes_per_s} must be at least 1MiB (per second)")
         if self.coordinator and not self.advertise:
             raise ConfigError("with a coordinator, advertise must say host:port where peers reach this agent")
         for name in ("peer_listen", "advertise"):

@@ -8,8 +8,10 @@ a heartbeat is refused because the coordinator restarted or declared it failed).
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import grpc
 
@@ -46,6 +48,7 @@ class CoordinatorLink:
         credentials = channel_credentials(tls)
         self._channel = grpc.secure_channel(address, credentials) if credentials is not None else grpc.insecure_channel(address)
         self._stub = pb_grpc.CoordinatorServiceStub(self._channel)
+        self._beats = HeartbeatStream(self._stub, self._metadata)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="coordinator-link", daemon=True)
         self.group: tuple[AgentInfo, ...] = ()
@@ -60,6 +63,7 @@ class CoordinatorLink:
 
     def stop(self) -> None:
         self._stop.set()
+        self._beats.close()
         self._thread.join(timeout=10)
         self._channel.close()
 
@@ -123,7 +127,7 @@ class CoordinatorLink:
             held=wire.held_to_proto(self._inventory()),
             memory_used_bytes=self._memory_used(),
         )
-        reply = self._stub.Heartbeat(request, metadata=self._metadata, timeout=CALL_TIMEOUT_S)
+        reply = self._beats.send(request, CALL_TIMEOUT_S)
         if reply.accepted:
             self.k, self.m = reply.k, reply.m
             group = tuple(wire.agent_from_proto(a) for a in reply.group)
@@ -141,3 +145,58 @@ class CoordinatorLink:
         self._protection = protection  # replaced whole: readers on other threads see one or the other
         if kept_changed:
             self.on_protection()
+
+
+class StreamEnded(grpc.RpcError):
+    """The coordinator ended the heartbeat stream (it is stopping): as if unreachable."""
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+
+class HeartbeatStream:
+    """Heartbeats over one StreamHeartbeats call (a message costs the coordinator a fraction of a
+    call), opened on first use and again after an error; one Heartbeat call each instead when the
+    coordinator has no such method (an older one). Used by one thread; `close` from any."""
+
+    def __init__(self, stub: Any, metadata: Any) -> None:
+        self._stub = stub
+        self._metadata = metadata
+        self._requests: queue.SimpleQueue[pb.HeartbeatRequest | None] = queue.SimpleQueue()
+        self._replies: Any = None  # the call: an iterator of replies
+        self._unary = False
+
+    def send(self, request: pb.HeartbeatRequest, timeout_s: float) -> pb.HeartbeatResponse:
+        """The coordinator's reply; raises grpc.RpcError (CANCELLED after `timeout_s`) when it does not come."""
+        if self._unary:
+            reply: pb.HeartbeatResponse = self._stub.Heartbeat(request, metadata=self._metadata, timeout=timeout_s)
+            return reply
+        if self._replies is None:
+            self._requests = queue.SimpleQueue()
+            self._replies = self._stub.StreamHeartbeats(iter(self._requests.get, None), metadata=self._metadata)
+        replies = self._replies
+        self._requests.put(request)
+        timer = threading.Timer(timeout_s, replies.cancel)
+        timer.start()
+        try:
+            reply = next(replies)
+        except StopIteration:
+            self.close()
+            raise StreamEnded() from None
+        except grpc.RpcError as exc:
+            self.close()
+            if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+                raise
+            log.info("coordinator has no heartbeat streams; one call per heartbeat")
+            self._unary = True
+            return self.send(request, timeout_s)
+        finally:
+            timer.cancel()
+        return reply
+
+    def close(self) -> None:
+        """Ends the stream, if open (the next `send` opens another)."""
+        replies, self._replies = self._replies, None
+        self._requests.put(None)  # ends the request iterator gRPC's thread reads
+        if replies is not None:
+            replies.cancel()

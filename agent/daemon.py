@@ -9,6 +9,7 @@ import os
 import socket
 import sys
 import threading
+import time
 from concurrent import futures
 from pathlib import Path
 
@@ -19,11 +20,12 @@ from memckpt import config as config_mod
 from memckpt.agent.config import AgentConfig
 from memckpt.agent.coordination import CoordinatorLink
 from memckpt.agent.fragments import FragmentStore, fragment_prefix
-from memckpt.agent.peer_service import PeerServicer, add_to_server
+from memckpt.agent.pacing import PaceLimits, Throttle
+from memckpt.agent.peer_service import SERVER_OPTIONS, PeerServicer, add_to_server
 from memckpt.agent.peers import PeerClient
 from memckpt.agent.recover import RemoteRestore
 from memckpt.agent.replicate import Replicator
-from memckpt.agent.service import AgentServicer
+from memckpt.agent.service import MAX_SESSIONS, AgentServicer
 from memckpt.agent.shm import ShmDir
 from memckpt.agent.slots import MemoryBudget
 from memckpt.agent.store import SlotStore
@@ -38,6 +40,7 @@ log = logging.getLogger("memckpt.agent")
 
 GRACE_S = 5.0
 SERVICE_NAME = "memckpt.v1.AgentService"
+RPC_THREADS = MAX_SESSIONS + 32  # rank sessions hold one thread each while they train; the rest serve calls
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,7 +137,7 @@ def serve(config: AgentConfig, stop: threading.Event) -> int:
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
     ]
-    servicer = AgentServicer(store, config.node, remote_wait_s=config.restore_wait_s)
+    servicer = AgentServicer(store, config.node, remote_wait_s=config.restore_wait_s, persist_root=config.persist_root)
     peer_server = None
     if config.coordinator:
         peer_server, peer_port = start_peer_server(config, fragments)
@@ -151,12 +154,48 @@ def serve(config: AgentConfig, stop: threading.Event) -> int:
         store.protection_target = link.target  # a commit of the target step is kept until protected
         link.on_protection = fragments.prune  # the job's kept step moved on: older sets go
         link.start()
-        replicator = Replicator(store=store, link=link, peers=PeerClient(token=config.token, tls=config.tls), node=config.node)
+        replicator = Replicator(
+            store=store,
+            link=link,
+            peers=PeerClient(token=config.token, tls=config.tls),
+            node=config.node,
+            put_min_rate_bytes_per_s=config.put_min_rate_bytes_per_s,
+            throttle=protection_throttle(config),
+        )
         replicator.start()
         servicer.remote = RemoteRestore(link=link, peers=PeerClient(token=config.token, tls=config.tls), store=store)
+    persister = None
+    if config.persist_root is not None:
+        from memckpt.agent.persist import Persister, PersistPolicy, StepChooser  # torch: only when persisting
+
+        policy = PersistPolicy(every_steps=config.persist_every, interval_s=config.persist_interval_s)
+        persister = Persister(
+            store=store,
+            budget=budget,
+            root=config.persist_root,
+            rate=config.persist_rate,
+            keep=config.persist_keep,
+            keep_every=config.persist_keep_every,
+            world_size=store.job_world_size,
+            finalize_here=lambda job: store.holds(job, 0),
+            chooser=StepChooser(policy),
+        )
+        store.persist_wanted = persister.wants
+        persister.start()
+        servicer.persistence = persister.status_copy
+        if config.persist_on_failure:
+            servicer.on_rank_died = persister.rank_died
+        log.info(
+            "persisting to %s every=%d steps interval=%.0fs rate=%s/s keep=%d",
+            config.persist_root,
+            config.persist_every,
+            config.persist_interval_s,
+            format_size(config.persist_rate) if config.persist_rate else "unlimited",
+            config.persist_keep,
+        )
     # Ranks are served only now that the servicer is whole: a rank asking a replacement agent
     # before its link to the coordinator existed would have heard "nothing held" and started fresh.
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="rpc"), options=options)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=RPC_THREADS, thread_name_prefix="rpc"), options=options)
     pb_grpc.add_AgentServiceServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -177,11 +216,14 @@ def serve(config: AgentConfig, stop: threading.Event) -> int:
     stop.wait()
     log.info("stopping: grace=%.1fs on_exit=%s", GRACE_S, config.on_exit)
     health_servicer.enter_graceful_shutdown()
+    servicer.sessions.stopping = True  # ranks' streams cut by this stop are not their deaths
     if peer_server is not None:
         peer_server.stop(GRACE_S).wait()
     server.stop(GRACE_S).wait()
     if replicator is not None:
         replicator.stop()
+    if persister is not None:
+        persister.stop()
     if link is not None:
         link.stop()
     fragments.stop(remove=config.on_exit == "remove")
@@ -191,6 +233,16 @@ def serve(config: AgentConfig, stop: threading.Event) -> int:
     return 0
 
 
+def protection_throttle(config: AgentConfig) -> Throttle | None:
+    """The pace protection keeps to (`protect_rate`, `protect_cpu`), on this process's clocks; None: no limit."""
+    limits = PaceLimits(rate_bytes_per_s=config.protect_rate, cpu_cores=config.protect_cpu)
+    if not limits.is_limited:
+        return None
+    rate = f"{format_size(config.protect_rate)}/s" if config.protect_rate else "unlimited"
+    log.info("protection paced: rate=%s cpu=%s", rate, f"{config.protect_cpu:g} cores" if config.protect_cpu else "unlimited")
+    return Throttle(limits, clock=time.monotonic, cpu_clock=time.process_time)
+
+
 def start_peer_server(config: AgentConfig, fragments: FragmentStore) -> tuple[grpc.Server, int]:
     """The peer service on TCP (`peer_listen`), with TLS and the token when configured; returns it and its port."""
     interceptors: list[grpc.ServerInterceptor] = [TokenInterceptor(config.token)] if config.token else []
@@ -198,6 +250,7 @@ def start_peer_server(config: AgentConfig, fragments: FragmentStore) -> tuple[gr
         ("grpc.max_receive_message_length", config.max_message_bytes),  # fragment chunks are up to 4 MiB
         ("grpc.max_send_message_length", config.max_message_bytes),
         ("grpc.so_reuseport", 0),  # a port in use is an error, not a second server sharing it
+        *SERVER_OPTIONS,  # keepalive: accepts peers' pings, pings them
     ]
     executor = futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="peer")
     server = grpc.server(executor, interceptors=interceptors, options=options)

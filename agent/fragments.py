@@ -7,7 +7,9 @@ after a node loss some step can still be restored for every rank. A fragment is 
 only when every chunk and the whole fragment match their crc32c; only then does it enter
 the (job, rank)'s manifest, written atomically, so a restarted agent re-adopts exactly the complete fragments
 and unlinks the rest. The decisions (header checks, placement, which set to keep) are the
-pure functions at the top.
+pure functions at the top. A dropped version's segment stays mapped (and budgeted) as the
+rank's spare, which the next upload is received into in place: the memory a rank holds
+peaks where it did (two versions and an upload), and no put pays for fresh shared memory.
 """
 
 from __future__ import annotations
@@ -19,14 +21,16 @@ import logging
 import os
 import secrets
 import threading
+import weakref
 import zlib
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import crc32c
 import numpy as np
 
-from memckpt.agent.erasure import Scheme
+from memckpt.agent.erasure import Scheme, populate
 from memckpt.agent.shm import Segment, ShmDir
 from memckpt.agent.slots import MemoryBudget, RankKey
 from memckpt.coordinator.cluster import Held
@@ -286,6 +290,7 @@ class _Upload:
 class _RankFragments:
     sets: dict[tuple[int, int], dict[int, StoredFragment]] = field(default_factory=dict)  # version -> index ->
     upload: _Upload | None = None
+    spare: Segment | None = None  # a dropped fragment's segment, still mapped and budgeted: the next upload's
 
     @property
     def version(self) -> tuple[int, int] | None:
@@ -327,6 +332,13 @@ class FragmentStore:
         self._lock = threading.Lock()
         self._ranks: dict[RankKey, _RankFragments] = {}
         self._segments: dict[str, Segment] = {}  # complete fragments' segments, by name
+        # Segments are reused: one dropped (pruned, replaced) becomes its rank's spare, renamed to
+        # the next upload's name and received into in place, through a mapping whose pages are
+        # all mapped in (`_warm`), at memcpy speed, instead of a new segment faulted in per put.
+        # One handed to a reader (`_lent`) is never reused: its bytes must stay what was read.
+        self._warm: weakref.WeakSet[Segment] = weakref.WeakSet()
+        self._lent: set[str] = set()
+        self._prefaulter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fragment-prefault")
 
     def adopt(self) -> int:
         """Re-adopts complete fragments named by manifests in shm, unlinks everything else; returns fragments adopted."""
@@ -377,6 +389,7 @@ class FragmentStore:
                 held = sorted(entry.sets) if entry is not None else []
                 raise NotFound(f"{key}: no complete fragment {index} of step {step} here (holding versions {held})")
             view = self._segments[stored.segment].buffer[: stored.header.fragment_bytes]
+            self._lent.add(stored.segment)
         if not verify:
             return stored.header, view
         found = int(crc32c.crc32c(view))
@@ -398,6 +411,10 @@ class FragmentStore:
                 dropped += len(self._prune(entry))
         return dropped
 
+    def settle(self) -> None:
+        """Waits until the segments received so far are mapped in (for tests and benchmarks)."""
+        self._prefaulter.submit(lambda: None).result()
+
     def stop(self, remove: bool) -> None:
         """Unmaps every fragment; with `remove`, unlinks them and their manifests too."""
         with self._lock:
@@ -405,11 +422,13 @@ class FragmentStore:
                 if entry.upload is not None:
                     entry.upload.cancelled = True  # its thread closes it; the name goes now
                     self._shm.unlink(entry.upload.name)
+                self._drop_spare(entry)
                 for stored in entry.fragments():
                     self._drop_segment(stored.segment, unlink=remove)
                 if remove:
                     self._shm.unlink(self._manifest_name(key))
             self._ranks.clear()
+        self._prefaulter.shutdown(wait=True, cancel_futures=True)
 
     # -- internals -----------------------------------------------------------------
 
@@ -426,14 +445,28 @@ class FragmentStore:
                 self._budget.release(entry.upload.name)
                 entry.upload = None
             name = self._new_segment_name(header)
-            self._budget.reserve(name, header.fragment_bytes, f"{header} ({format_size(header.fragment_bytes)})")
+            spare = entry.spare if entry.spare is not None and entry.spare.size_bytes == header.fragment_bytes else None
+            if spare is None:
+                self._drop_spare(entry)  # of another size: its memory goes to the new segment
+            else:
+                entry.spare = None
+                self._budget.release(spare.name)  # its bytes are reserved again, under the new name, below
             try:
-                segment = self._shm.create_segment(name, header.fragment_bytes)
+                self._budget.reserve(name, header.fragment_bytes, f"{header} ({format_size(header.fragment_bytes)})")
+                segment = self._reuse(spare, name) if spare is not None else self._shm.create_segment(name, header.fragment_bytes)
             except BaseException:
                 self._budget.release(name)
+                if spare is not None:
+                    self._close_and_unlink(spare)
                 raise
             entry.upload = _Upload(header=header, name=name, segment=segment)
             return entry.upload
+
+    def _reuse(self, spare: Segment, name: str) -> Segment:
+        """The spare, renamed `name`: a crash from now on leaves it an orphan that no manifest names."""
+        os.rename(safe_join(self._shm.root, spare.name), safe_join(self._shm.root, name))
+        spare.name = name
+        return spare
 
     def _write(self, upload: _Upload, chunk: Chunk) -> None:
         header, size = upload.header, len(chunk.data)
@@ -448,7 +481,10 @@ class FragmentStore:
             )
         if upload.cancelled:  # read without the lock: a stale False costs one more chunk copy, never memory safety
             raise StaleGeneration(f"{header}: superseded by a newer upload")
-        self._write_at(upload, chunk.data)
+        if upload.segment in self._warm:  # its pages are mapped in: a plain copy, the GIL released
+            copy_into(upload.segment.buffer[upload.received_bytes : upload.received_bytes + size], chunk.data)
+        else:
+            self._write_at(upload, chunk.data)
         upload.crc32c = crc32c_combine(upload.crc32c, found, size)
         upload.received_bytes += size
 
@@ -487,8 +523,13 @@ class FragmentStore:
             self._segments[upload.name] = upload.segment
             entry.upload = None
             for old in replaced:
-                self._drop_segment(old.segment, unlink=True)
+                self._retire(entry, old.segment)
             self._prune(entry, always_write=True)
+        if upload.segment not in self._warm:  # a new segment: mapped in off the put's path, for readers and reuse
+            try:
+                self._prefaulter.submit(self._prefault, upload.segment)
+            except RuntimeError:  # stopping: nobody reads or reuses it any more
+                pass
 
     def _discard(self, upload: _Upload) -> None:
         with self._lock:
@@ -496,6 +537,7 @@ class FragmentStore:
             if entry is not None and entry.upload is upload:
                 entry.upload = None
             if entry is not None and entry.upload is None and not entry.sets:
+                self._drop_spare(entry)
                 del self._ranks[upload.header.key]
             if upload.name not in self._segments:  # not completed: the upload's segment is ours to drop
                 self._budget.release(upload.name)
@@ -517,7 +559,7 @@ class FragmentStore:
         gone = [f for v in dropped for f in entry.sets.pop(v).values()]
         self._shm.write_file_atomic(self._manifest_name(key), encode_fragment_manifest(entry.fragments()))
         for old in gone:
-            self._drop_segment(old.segment, unlink=True)
+            self._retire(entry, old.segment)
         if dropped:
             log.info("%s: dropped fragment versions %s, keeping %s", key, sorted(dropped), sorted(entry.sets))
         return dropped
@@ -529,6 +571,36 @@ class FragmentStore:
         if unlink:
             self._shm.unlink(name)
         self._budget.release(name)
+        self._lent.discard(name)
+
+    def _retire(self, entry: _RankFragments, name: str) -> None:
+        """A complete fragment's segment that no manifest names any more: the rank's spare (still
+        mapped, its bytes still budgeted) unless a reader was given it; under the lock."""
+        segment = self._segments.get(name)
+        if segment is None or name in self._lent:
+            self._drop_segment(name, unlink=True)
+            return
+        del self._segments[name]
+        self._drop_spare(entry)
+        entry.spare = segment
+
+    def _drop_spare(self, entry: _RankFragments) -> None:
+        if entry.spare is not None:
+            self._budget.release(entry.spare.name)
+            self._close_and_unlink(entry.spare)
+            entry.spare = None
+
+    def _close_and_unlink(self, segment: Segment) -> None:
+        segment.close()
+        self._shm.unlink(segment.name)
+
+    def _prefault(self, segment: Segment) -> None:
+        """Maps every page of a received segment in (on the prefault thread), then marks it warm."""
+        try:
+            populate(segment.buffer)
+        except (ValueError, BufferError):  # dropped meanwhile: its buffer was released
+            return
+        self._warm.add(segment)
 
     def _new_segment_name(self, header: FragmentHeader) -> str:
         # a random suffix: a re-sent fragment never reuses (and so never unlinks) the name of one held

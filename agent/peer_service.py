@@ -10,8 +10,10 @@ by protobuf, so the wire format is still exactly what protos/peer.proto says.
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import crc32c
 import grpc
@@ -30,6 +32,21 @@ _TAG_CHUNK = 0x12  # field 2 (chunk), length-delimited, of PutFragmentRequest an
 _TAG_DATA = 0x0A  # field 1 (data), length-delimited, of FragmentData
 _TAG_CRC = 0x10  # field 2 (data_crc32c), varint, of FragmentData
 
+# The peer server accepts the keepalive pings of peer channels (memckpt.agent.peers.CHANNEL_OPTIONS,
+# every 5 s, also while no call runs or no data moves) instead of answering them with GOAWAY
+# "too_many_pings"; and pings its clients, so a put from an owner cut off the network ends
+# (and its upload's memory goes) within seconds.
+SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 1_000),
+    ("grpc.http2.max_ping_strikes", 0),  # 0: never GOAWAY a client for pinging
+    ("grpc.http2.max_pings_without_data", 0),
+)
+READ_AHEAD_MESSAGES = 2  # of a stream, received (or encoded) while the one before is checked and copied
+T = TypeVar("T")
+
 
 class PeerServicer:
     """Takes pre-encoded or parsed messages; `add_to_server` registers it with its (de)serializers."""
@@ -43,7 +60,8 @@ class PeerServicer:
         header = _as_put_request(first) if first is not None else None
         if header is None or header.WhichOneof("part") != "header":
             raise InvalidRequest("PutFragment: the first message must be the fragment header")
-        stored = self._store.put(header_from_proto(header.header), chunks_from_messages(request_iterator))
+        messages = read_ahead(request_iterator, READ_AHEAD_MESSAGES, "put-receive")
+        stored = self._store.put(header_from_proto(header.header), chunks_from_messages(messages))
         return pb.PutFragmentResponse(stored_bytes=stored)
 
     @map_stream_errors
@@ -52,14 +70,19 @@ class PeerServicer:
         # verified as it is sent, from the chunks' crcs: one pass over the bytes, not two
         header, view = self._store.open_fragment(request.job, request.rank, request.fragment_index, step, verify=False)
         yield pb.FragmentChunk(header=header_to_proto(header))
-        whole = 0
-        for start in range(0, len(view), SERVE_CHUNK_BYTES):
-            piece = view[start : start + SERVE_CHUNK_BYTES]
-            crc = int(crc32c.crc32c(piece))
-            whole = crc32c_combine(whole, crc, len(piece))
-            if start + len(piece) == len(view) and whole != header.crc32c:  # before the last chunk: the fragment is never whole
-                raise CorruptSnapshot(f"{header}: stored bytes have crc32c {whole:08x}, expected {header.crc32c:08x}")
-            yield encode_chunk(piece, crc)
+        # encoded a few chunks ahead, on a thread of their own, while gRPC sends the one before
+        yield from read_ahead(_serve_chunks(header, view), READ_AHEAD_MESSAGES, "get-encode")
+
+
+def _serve_chunks(header: FragmentHeader, view: memoryview) -> Iterator[bytes]:
+    whole = 0
+    for start in range(0, len(view), SERVE_CHUNK_BYTES):
+        piece = view[start : start + SERVE_CHUNK_BYTES]
+        crc = int(crc32c.crc32c(piece))
+        whole = crc32c_combine(whole, crc, len(piece))
+        if start + len(piece) == len(view) and whole != header.crc32c:  # before the last chunk: the fragment is never whole
+            raise CorruptSnapshot(f"{header}: stored bytes have crc32c {whole:08x}, expected {header.crc32c:08x}")
+        yield encode_chunk(piece, crc)
 
 
 def add_to_server(servicer: PeerServicer, server: grpc.Server) -> None:
@@ -77,6 +100,49 @@ def add_to_server(servicer: PeerServicer, server: grpc.Server) -> None:
         ),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+
+
+def read_ahead(messages: Iterator[T], depth: int, name: str, stop: threading.Event | None = None) -> Iterator[T]:
+    """`messages`, pulled by a thread of their own up to `depth` ahead of the caller, so that gRPC
+    receiving (or the sender encoding) the next ones overlaps the work on this one (the checksum
+    and the copies release the GIL). The thread stops pulling when the caller stops iterating,
+    or when `stop` is set; an error of `messages` is raised to the caller in its place."""
+    if depth < 1:
+        yield from messages
+        return
+    stopped = stop if stop is not None else threading.Event()
+    ready: queue.Queue[tuple[bool, T | None, BaseException | None]] = queue.Queue(maxsize=depth)
+
+    def offer(item: tuple[bool, T | None, BaseException | None]) -> bool:
+        while not stopped.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def pull() -> None:
+        try:
+            for message in messages:
+                if not offer((False, message, None)):
+                    return
+        except BaseException as exc:  # the stream failed: the caller raises it
+            offer((True, None, exc))
+            return
+        offer((True, None, None))
+
+    threading.Thread(target=pull, name=name, daemon=True).start()
+    try:
+        while True:
+            end, message, error = ready.get()
+            if error is not None:
+                raise error
+            if end:
+                return
+            yield cast(T, message)  # not the end: a message
+    finally:
+        stopped.set()
 
 
 def serialize(message: bytes | Any) -> bytes:

@@ -2,28 +2,62 @@
 
 Chunks travel pre-encoded (see `peer_service`): a sent chunk is copied once, from the snapshot
 straight into its message; a received one is checksummed and copied once, into the caller's
-buffer (shared memory, or the buffer a rebuild decodes in), never joined.
+buffer or wherever its sink writes it (a rebuilt slot's file), never joined.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import crc32c
 import grpc
 from google.protobuf.message import DecodeError
 
 from memckpt.agent.erasure import fresh_buffer
-from memckpt.agent.fragments import SERVE_CHUNK_BYTES, FragmentHeader, check_header, copy_into, crc32c_combine
-from memckpt.agent.peer_service import GET_METHOD, PUT_METHOD, decode_chunk, encode_chunk, header_from_proto, header_to_proto
-from memckpt.errors import CorruptSnapshot
+from memckpt.agent.fragments import SERVE_CHUNK_BYTES, Chunk, FragmentHeader, check_header, copy_into, crc32c_combine
+from memckpt.agent.peer_service import (
+    GET_METHOD,
+    PUT_METHOD,
+    READ_AHEAD_MESSAGES,
+    decode_chunk,
+    encode_chunk,
+    header_from_proto,
+    header_to_proto,
+    read_ahead,
+)
+from memckpt.errors import CorruptSnapshot, MemckptError, Unavailable
 from memckpt.protos import peer_pb2 as pb
 from memckpt.rpc import error_from_rpc
 from memckpt.security import TlsFiles, channel_credentials, token_metadata
 
-PUT_TIMEOUT_S = 300.0
+PUT_TIMEOUT_S = 300.0  # the ceiling of any peer call
+PUT_BASE_S = 5.0  # a put's deadline: this, plus its bytes at the slowest rate it may run at
+DEFAULT_PUT_MIN_RATE_BYTES_PER_S = 32 << 20
 MAX_MESSAGE_BYTES = 8 << 20
+# A peer cut off the network (packets black-holed, nothing refused) fails a call within about
+# keepalive time + timeout, instead of when its deadline comes; pings go also while no data can
+# (`max_pings_without_data` 0: no limit), and the peer servers accept them (peer_service.SERVER_OPTIONS).
+KEEPALIVE_TIME_MS = 5_000
+KEEPALIVE_TIMEOUT_MS = 5_000
+CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+)
+
+WriteAt = Callable[[int, "bytes | memoryview"], None]  # (offset, data): where a fetched fragment's chunks go
+
+
+def put_timeout_s(fragment_bytes: int, min_rate_bytes_per_s: float = DEFAULT_PUT_MIN_RATE_BYTES_PER_S) -> float:
+    """The deadline of a put of `fragment_bytes`: a few seconds, plus the bytes at the slowest
+    rate a healthy peer streams at (shared by the k + m puts of a step), capped at PUT_TIMEOUT_S."""
+    if fragment_bytes < 0 or min_rate_bytes_per_s <= 0:
+        raise ValueError(f"put of {fragment_bytes} bytes at {min_rate_bytes_per_s} bytes/s: both must be positive")
+    return min(PUT_BASE_S + fragment_bytes / min_rate_bytes_per_s, PUT_TIMEOUT_S)
 
 
 class PeerClient:
@@ -35,22 +69,26 @@ class PeerClient:
         self._channels: dict[str, grpc.Channel] = {}
         self._lock = threading.Lock()
 
-    def put_fragment(self, address: str, header: FragmentHeader, data: memoryview) -> None:
-        """Streams one fragment (header, then crc'd chunks) to the peer at `address`."""
+    def put_fragment(self, address: str, header: FragmentHeader, data: memoryview, *, timeout_s: float | None = None) -> None:
+        """Streams one fragment (header, then crc'd chunks) to the peer at `address`, and waits for it.
 
-        def messages() -> Iterator[bytes]:
-            yield pb.PutFragmentRequest(header=header_to_proto(header)).SerializeToString()
-            for start in range(0, len(data), SERVE_CHUNK_BYTES):
-                piece = data[start : start + SERVE_CHUNK_BYTES]
-                yield encode_chunk(piece, int(crc32c.crc32c(piece)))
+        `timeout_s`: the call's deadline, by default `put_timeout_s` of the fragment's size.
+        Raises the memckpt error of a refused or failed put (Unavailable past the deadline)."""
+        self.start_put(address, header, data, timeout_s=timeout_s).result()
 
+    def start_put(self, address: str, header: FragmentHeader, data: memoryview, *, timeout_s: float | None = None) -> PutCall:
+        """Starts streaming one fragment to the peer at `address`; the call runs on gRPC's threads.
+
+        `data` is read until the call ends or `PutCall.cancel()` returns, never after."""
         put: grpc.StreamUnaryMultiCallable[bytes, pb.PutFragmentResponse] = self._channel(address).stream_unary(
             PUT_METHOD, request_serializer=None, response_deserializer=pb.PutFragmentResponse.FromString
         )
-        try:
-            put(messages(), metadata=self._metadata, timeout=PUT_TIMEOUT_S)
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc, f"PutFragment {header} to {address}") from None
+        messages = _PutMessages(pb.PutFragmentRequest(header=header_to_proto(header)).SerializeToString(), data)
+        deadline_s = put_timeout_s(len(data)) if timeout_s is None else timeout_s
+        # encoded a few chunks ahead, on a thread of their own, while gRPC sends the one before
+        encoded = read_ahead(iter(messages), READ_AHEAD_MESSAGES, "put-encode", stop=messages.closed)
+        future = put.future(encoded, metadata=self._metadata, timeout=deadline_s)
+        return PutCall(future, messages, f"PutFragment {header} to {address}")
 
     def get_fragment(
         self, address: str, job: str, rank: int, index: int, step: int, into: memoryview | None = None
@@ -60,51 +98,60 @@ class PeerClient:
         The bytes land in `into` (exactly the fragment's size) when given, else in a new buffer;
         either way the view returned holds them. On an error `into` may hold part of them.
         """
+        target = into
+
+        def open_target(header: FragmentHeader) -> WriteAt:
+            nonlocal target
+            target = _target(into, header.fragment_bytes, f"fragment {index} of job {job!r} rank {rank} from {address}")
+            return lambda offset, data: copy_into(target[offset : offset + len(data)], data)
+
+        header = self.receive_fragment(address, job, rank, index, step, open_target)
+        assert target is not None  # set with the header
+        return header, target
+
+    def receive_fragment(
+        self, address: str, job: str, rank: int, index: int, step: int, open_sink: Callable[[FragmentHeader], WriteAt]
+    ) -> FragmentHeader:
+        """Streams a fragment and returns its header: first the header, checked, for which
+        `open_sink(header)` returns where the bytes go (or raises to refuse it); then each chunk,
+        checked against its crc, to `write_at(offset in the fragment, data)`, in order; at the
+        end, all of them against the fragment's crc. On an error part of them may be written."""
         request = pb.GetFragmentRequest(job=job, rank=rank, fragment_index=index, step=step)
         what = f"fragment {index} of job {job!r} rank {rank} from {address}"
         get: grpc.UnaryStreamMultiCallable[pb.GetFragmentRequest, bytes] = self._channel(address).unary_stream(
             GET_METHOD, request_serializer=pb.GetFragmentRequest.SerializeToString, response_deserializer=None
         )
         header: FragmentHeader | None = None
-        target = into
+        write_at: WriteAt | None = None
         received = crc = 0
         call = get(request, metadata=self._metadata, timeout=PUT_TIMEOUT_S)
         try:
-            for message in call:
-                chunk = decode_chunk(message)
-                if chunk is None:  # not a pre-encoded chunk: parse it
-                    parsed = _parse_chunk(message, what)
-                    if parsed.HasField("header"):
-                        if header is not None:
-                            raise CorruptSnapshot(f"{what}: a second header")
-                        header = header_from_proto(parsed.header)
-                        check_header(header)  # sizes and the metadata's checksum
-                        target = _target(into, header.fragment_bytes, what)
-                        continue
-                    if not parsed.HasField("chunk"):
-                        raise CorruptSnapshot(f"{what}: an empty message")
-                    chunk_data: memoryview | bytes = parsed.chunk.data
-                    chunk_crc = parsed.chunk.data_crc32c
-                else:
-                    chunk_data, chunk_crc = chunk.data, chunk.crc32c
-                if target is None or header is None:
+            for message in read_ahead(call, READ_AHEAD_MESSAGES, "get-receive"):  # received while the one before is copied
+                part = _read_message(message, what)
+                if isinstance(part, FragmentHeader):
+                    if header is not None:
+                        raise CorruptSnapshot(f"{what}: a second header")
+                    check_header(part)  # sizes and the metadata's checksum
+                    header, write_at = part, open_sink(part)
+                    continue
+                if header is None or write_at is None:
                     raise CorruptSnapshot(f"{what}: data before the header")
-                size = len(chunk_data)
+                size = len(part.data)
                 if received + size > header.fragment_bytes:
                     raise CorruptSnapshot(f"{what}: chunks run past fragment_bytes {header.fragment_bytes}")
-                if crc32c.crc32c(chunk_data) != chunk_crc:
+                if crc32c.crc32c(part.data) != part.crc32c:
                     raise CorruptSnapshot(f"{what}: chunk crc mismatch")
-                copy_into(target[received : received + size], chunk_data)
-                crc = crc32c_combine(crc, chunk_crc, size)
+                write_at(received, part.data)
+                crc = crc32c_combine(crc, part.crc32c, size)
                 received += size
         except grpc.RpcError as exc:
             raise error_from_rpc(exc, f"GetFragment job={job} rank={rank} index={index} from {address}") from None
         except BaseException:
             call.cancel()  # the peer stops sending what nobody reads
             raise
-        if header is None or target is None or received != header.fragment_bytes or crc != header.crc32c:
+        if header is None or received != header.fragment_bytes or crc != header.crc32c:
             raise CorruptSnapshot(f"{what} is incomplete or corrupt")
-        return header, target
+        return header
 
     def close(self) -> None:
         with self._lock:
@@ -117,13 +164,93 @@ class PeerClient:
             return self._channels.get(address) or self._channels.setdefault(address, self._open(address))
 
     def _open(self, address: str) -> grpc.Channel:
-        options = [
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        ]
+        options = list(CHANNEL_OPTIONS)
         if self._credentials is not None:
             return grpc.secure_channel(address, self._credentials, options=options)
         return grpc.insecure_channel(address, options=options)
+
+
+class _PutMessages:
+    """The messages of one put: its header, then `data` in crc'd chunks, each copied once into
+    its message. After `close()` returns no chunk is read any more: the caller may let `data` go."""
+
+    def __init__(self, header: bytes, data: memoryview) -> None:
+        self._header = header
+        self._data = data
+        self._lock = threading.Lock()
+        self.closed = threading.Event()
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield self._header
+        for start in range(0, len(self._data), SERVE_CHUNK_BYTES):
+            with self._lock:  # a chunk is read whole, or not at all once closed
+                if self.closed.is_set():
+                    return
+                piece = self._data[start : start + SERVE_CHUNK_BYTES]
+                message = encode_chunk(piece, int(crc32c.crc32c(piece)))
+            yield message
+
+    def close(self) -> None:
+        with self._lock:
+            self.closed.set()
+
+
+class PutCall:
+    """One PutFragment in flight (`PeerClient.start_put`): wait for its end, or cancel it."""
+
+    def __init__(self, future: grpc.Future[pb.PutFragmentResponse], messages: _PutMessages, what: str) -> None:
+        self._future = future
+        self._messages = messages
+        self.what = what
+        future.add_done_callback(lambda _: messages.close())  # a failed call stops reading `data` too
+
+    def done(self) -> bool:
+        return bool(self._future.done())
+
+    def add_done_callback(self, callback: Callable[[], object]) -> None:
+        """Calls `callback()` when the call ends (at once if it has), on whichever thread ends it."""
+
+        def call(_: object) -> None:
+            callback()
+
+        self._future.add_done_callback(call)
+
+    def cancel(self) -> None:
+        """Ends the call (the peer drops what it received); `data` is not read after this returns."""
+        self._messages.close()
+        self._future.cancel()
+
+    def error(self) -> MemckptError | None:
+        """None if the peer stored the fragment; else why not (the call must be done)."""
+        try:
+            self._future.result(timeout=0)
+        except grpc.FutureCancelledError:
+            return Unavailable(f"{self.what}: cancelled")
+        except grpc.RpcError as exc:
+            return error_from_rpc(exc, self.what)
+        return None
+
+    def result(self) -> None:
+        """Waits for the call's end; raises the memckpt error of a refused or failed put."""
+        try:
+            self._future.result()
+        except grpc.FutureCancelledError:
+            raise Unavailable(f"{self.what}: cancelled") from None
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc, self.what) from None
+
+
+def _read_message(message: bytes, what: str) -> FragmentHeader | Chunk:
+    """A pre-encoded chunk (its data a view of the message), or what protobuf parses: a header or a chunk."""
+    chunk = decode_chunk(message)
+    if chunk is not None:
+        return chunk
+    parsed = _parse_chunk(message, what)
+    if parsed.HasField("header"):
+        return header_from_proto(parsed.header)
+    if not parsed.HasField("chunk"):
+        raise CorruptSnapshot(f"{what}: an empty message")
+    return Chunk(data=parsed.chunk.data, crc32c=parsed.chunk.data_crc32c)
 
 
 def _parse_chunk(message: bytes, what: str) -> pb.FragmentChunk:

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 import grpc
 
 from memckpt.agent.coordination import CoordinatorLink
-from memckpt.agent.erasure import Scheme, fresh_buffer, rebuild_missing
+from memckpt.agent.erasure import Scheme, rebuild_missing
 from memckpt.agent.fragments import FragmentHeader
-from memckpt.agent.peers import PeerClient
-from memckpt.agent.store import SlotStore
+from memckpt.agent.peers import PeerClient, WriteAt
+from memckpt.agent.store import InstallTarget, SlotStore
 from memckpt.errors import CorruptSnapshot, MemckptError, NotFound, Unavailable
 from memckpt.protos import coordinator_pb2 as pb
 
@@ -53,7 +53,13 @@ class RemoteRestore:
         return [loc.step for loc in reply.locations if _rebuildable(loc)]
 
     def fetch(self, job: str, rank: int, step: int | None) -> None:
-        """Rebuilds the rank's snapshot of `step` (None: the newest) from fragments into a local slot."""
+        """Rebuilds the rank's snapshot of `step` (None: the newest) from fragments into a local slot.
+
+        The slot is begun first and the data fragments are written straight into it; missing ones
+        are decoded in place. Nothing is checksummed here beyond each fragment's own crc: the
+        restore that follows verifies the slot against the owner's checksums. A failed rebuild
+        leaves no slot behind.
+        """
         try:
             locations = [loc for loc in self._link.locate(job, rank).locations if _rebuildable(loc)]
         except grpc.RpcError as exc:
@@ -63,13 +69,18 @@ class RemoteRestore:
             raise NotFound(f"job {job!r} rank {rank}: no live peers hold step {step if step is not None else '(any)'}")
         started = time.perf_counter()
         scheme = Scheme(k=chosen.k, m=chosen.m, size_bytes=chosen.size_bytes)
-        out = fresh_buffer(scheme.fragment_bytes * scheme.k)  # data fragments land in place
-        with ThreadPoolExecutor(max_workers=max(chosen.k, DECODE_THREADS), thread_name_prefix="rebuild") as pool:
-            gathered = self._gather(job, rank, chosen, scheme, out, pool)
-            fetched_s = time.perf_counter() - started
-            rebuild_missing(out, gathered.parity, gathered.data, scheme, mapper=pool.map)
-        decoded_s = time.perf_counter() - started
-        self._store.install(job, rank, chosen.step, out[: scheme.size_bytes], gathered.meta, gathered.checksums)
+        padded = scheme.fragment_bytes * scheme.k  # the last data fragment's zero padding lands in the slot too
+        target = self._store.begin_install(job, rank, chosen.step, padded)
+        try:
+            with ThreadPoolExecutor(max_workers=max(chosen.k, DECODE_THREADS), thread_name_prefix="rebuild") as pool:
+                gathered = self._gather(job, rank, chosen, scheme, target, pool)
+                fetched_s = time.perf_counter() - started
+                rebuild_missing(target.buffer[:padded], gathered.parity, gathered.data, scheme, mapper=pool.map)
+            decoded_s = time.perf_counter() - started
+            self._store.commit_install(target, scheme.size_bytes, gathered.meta, gathered.checksums)
+        except BaseException:
+            self._store.abort_install(target)
+            raise
         log.info(
             "rebuilt job=%s rank=%d step=%d from fragments %s in %.3f s (fetched at %.3f s, decoded at %.3f s)",
             job,
@@ -82,20 +93,34 @@ class RemoteRestore:
         )
 
     def _gather(
-        self, job: str, rank: int, location: pb.SnapshotLocation, scheme: Scheme, out: memoryview, pool: ThreadPoolExecutor
+        self,
+        job: str,
+        rank: int,
+        location: pb.SnapshotLocation,
+        scheme: Scheme,
+        target: InstallTarget,
+        pool: ThreadPoolExecutor,
     ) -> _Gathered:
         """Any k good fragments of the location's attempt, fetched in parallel, data fragments
-        first: a data fragment straight into its place in `out`, a parity one into its own buffer;
-        a dead, corrupt or stale holder is replaced by the next. With the meta and the owner's
-        checksums they carry."""
+        first: a data fragment written straight into its place in the target slot, a parity one
+        into its own buffer; a dead, corrupt or stale holder is replaced by the next. With the
+        meta and the owner's checksums they carry."""
         size = scheme.fragment_bytes
         candidates = sorted(location.fragments, key=lambda h: h.index)
         gathered = _Gathered()
-        running: dict[Future[tuple[FragmentHeader, memoryview]], pb.FragmentHolder] = {}
+        running: dict[Future[tuple[FragmentHeader, memoryview | None]], pb.FragmentHolder] = {}
 
-        def fetch_one(holder: pb.FragmentHolder) -> tuple[FragmentHeader, memoryview]:
-            into = out[holder.index * size : (holder.index + 1) * size] if holder.index < scheme.k else None
-            return self._peers.get_fragment(holder.address, job, rank, holder.index, location.step, into=into)
+        def fetch_one(holder: pb.FragmentHolder) -> tuple[FragmentHeader, memoryview | None]:
+            if holder.index >= scheme.k:
+                return self._peers.get_fragment(holder.address, job, rank, holder.index, location.step)
+            base = holder.index * size
+
+            def into_slot(header: FragmentHeader) -> WriteAt:
+                if header.fragment_bytes != size:  # the slot is sized by the coordinator's word
+                    raise CorruptSnapshot(f"{header} from {holder.node} is {header.fragment_bytes} bytes, not {size}")
+                return lambda offset, data: target.writer.write_at(base + offset, data)
+
+            return self._peers.receive_fragment(holder.address, job, rank, holder.index, location.step, into_slot), None
 
         def start_more() -> None:
             busy = {h.index for h in running.values()} | gathered.indices()
@@ -126,7 +151,7 @@ class RemoteRestore:
                         location.generation,
                     )
                     continue
-                gathered.add(holder.index, data, scheme.k)
+                gathered.add(holder.index, data)
                 gathered.meta, gathered.checksums = header.meta.encode(), header.snapshot_checksums
             start_more()
         if len(gathered.indices()) < location.k:
@@ -138,7 +163,7 @@ class RemoteRestore:
 
 @dataclass(slots=True)
 class _Gathered:
-    data: list[int] = field(default_factory=list)  # data fragments in place in the decode buffer
+    data: list[int] = field(default_factory=list)  # data fragments, in place in the slot
     parity: dict[int, memoryview] = field(default_factory=dict)
     meta: bytes = b""
     checksums: tuple[int, ...] = ()
@@ -146,8 +171,9 @@ class _Gathered:
     def indices(self) -> set[int]:
         return {*self.data, *self.parity}
 
-    def add(self, index: int, data: memoryview, k: int) -> None:
-        if index < k:
+    def add(self, index: int, data: memoryview | None) -> None:
+        """A data fragment (in place in the slot: no buffer), or a parity fragment's buffer."""
+        if data is None:
             self.data.append(index)
         else:
             self.parity[index] = data

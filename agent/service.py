@@ -5,30 +5,52 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import threading
 import time
-from typing import Any
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import grpc
 
 from memckpt import __version__
-from memckpt.agent import wire
+from memckpt.agent import checkpoints, wire
 from memckpt.agent.recover import RemoteRestore
-from memckpt.agent.slots import Attempt
+from memckpt.agent.sessions import Sessions
+from memckpt.agent.slots import Attempt, RankKey
 from memckpt.agent.store import SlotStore
-from memckpt.errors import NotFound, Unavailable
+from memckpt.errors import CorruptSnapshot, InvalidRequest, NotFound, Unavailable
+from memckpt.names import check_name
 from memckpt.protos import agent_pb2 as pb
 from memckpt.protos import agent_pb2_grpc as pb_grpc
 from memckpt.rpc import map_errors
 
+if TYPE_CHECKING:
+    from memckpt.agent.persist import JobStatus  # imports torch: only an agent that persists loads it
+
 log = logging.getLogger(__name__)
 
 REMOTE_RETRY_S = 0.5
+MAX_SESSIONS = 96  # each open Attach stream holds one thread of the server's pool (see daemon.RPC_THREADS)
 
 
 class AgentServicer(pb_grpc.AgentServiceServicer):
-    def __init__(self, store: SlotStore, node: str, remote: RemoteRestore | None = None, remote_wait_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        store: SlotStore,
+        node: str,
+        remote: RemoteRestore | None = None,
+        remote_wait_s: float = 30.0,
+        persist_root: Path | None = None,
+    ) -> None:
         self._store = store
         self._node = node
         self.remote = remote  # with a coordinator: snapshots of ranks this agent does not hold
         self.remote_wait_s = remote_wait_s  # how long a restore with nothing local waits for the coordinator
+        self.persist_root = persist_root  # complete checkpoints there are restore points too
+        self.persistence: Callable[[], dict[str, JobStatus]] = dict  # what the persister did, per job
+        self.sessions = Sessions(limit=MAX_SESSIONS)
+        self.on_rank_died: Callable[[RankKey, Attempt], None] = lambda key, attempt: None
 
     @map_errors
     def RegisterRank(self, request: pb.RegisterRankRequest, context: Any) -> pb.RegisterRankResponse:
@@ -54,17 +76,31 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
 
     @map_errors
     def ListSnapshots(self, request: pb.ListSnapshotsRequest, context: Any) -> pb.ListSnapshotsResponse:
+        persisted = checkpoints.complete_steps(self.persist_root, request.job) if self.persist_root else []
         try:
-            held = self._store.list_steps(request.job, request.rank)
+            snapshots = self._store.list_snapshots(request.job, request.rank)
         except NotFound:
-            if self.remote is None:
+            if self.remote is None and not persisted:
                 raise
-            held = []
+            snapshots = []
+        held = [(step, name) for step, name, _ in snapshots]
+        world_sizes = [world for _, _, world in snapshots]
         if self.remote is not None:  # steps peers can rebuild; their slot is made when restored
-            held += self._remote_steps(request.job, request.rank, {step for step, _ in held})
-        if not held:
-            raise NotFound(f"job {request.job!r} rank {request.rank} has no snapshot here or on live peers")
-        return pb.ListSnapshotsResponse(steps=[step for step, _ in held], slot_names=[name for _, name in held])
+            try:
+                held += self._remote_steps(request.job, request.rank, {step for step, _ in held})
+            except CorruptSnapshot as exc:
+                if not persisted:
+                    raise
+                log.warning("job=%s rank=%d: %s; the filesystem holds steps %s", request.job, request.rank, exc, persisted)
+        if not held and not persisted:
+            raise NotFound(f"job {request.job!r} rank {request.rank} has no snapshot here, on live peers or persisted")
+        return pb.ListSnapshotsResponse(
+            steps=[step for step, _ in held],
+            slot_names=[name for _, name in held],
+            persisted_steps=persisted,
+            persisted_dir=str(self.persist_root / request.job) if persisted and self.persist_root else "",
+            world_sizes=world_sizes + [0] * (len(held) - len(world_sizes)),
+        )
 
     def _remote_steps(self, job: str, rank: int, local: set[int]) -> list[tuple[int, str]]:
         """Steps peers can rebuild that are not held here, with "" for the slot not made yet.
@@ -117,7 +153,45 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
             version=__version__,
             pid=os.getpid(),
             ranks=[wire.rank_status(r, self._store.slot_names(r)) for r in ranks],
+            persistence=[
+                pb.PersistStatus(
+                    job=job,
+                    complete_step=s.complete_step,
+                    writing_step=s.writing_step,
+                    written_bytes=s.written_bytes,
+                    failures=s.failures,
+                    last_error=s.last_error,
+                )
+                for job, s in sorted(self.persistence().items())
+            ],
+            persist_root=str(self.persist_root or ""),
         )
+
+    def Attach(self, request: pb.AttachRequest, context: Any) -> Iterator[pb.AttachEvent]:
+        """Held open while the rank trains (one server thread each); see `Sessions`."""
+        try:
+            key = RankKey(job=check_name(request.job, "job"), rank=request.rank)
+        except InvalidRequest as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        session = self.sessions.open(key, _attempt(request))
+        if session is None:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{MAX_SESSIONS} rank sessions are open on this agent")
+            return
+        ended = threading.Event()
+        context.add_callback(ended.set)
+        try:
+            yield pb.AttachEvent(attached=True)
+            ended.wait()
+        finally:
+            if self.sessions.close(session):
+                log.warning("%s (generation %d) died: its session ended without a clean close", key, session.attempt.generation)
+                self.on_rank_died(key, session.attempt)
+
+    @map_errors
+    def Detach(self, request: pb.DetachRequest, context: Any) -> pb.DetachResponse:
+        key = RankKey(job=check_name(request.job, "job"), rank=request.rank)
+        self.sessions.detach(key, _attempt(request))
+        return pb.DetachResponse()
 
 
 def _attempt(request: Any) -> Attempt:

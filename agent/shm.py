@@ -48,6 +48,35 @@ class Segment:
         return f"Segment({self.name!r}, {format_size(self.size_bytes)})"
 
 
+class SegmentWriter:
+    """Writes into a segment through its file, not through a mapping.
+
+    The kernel copies into the segment's pages, and allocates a page that a write covers whole
+    without zeroing it first; nothing is mapped into the writer. A first write through a fresh
+    mapping instead zeroes and maps every page, one fault at a time: here about twice the CPU.
+    Thread-safe: each write names its offset.
+    """
+
+    def __init__(self, name: str, fd: int, size_bytes: int) -> None:
+        self.name = name
+        self.size_bytes = size_bytes
+        self._fd = fd
+
+    def write_at(self, offset: int, data: bytes | memoryview) -> None:
+        """Writes `data` at `offset`; InvalidRequest if it would run past the segment's end."""
+        if offset < 0 or offset + len(data) > self.size_bytes:
+            raise InvalidRequest(f"a write of {len(data)} bytes at {offset} runs outside segment {self.name} ({self.size_bytes})")
+        view = memoryview(data).cast("B")
+        while view:
+            written = os.pwrite(self._fd, view, offset)  # releases the GIL
+            view, offset = view[written:], offset + written
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
 class ShmDir:
     """Shared-memory objects of one agent, under `root` (normally /dev/shm)."""
 
@@ -103,6 +132,19 @@ class ShmDir:
             return self._map(fd, name, info.st_size)
         finally:
             os.close(fd)
+
+    def open_writer(self, name: str) -> SegmentWriter:
+        """A writer into an existing segment of ours, private to us (see `SegmentWriter`)."""
+        path = safe_join(self.root, name)
+        try:
+            fd = os.open(path, os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0))
+        except FileNotFoundError as exc:
+            raise NotFound(f"shared memory segment {name} does not exist in {self.root}") from exc
+        info = os.fstat(fd)
+        if info.st_uid != os.getuid() or stat.S_IMODE(info.st_mode) & 0o077:
+            os.close(fd)
+            raise InvalidRequest(f"segment {name} is not private to uid {os.getuid()}; refusing it")
+        return SegmentWriter(name, fd, info.st_size)
 
     def is_same_segment(self, segment: Segment) -> bool:
         """Whether `segment` is still the file its name points to (not unlinked and recreated)."""

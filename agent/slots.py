@@ -5,7 +5,9 @@ Each rank owns two slots. Invariants:
   the latest may be written again (COMMITTED -> WRITING) or dropped (-> FREE);
 - the latest committed slot is never handed out for writing, so a restore always finds a
   whole snapshot; the one before it stays readable until the next write begins, so ranks
-  that died one step apart can still agree on a common step.
+  that died one step apart can still agree on a common step;
+- a slot being read (pinned), kept until protected (reserved) or kept until persisted
+  (to_persist) is not handed out: the snapshot that would overwrite it is skipped instead.
 """
 
 from __future__ import annotations
@@ -88,7 +90,8 @@ class RankSlots:
     latest: int | None = None  # index of the latest committed slot
     commits: int = 0
     pinned: Counter[int] = field(default_factory=Counter)  # slots being read (protection, persistence), by readers
-    reserved: set[int] = field(default_factory=set)  # the protection target or the step to persist: kept until done
+    reserved: set[int] = field(default_factory=set)  # committed at the protection target: kept until protected
+    to_persist: set[int] = field(default_factory=set)  # committed at a step to persist: kept until copied out
     attempt: Attempt = field(default_factory=Attempt)  # the job attempt that registered this rank last
 
     def latest_committed(self) -> Slot | None:
@@ -142,9 +145,10 @@ class RankSlots:
         if step <= self.session_step:
             raise StaleGeneration(f"{self.key}: snapshot of step {step} after step {self.session_step} in the same session")
         index = 1 - self.latest if self.latest is not None else self._first_free()
-        if index in self.pinned or index in self.reserved:
+        if index in self.pinned or index in self.reserved or index in self.to_persist:
             raise Unavailable(
-                f"{self.key}: slot {index} (step {self.slots[index].step}) is kept for protection or persistence; snapshot {step} skipped"
+                f"{self.key}: slot {index} (step {self.slots[index].step}) is kept for protection or persistence; "
+                f"snapshot {step} skipped"
             )
         return index
 
@@ -164,18 +168,25 @@ class RankSlots:
         self.latest = index  # the previous latest stays committed (and readable) until rewritten
         return self.slots[index]
 
+    def abort_write(self, index: int, step: int) -> bool:
+        """Frees slot `index` if it is still WRITING(step): a write that cannot finish (a rebuild
+        from peers that failed) leaves nothing behind. False if the slot moved on meanwhile."""
+        slot = self.slots[index]
+        if slot.state is not SlotState.WRITING or slot.step != step:
+            return False
+        self.slots[index] = slot.moved_to(SlotState.FREE, step=-1, data_size_bytes=0, meta=b"")
+        return True
+
     def is_current(self, index: int, commit_id: int) -> bool:
         """Whether slot `index` still holds the commit `commit_id` (readers check this)."""
         slot = self.slots[index]
         return slot.state is SlotState.COMMITTED and slot.commit_id == commit_id
 
-    def release_reservations(self, target: int | None, persisting: int | None = None) -> None:
-        """Frees reserved slots that are neither the protection target still unprotected nor
-        the step still to be persisted."""
+    def release_reservations(self, target: int | None) -> None:
+        """Frees reserved slots that are no longer the protection target (or are protected)."""
         for index in list(self.reserved):
             slot = self.slots[index]
-            wanted = (slot.step == target and not slot.protected) or slot.step == persisting
-            if slot.state is not SlotState.COMMITTED or not wanted:
+            if slot.state is not SlotState.COMMITTED or slot.protected or slot.step != target:
                 self.reserved.discard(index)
 
     def pin(self, index: int) -> None:
@@ -205,6 +216,11 @@ class RankSlots:
             return False
         self.slots[index] = replace(slot, checksums=checksums)
         return True
+
+    def persist_work(self) -> list[Slot]:
+        """Committed slots kept for persistence (dropping marks whose slot moved on)."""
+        self.to_persist = {i for i in self.to_persist if self.slots[i].state is SlotState.COMMITTED}
+        return [self.slots[i] for i in sorted(self.to_persist)]
 
     def abandon_writes(self) -> list[int]:
         """Frees slots left WRITING (by a dead writer, or a zombie still copying); returns them.

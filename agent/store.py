@@ -7,6 +7,7 @@ the slot out. A checksum computed over a slot that moved on meanwhile is dropped
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
@@ -16,7 +17,7 @@ from dataclasses import dataclass, replace
 
 from memckpt.agent.checksum import chunk_checksums, describe_mismatch
 from memckpt.agent.manifest import decode_manifest, encode_manifest
-from memckpt.agent.shm import Segment, ShmDir
+from memckpt.agent.shm import Segment, SegmentWriter, ShmDir
 from memckpt.agent.slots import Attempt, MemoryBudget, RankKey, RankSlots, Slot, SlotState, admit_attempt, new_rank_slots
 from memckpt.coordinator.cluster import Held
 from memckpt.errors import CorruptSnapshot, InvalidRequest, MemckptError, NotFound
@@ -62,6 +63,23 @@ class RestoreSource:
     source: str = "local"  # or "fragments": rebuilt from peers for this restore
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InstallTarget:
+    """A slot begun for a snapshot rebuilt from peers' fragments (see `SlotStore.begin_install`).
+
+    `writer` writes into the slot through its file (fetched fragments); `buffer` is the agent's
+    mapping of the same memory (a decode reads and writes there). Both alias the slot, which
+    nobody else writes while it is being rebuilt, until `commit_install` or `abort_install`.
+    """
+
+    key: RankKey
+    step: int
+    index: int
+    writer: SegmentWriter
+    buffer: memoryview
+    created: bool  # the rank was registered for this rebuild: an abort drops it whole
+
+
 class SlotStore:
     """Slots of every (job, rank) this agent serves, within one memory budget."""
 
@@ -72,6 +90,8 @@ class SlotStore:
         self._lock = threading.Lock()
         # (job, generation) -> the step the coordinator aligns the job's ranks on; set by the daemon
         self.protection_target: Callable[[str, int], int | None] = lambda job, generation: None
+        # (job, generation, step) -> whether that commit is to be persisted; set by the daemon
+        self.persist_wanted: Callable[[str, int, int], bool] = lambda job, generation, step: False
         self._ranks: dict[RankKey, RankSlots] = {}
         self._attempts: dict[str, Attempt] = {}  # each job's current attempt
         self._segments: dict[tuple[RankKey, int], Segment] = {}
@@ -116,7 +136,11 @@ class SlotStore:
 
     # -- the RPCs ------------------------------------------------------------------
 
-    def register(self, job: str, rank: int, world_size: int, slot_size_bytes: int, attempt: Attempt = _FIRST) -> RankSlots:
+    def register(
+        self, job: str, rank: int, world_size: int, slot_size_bytes: int, attempt: Attempt = _FIRST, *, allocate: bool = True
+    ) -> RankSlots:
+        """Registers the rank (again); `allocate=False` leaves a new rank's slots without memory
+        until begun (a rebuild from peers fills one slot; the other waits for the rank's client)."""
         key = self._key(job, rank)
         if not 0 < world_size <= MAX_WORLD_SIZE or rank >= world_size:
             raise InvalidRequest(f"{key}: world size {world_size} is invalid for this rank")
@@ -131,7 +155,7 @@ class SlotStore:
                 slots = new_rank_slots(key, world_size, slot_size_bytes)
                 self._ranks[key] = slots
                 try:
-                    for slot in slots.slots:
+                    for slot in slots.slots if allocate else ():
                         self._map_new(key, slot)
                 except MemckptError:
                     self._drop_rank(key, unlink=True)
@@ -139,6 +163,9 @@ class SlotStore:
             else:
                 for index in slots.abandon_writes():
                     self._replace_segment(key, slots.slots[index])
+                for slot in slots.slots if allocate else ():
+                    if (key, slot.index) not in self._segments:  # left without memory by a rebuild
+                        self._map_new(key, slot)
                 slots.world_size = world_size
             slots.attempt = attempt
             self._attempts[job] = job_attempt
@@ -146,7 +173,9 @@ class SlotStore:
             log.info("registered %s world_size=%d slot=%s attempt=%s", key, world_size, format_size(slot_size_bytes), attempt)
             return slots
 
-    def begin(self, job: str, rank: int, step: int, size_bytes: int, attempt: Attempt = _FIRST) -> SlotGrant:
+    def begin(
+        self, job: str, rank: int, step: int, size_bytes: int, attempt: Attempt = _FIRST, *, prefault: bool = True
+    ) -> SlotGrant:
         key = self._key(job, rank)
         with self._lock:
             self._attempts[job] = self._admit(key, attempt, registering=False)
@@ -162,7 +191,7 @@ class SlotStore:
                 old_name = self._slot_name(key, replace(slot, version=slot.version - 1))
                 self._unmap(key, slot.index, old_name, unlink=True)
             if (key, slot.index) not in self._segments:  # grown, or an earlier allocation failed
-                self._map_new(key, slot)
+                self._map_new(key, slot, prefault)
                 self._write_manifest(slots)
             return SlotGrant(index=slot.index, name=self._slot_name(key, slot), size_bytes=slot.size_bytes)
 
@@ -180,6 +209,8 @@ class SlotStore:
             slot = slots.commit(index, step, data_size_bytes, meta)
             if self.protection_target(job, slots.attempt.generation) == step:
                 slots.reserved.add(index)  # the step the job's ranks protect: not recycled before it is sent
+            if self.persist_wanted(job, slots.attempt.generation, step):
+                slots.to_persist.add(index)  # not recycled before it is copied out to the filesystem
             self._write_manifest(slots)
         self._pending.put((key, index, slot.commit_id))
         log.debug("commit %s step=%d slot=%d bytes=%d", key, step, index, data_size_bytes)
@@ -187,11 +218,15 @@ class SlotStore:
 
     def list_steps(self, job: str, rank: int) -> list[tuple[int, str]]:
         """(step, slot name) of each committed snapshot of the rank, newest first."""
+        return [(step, name) for step, name, _ in self.list_snapshots(job, rank)]
+
+    def list_snapshots(self, job: str, rank: int) -> list[tuple[int, str, int]]:
+        """(step, slot name, the job's world size then, 0 if unknown) of each committed snapshot, newest first."""
         key = self._key(job, rank)
         with self._lock:
             slots = self._rank(key)
             found = [slots.committed_at(step) for step in slots.committed_steps()]
-            return [(s.step, self._slot_name(key, s)) for s in found if s is not None]
+            return [(s.step, self._slot_name(key, s), _world_size_of(s.meta)) for s in found if s is not None]
 
     def open_restore(self, job: str, rank: int, step: int | None = None) -> RestoreSource:
         """A committed snapshot of the rank (the latest, or `step`), after its checksums are verified."""
@@ -221,21 +256,59 @@ class SlotStore:
             checksums=expected,
         )
 
-    def install(self, job: str, rank: int, step: int, data: memoryview, meta: bytes, checksums: tuple[int, ...]) -> None:
-        """Commits bytes rebuilt from peers' fragments as the rank's snapshot of `step`.
+    def begin_install(self, job: str, rank: int, step: int, size_bytes: int) -> InstallTarget:
+        """Begins a slot of `size_bytes` for the rank's snapshot of `step`, rebuilt from peers' fragments.
 
-        `checksums` are the owner's, of the original: the restore that follows verifies the
-        rebuilt bytes against them, so a rebuild from mismatched fragments is never loaded.
+        The rank is registered if it is not yet. Only the slot written now gets memory, and it is
+        not pre-faulted: fragments are written into it through its file (`InstallTarget.writer`).
+        Every target must end in `commit_install` or `abort_install`.
         """
+        key = self._key(job, rank)
         attempt = self._attempts.get(job, _FIRST)  # the agent's own write: it speaks for the current attempt
-        size = max(len(data), 1)
-        self.register(job, rank, rank + 1, size, attempt)  # world size: unknown here, the rank's client sets it
-        grant = self.begin(job, rank, step, size, attempt)
         with self._lock:
-            segment = self._segments[(RankKey(job=job, rank=rank), grant.index)]
-            segment.buffer[: len(data)] = data
-        slot = self.commit(job, rank, step, grant.index, len(data), meta, attempt)
-        self._record_checksums(RankKey(job=job, rank=rank), slot, checksums)
+            known = self._ranks.get(key)
+        world_size = known.world_size if known is not None else rank + 1  # unknown here; the rank's client sets it
+        self.register(job, rank, world_size, size_bytes, attempt, allocate=False)
+        try:
+            grant = self.begin(job, rank, step, size_bytes, attempt, prefault=False)
+            with self._lock:
+                buffer = self._segments[(key, grant.index)].buffer
+            writer = self._shm.open_writer(grant.name)
+        except BaseException:
+            if known is None:
+                with self._lock:
+                    self._drop_rank(key, unlink=True)
+            raise
+        return InstallTarget(key=key, step=step, index=grant.index, writer=writer, buffer=buffer, created=known is None)
+
+    def commit_install(self, target: InstallTarget, data_size_bytes: int, meta: bytes, checksums: tuple[int, ...]) -> Slot:
+        """Commits the target's first `data_size_bytes` as the rank's snapshot, with the owner's checksums.
+
+        Nothing is checksummed here: the restore that follows verifies the rebuilt bytes against
+        the owner's `checksums` (one pass), so a rebuild from mismatched fragments is never loaded.
+        """
+        target.writer.close()
+        with self._lock:
+            slots = self._rank(target.key)
+            slot = slots.commit(target.index, target.step, data_size_bytes, meta)
+            slots.set_checksums(target.index, slot.commit_id, checksums)
+            if self.protection_target(target.key.job, slots.attempt.generation) == target.step:
+                slots.reserved.add(target.index)  # as `commit`: the step the job's ranks protect
+            self._write_manifest(slots)
+            return slots.slots[target.index]
+
+    def abort_install(self, target: InstallTarget) -> None:
+        """Ends a rebuild that failed: its slot is freed, and a rank registered for it alone is dropped."""
+        target.writer.close()
+        with self._lock:
+            slots = self._ranks.get(target.key)
+            if slots is None or not slots.abort_write(target.index, target.step):
+                return  # moved on meanwhile (released, or registered again)
+            if target.created and slots.latest is None:
+                self._drop_rank(target.key, unlink=True)
+            else:
+                self._write_manifest(slots)
+        log.info("aborted the rebuild of %s step=%d slot=%d", target.key, target.step, target.index)
 
     def release_job(self, job: str) -> tuple[int, int]:
         check_name(job, "job")
@@ -272,19 +345,61 @@ class SlotStore:
                 slots.release_reservations(target)
                 slot = slots.to_protect(target)
                 if slot is not None:
-                    work.append(
-                        ProtectionWork(
-                            key=key,
-                            index=slot.index,
-                            commit_id=slot.commit_id,
-                            step=slot.step,
-                            size_bytes=slot.data_size_bytes,
-                            meta=slot.meta,
-                            generation=slots.attempt.generation,
-                            checksums=slot.checksums or (),
-                        )
-                    )
+                    work.append(self._work(key, slots, slot))
         return work
+
+    def holds(self, job: str, rank: int) -> bool:
+        with self._lock:
+            return RankKey(job=job, rank=rank) in self._ranks
+
+    def keep_for_persist(self, key: RankKey, attempt: Attempt, newer_than: int) -> list[int]:
+        """Marks every committed snapshot of the rank's `attempt` newer than `newer_than` to be
+        persisted (the rank died); returns their steps."""
+        with self._lock:
+            slots = self._ranks.get(key)
+            if slots is None or slots.attempt != attempt:
+                return []
+            marked = [s for s in slots.slots if s.state is SlotState.COMMITTED and s.step > newer_than]
+            slots.to_persist.update(s.index for s in marked)
+            return sorted(s.step for s in marked)
+
+    def job_world_size(self, job: str) -> int:
+        """The world size the job's ranks registered with here (0: none here)."""
+        with self._lock:
+            return max((r.world_size for k, r in self._ranks.items() if k.job == job), default=0)
+
+    def persist_work(self) -> list[tuple[ProtectionWork, Attempt]]:
+        """Commits kept for persistence with their attempt, oldest step first. Those of an attempt
+        the job has left (it restarted meanwhile) are released, never written."""
+        work = []
+        with self._lock:
+            for key, slots in self._ranks.items():
+                current = slots.attempt == self._attempts.get(key.job)
+                for slot in slots.persist_work():
+                    if current:
+                        work.append((self._work(key, slots, slot), slots.attempt))
+                    else:
+                        slots.to_persist.discard(slot.index)
+        return sorted(work, key=lambda w: w[0].step)
+
+    def release_persist(self, work: ProtectionWork) -> None:
+        """The commit is copied out (or given up): its slot may be recycled again."""
+        with self._lock:
+            slots = self._ranks.get(work.key)
+            if slots is not None and slots.is_current(work.index, work.commit_id):
+                slots.to_persist.discard(work.index)
+
+    def _work(self, key: RankKey, slots: RankSlots, slot: Slot) -> ProtectionWork:
+        return ProtectionWork(
+            key=key,
+            index=slot.index,
+            commit_id=slot.commit_id,
+            step=slot.step,
+            size_bytes=slot.data_size_bytes,
+            meta=slot.meta,
+            generation=slots.attempt.generation,
+            checksums=slot.checksums or (),
+        )
 
     def pin(self, work: ProtectionWork) -> memoryview | None:
         """The bytes of a commit, held still until `unpin` (begin refuses the slot meanwhile)."""
@@ -361,10 +476,11 @@ class SlotStore:
         self._unmap(key, slot.index, old_name, unlink=True)
         self._map_new(key, slot)
 
-    def _map_new(self, key: RankKey, slot: Slot) -> None:
+    def _map_new(self, key: RankKey, slot: Slot, prefault: bool = True) -> None:
         name = self._slot_name(key, slot)
         self._segments[(key, slot.index)] = self._shm.create_segment(name, slot.size_bytes)
-        self._prefaulter.submit(self._shm.prefault, name)
+        if prefault:
+            self._prefaulter.submit(self._shm.prefault, name)
 
     def _unmap(self, key: RankKey, index: int, name: str, unlink: bool) -> None:
         segment = self._segments.pop((key, index), None)
@@ -448,3 +564,12 @@ class SlotStore:
             self._pending.put((key, latest.index, latest.commit_id))
         log.info("adopted %s committed_step=%s", key, latest.step if latest else None)
         return 1
+
+
+def _world_size_of(meta: bytes) -> int:
+    """The world size the client wrote into a snapshot's metadata (0: none, or not JSON)."""
+    try:
+        value = json.loads(meta).get("world_size", 0)
+    except (ValueError, AttributeError):
+        return 0
+    return value if isinstance(value, int) else 0

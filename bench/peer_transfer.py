@@ -7,10 +7,15 @@ this process, through memckpt.agent.peers.PeerClient (what agents use with each 
 - get: GetFragment of fragment 0 out of its holder, into a preallocated, touched buffer (every
   chunk's crc32c and the whole fragment's checked), as a rebuild receives it;
 - put: PutFragment of the same bytes into the same holder, as a newer step of the same owner,
-  so the holder checks, places and stores it in shared memory, as protection sends it;
+  so the holder checks, places and stores it in shared memory, as protection sends it. A
+  holder receives each step of a rank into the segment of a step it dropped (still mapped in):
+  its first puts of a rank allocate those segments instead (as the first steps of a job do),
+  so WARMUP_PUTS puts go first, reported apart (`put_first_samples_s`), and the puts timed
+  are the steady state, what every later step of a job costs;
 
 and the same number of bytes over a raw TCP loopback socket (sendall from a child process into
-a touched buffer with recv_into). `peer_gbps` is the slower of get and put. This process sets
+a touched buffer with recv_into). `peer_gbps` is the slower of get and put (both are reported:
+`get_gbps`, `put_gbps`, and each over the raw socket). This process sets
 glibc's malloc the way the agent daemon does for itself (memckpt.agent.daemon.tune_allocator),
 since in production the client side of a transfer is an agent too.
 
@@ -40,6 +45,7 @@ from memckpt.security import TlsFiles
 from memckpt.trainer.checkpointer import Checkpointer
 
 K, M = 2, 1
+WARMUP_PUTS = 2  # steps that allocate the holder's segments for the rank (with the kept step's, three)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -51,12 +57,15 @@ class TransferReport:
     raw_socket_s: float
     get_samples_s: tuple[float, ...]
     put_samples_s: tuple[float, ...]
+    put_first_samples_s: tuple[float, ...]  # the warm-up puts, into segments new to the holder
     raw_socket_samples_s: tuple[float, ...]
     get_gbps: float
     put_gbps: float
     peer_gbps: float  # the slower direction
     raw_socket_gbps: float
     peer_over_raw_socket: float  # the target: >= 0.6
+    get_over_raw_socket: float
+    put_over_raw_socket: float
     allocator: dict[str, int]
 
 
@@ -69,8 +78,8 @@ def _timed(call: object, count: int) -> list[float]:
     return samples_s
 
 
-def measure_peer(fragment_bytes: int, repeats: int) -> tuple[list[float], list[float], int]:
-    """Seconds of each get and each put of fragment 0, and its size."""
+def measure_peer(fragment_bytes: int, repeats: int) -> tuple[list[float], list[float], list[float], int]:
+    """Seconds of each get, each warm-up put and each put of fragment 0, and its size."""
     state = baselines.make_state(fragment_bytes * K, n_tensors=4)
     size = sum(t.nbytes for t in state.values())
     job = f"pt-{uuid.uuid4().hex[:8]}"
@@ -102,19 +111,22 @@ def measure_peer(fragment_bytes: int, repeats: int) -> tuple[list[float], list[f
 
             get_s = _timed(get, 1 + repeats)
             progress(f"get from {holder}: {', '.join(f'{s:.3f}' for s in get_s)} s")
-            put_s = _timed(put, 1 + repeats)
-            progress(f"put to {holder}: {', '.join(f'{s:.3f}' for s in put_s)} s")
-            check: tuple[FragmentHeader, memoryview] = peers.get_fragment(addresses[holder], job, 0, 0, header.step + 1 + repeats)
+            first_put_s = _timed(put, WARMUP_PUTS)
+            put_s = _timed(lambda i: put(WARMUP_PUTS + i), 1 + repeats)
+            warmup = ", ".join(f"{s:.3f}" for s in first_put_s)
+            progress(f"put to {holder}: warm-up {warmup} s, then {', '.join(f'{s:.3f}' for s in put_s)} s")
+            last_step = header.step + WARMUP_PUTS + 1 + repeats
+            check: tuple[FragmentHeader, memoryview] = peers.get_fragment(addresses[holder], job, 0, 0, last_step)
             if check[1] != into:
                 raise RuntimeError("the holder gave back other bytes than were put")
         finally:
             peers.close()
-    return get_s, put_s, header.fragment_bytes
+    return get_s, first_put_s, put_s, header.fragment_bytes
 
 
 def run(fragment_bytes: int, repeats: int) -> TransferReport:
     allocator = tune_allocator()
-    get_samples, put_samples, size = measure_peer(fragment_bytes, repeats)
+    get_samples, first_put_samples, put_samples, size = measure_peer(fragment_bytes, repeats)
     raw_samples = loopback.raw_socket_seconds(size, repeats)
     progress(f"raw socket: {', '.join(f'{s:.3f}' for s in raw_samples)} s")
     get_s, put_s, raw_s = (median_after_first(s) for s in (get_samples, put_samples, raw_samples))
@@ -127,12 +139,15 @@ def run(fragment_bytes: int, repeats: int) -> TransferReport:
         raw_socket_s=raw_s,
         get_samples_s=tuple(get_samples),
         put_samples_s=tuple(put_samples),
+        put_first_samples_s=tuple(first_put_samples),
         raw_socket_samples_s=tuple(raw_samples),
         get_gbps=gbps(size, get_s),
         put_gbps=gbps(size, put_s),
         peer_gbps=peer,
         raw_socket_gbps=gbps(size, raw_s),
         peer_over_raw_socket=peer / gbps(size, raw_s),
+        get_over_raw_socket=raw_s / get_s,
+        put_over_raw_socket=raw_s / put_s,
         allocator=allocator,
     )
 
@@ -151,7 +166,9 @@ def format_table(r: TransferReport) -> str:
         lines.append(f"{name:<40} | {seconds:7.3f} | {gbps(r.fragment_bytes, seconds):6.2f}")
     lines.append(
         f"samples s: get {', '.join(f'{s:.3f}' for s in r.get_samples_s)}; put {', '.join(f'{s:.3f}' for s in r.put_samples_s)}"
+        f" (warm-up puts {', '.join(f'{s:.3f}' for s in r.put_first_samples_s)})"
     )
+    lines.append(f"get / raw socket: {r.get_over_raw_socket:.2f}; put / raw socket: {r.put_over_raw_socket:.2f}")
     lines.append(f"peer (slower of get, put) / raw socket: {r.peer_over_raw_socket:.2f} (target >= 0.6); malloc: {r.allocator}")
     return "\n".join(lines)
 

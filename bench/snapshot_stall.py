@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,15 +97,17 @@ SHM_PREFIX_ROOT = "memckpt-bench-"  # every agent a bench starts gets a unique p
 
 
 @contextlib.contextmanager
-def running_agent(workdir: Path, memory_limit_bytes: int) -> Iterator[AgentProcess]:
-    """A real agent with its own socket and a unique shm prefix; stopped, and its shm checked
-    to be gone, however the block ends."""
+def running_agent(
+    workdir: Path, memory_limit_bytes: int, *, name: str = "agent", extra_args: Sequence[str] = ()
+) -> Iterator[AgentProcess]:
+    """A real agent (`name`.sock, `name`.log in `workdir`, `extra_args` added to its flags) with
+    a unique shm prefix; stopped, and its shm checked to be gone, however the block ends."""
     agent = AgentProcess(
-        socket_path=workdir / "agent.sock",
+        socket_path=workdir / f"{name}.sock",
         shm_prefix=f"{SHM_PREFIX_ROOT}{uuid.uuid4().hex[:8]}.",
         memory_limit=str(memory_limit_bytes),
-        log_path=workdir / "agent.log",
-        extra_args=["--on-exit", "remove"],
+        log_path=workdir / f"{name}.log",
+        extra_args=["--on-exit", "remove", *extra_args],
     )
     try:
         agent.start()

@@ -8,8 +8,7 @@ that matters. Plans are pinned per (job, generation) so every rank restores the 
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
 from memckpt.coordinator.groups import Groups, build_groups
@@ -30,6 +29,7 @@ from memckpt.names import check_name
 
 log = logging.getLogger(__name__)
 TARGET_PATIENCE = 3  # refreshes a target may look unprotectable before a new one replaces it
+REFRESH_RANKS_PER_STEP = 500  # ranks a refresh recomputes between two yields (a few ms)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -67,9 +67,8 @@ class Cluster:
     membership: Membership = field(init=False)
     _held: dict[str, tuple[Held, ...]] = field(default_factory=dict, init=False, repr=False)
     _jobs: dict[str, JobRecord] = field(default_factory=dict, init=False, repr=False)
-    # node -> its newest reported inventory, not decoded yet: a heartbeat only files it, and it
-    # is decoded and indexed when something reads the state (a plan, a locate, the status)
-    _pending: dict[str, Callable[[], tuple[Held, ...]]] = field(default_factory=dict, init=False, repr=False)
+    # node -> (job, rank) -> its entries of that rank: what a heartbeat compares its report with
+    _by_node: dict[str, dict[tuple[str, int], tuple[Held, ...]]] = field(default_factory=dict, init=False, repr=False)
     pinned: dict[tuple[str, int], Decision] = field(default_factory=dict)
     memory_used: dict[str, int] = field(default_factory=dict)
     # job -> rank -> node -> what that node holds of the rank: a heartbeat touches only its own
@@ -80,6 +79,11 @@ class Cluster:
     _protection: dict[str, JobProtection] = field(default_factory=dict, init=False, repr=False)  # job -> latest
     _newest: dict[str, int] = field(default_factory=dict, init=False, repr=False)  # job -> newest commit seen
     _strikes: dict[str, int] = field(default_factory=dict, init=False, repr=False)  # job -> refreshes its target looked lost
+    # job -> rank -> its progress in the job's current generation, recomputed only for the ranks
+    # whose entries changed (`_dirty`), or for whole jobs after a membership or generation change
+    _progress: dict[str, dict[int, RankProgress]] = field(default_factory=dict, init=False, repr=False)
+    _dirty: set[tuple[str, int]] = field(default_factory=set, init=False, repr=False)
+    _dirty_jobs: set[str] = field(default_factory=set, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.membership = Membership(lease_s=self.lease_s)
@@ -87,13 +91,11 @@ class Cluster:
     @property
     def held(self) -> dict[str, tuple[Held, ...]]:
         """node -> everything it reported holding (live or not)."""
-        self._flush()
         return self._held
 
     @property
     def jobs(self) -> dict[str, JobRecord]:
         """Jobs and their generations, started here or learned from what agents hold."""
-        self._flush()
         return self._jobs
 
     @property
@@ -112,23 +114,12 @@ class Cluster:
             self._regroup()
         return member.incarnation, change
 
-    def heartbeat(
-        self,
-        node: str,
-        incarnation: int,
-        held: tuple[Held, ...] | Callable[[], tuple[Held, ...]],
-        now: float,
-        memory_used_bytes: int = 0,
-    ) -> bool:
-        """Renews the lease and files the inventory; `held` may be a function that decodes it,
-        called only if the state is read before the node's next heartbeat replaces it."""
+    def heartbeat(self, node: str, incarnation: int, held: tuple[Held, ...], now: float, memory_used_bytes: int = 0) -> bool:
+        """Renews the lease and files the inventory: only the ranks whose entries changed since
+        the node's last report are indexed again (entries equal to the last ones cost nothing)."""
         if not self.membership.heartbeat(node, incarnation, now):
             return False
-        if callable(held):
-            self._pending[node] = held
-        else:
-            self._pending.pop(node, None)
-            self._set_held(node, held)
+        self._set_held(node, held)
         self.memory_used[node] = memory_used_bytes
         return True
 
@@ -160,6 +151,7 @@ class Cluster:
             raise StaleGeneration(f"job {job!r}: caller ran in generation {previous}, the job is at {record.generation}")
         generation = max(record.generation if record else 0, previous) + 1
         self.jobs[job] = JobRecord(world_size=world_size, generation=generation)
+        self._dirty_jobs.add(job)
         return generation
 
     def check_generation(self, job: str, generation: int) -> None:
@@ -181,13 +173,11 @@ class Cluster:
         return self.pinned[key]
 
     def inventories(self, job: str) -> dict[int, RankInventory]:
-        self._flush()
         return {rank: _rank_inventory(by_node) for rank, by_node in self._index.get(job, {}).items()}
 
     def locate(self, job: str, rank: int) -> tuple[list[tuple[int, RankSource]], str]:
         """Every step of a rank restorable from live agents, newest first, with its sources;
         and, when there is none although the rank had snapshots, why (which nodes held them)."""
-        self._flush()
         alive = self.membership.alive_nodes()
         by_node = self._index.get(job, {}).get(rank)
         inventory = _rank_inventory(by_node) if by_node else RankInventory()
@@ -202,7 +192,6 @@ class Cluster:
 
     def rank_steps(self, job: str) -> dict[int, RankSteps]:
         """Newest committed and protected step per rank, from live agents' whole copies."""
-        self._flush()
         alive = self.membership.alive_nodes()
         steps: dict[int, RankSteps] = {}
         for rank, by_node in self._index.get(job, {}).items():
@@ -221,89 +210,136 @@ class Cluster:
     def refresh_protection(self) -> dict[str, JobProtection]:
         """Recomputes every job's protection target and kept step (see `protection.py`) from
         live agents' inventories; heartbeat replies carry the result until the next refresh."""
-        self._flush()
-        alive = self.membership.alive_nodes()
+        for _ in self.refresh_protection_in_steps():
+            pass
+        return self._protection
+
+    @property
+    def protection(self) -> dict[str, JobProtection]:
+        """job -> its protection, as of the last refresh."""
+        return self._protection
+
+    def refresh_protection_in_steps(self, ranks_per_step: int = REFRESH_RANKS_PER_STEP) -> Iterator[int]:
+        """`refresh_protection` cut in steps: yields (the ranks recomputed so far) after every
+        `ranks_per_step` ranks, so that a server answers calls in between; the state may change
+        there, and what changed is seen by the next refresh. Only the ranks whose entries
+        changed are recomputed."""
+        for job in self._dirty_jobs:
+            self._dirty.update((job, rank) for rank in self._index.get(job, {}).keys() | self._progress.get(job, {}).keys())
+        self._dirty_jobs = set()
+        generations = {job: record.generation for job, record in self._jobs.items()}
+        for done, key in enumerate(list(self._dirty), 1):
+            self._dirty.discard(key)  # changed again from here on: recomputed again by the next refresh
+            self._recompute_progress(*key, generations.get(key[0]), self.membership.alive_nodes())
+            if done % ranks_per_step == 0:
+                yield done
         result: dict[str, JobProtection] = {}
-        for job, by_rank in self._index.items():
+        for job, ranks in self._progress.items():
             record = self._jobs.get(job)
             if record is None:
                 continue
-            ranks: dict[int, RankProgress] = {}
-            for rank, by_node in by_rank.items():
-                committed: set[int] = set()
-                indices: dict[int, set[int]] = defaultdict(set)
-                width = 0
-                for node, entries in by_node.items():
-                    if node not in alive:
-                        continue
-                    for h in entries:
-                        if h.generation != record.generation:
-                            continue
-                        if not h.fragment_indices:
-                            committed.add(h.step)
-                        else:
-                            indices[h.step].update(h.fragment_indices)
-                            width = h.k + h.m
-                complete = {step for step, found in indices.items() if width and len(found) >= width}
-                ranks[rank] = RankProgress(committed=frozenset(committed), complete=frozenset(complete))
-            previous = self._protection.get(job)
-            current = previous.target if previous is not None and previous.generation == record.generation else NONE
-            newest = max((max(p.committed, default=NONE) for p in ranks.values()), default=NONE)
-            last = self._newest.get(job, newest)
-            self._newest[job] = newest
-            # the steps committed while word of a target travels, with margin; 0: the job stands still
-            lead = min(1000, 4 * (newest - last)) if newest > last else 0
-            decided = job_protection(record.generation, record.world_size, ranks, current, lead)
-            if current > decided.keep and decided.target != current:
-                # given up as unprotectable: inventories lag (holders report a set after its owner
-                # recycled the slot), so only after it has looked so for a few refreshes
-                strikes = self._strikes[job] = self._strikes.get(job, 0) + 1
-                if strikes < TARGET_PATIENCE:
-                    decided = replace(decided, target=current)
-                else:
-                    log.info("job=%s: target step %d given up (a rank cannot protect it); next %d", job, current, decided.target)
-            if decided.target != current:
-                self._strikes[job] = 0
-            result[job] = decided
+            if record.generation != generations.get(job):  # a new generation began meanwhile: next time
+                if (previous := self._protection.get(job)) is not None:
+                    result[job] = previous
+                continue
+            result[job] = self._job_protection(job, record, ranks)
         self._protection = result
-        return result
+
+    def _recompute_progress(self, job: str, rank: int, generation: int | None, alive: frozenset[str]) -> None:
+        by_node = self._index.get(job, {}).get(rank)
+        if generation is None or not by_node:
+            self._progress.get(job, {}).pop(rank, None)
+            return
+        committed: set[int] = set()
+        indices: dict[int, set[int]] = {}
+        width = 0
+        for node, entries in by_node.items():
+            if node in alive:
+                for h in entries:
+                    if h.generation != generation:
+                        continue
+                    if not h.fragment_indices:
+                        committed.add(h.step)
+                    elif (found := indices.get(h.step)) is None:
+                        indices[h.step] = set(h.fragment_indices)
+                        width = h.k + h.m
+                    else:
+                        found.update(h.fragment_indices)
+                        width = h.k + h.m
+        complete = {step for step, found in indices.items() if width and len(found) >= width}
+        self._progress.setdefault(job, {})[rank] = RankProgress(committed=frozenset(committed), complete=frozenset(complete))
+
+    def _job_protection(self, job: str, record: JobRecord, ranks: dict[int, RankProgress]) -> JobProtection:
+        previous = self._protection.get(job)
+        current = previous.target if previous is not None and previous.generation == record.generation else NONE
+        newest = max((max(p.committed, default=NONE) for p in ranks.values()), default=NONE)
+        last = self._newest.get(job, newest)
+        self._newest[job] = newest
+        # the steps committed while word of a target travels, with margin; 0: the job stands still
+        lead = min(1000, 4 * (newest - last)) if newest > last else 0
+        decided = job_protection(record.generation, record.world_size, ranks, current, lead)
+        if current > decided.keep and decided.target != current:
+            # given up as unprotectable: inventories lag (holders report a set after its owner
+            # recycled the slot), so only after it has looked so for a few refreshes
+            strikes = self._strikes[job] = self._strikes.get(job, 0) + 1
+            if strikes < TARGET_PATIENCE:
+                decided = replace(decided, target=current)
+            else:
+                log.info("job=%s: target step %d given up (a rank cannot protect it); next %d", job, current, decided.target)
+        if decided.target != current:
+            self._strikes[job] = 0
+        return decided
 
     def _set_held(self, node: str, held: tuple[Held, ...]) -> None:
-        """Replaces what `node` holds in the index, touching only its own entries; a restarted
-        coordinator learns jobs and generations from them."""
-        self._pending.pop(node, None)
+        """Replaces what `node` holds in the index, touching only the ranks whose entries changed:
+        entries are compared by identity (the wire decoder hands the same object for an entry the
+        node reported unchanged; an equal copy merely costs its rank a recomputation). A
+        restarted coordinator learns jobs and generations from them."""
         old = self._held.get(node, ())
         self._held[node] = held
-        for job, rank in {(h.job, h.rank) for h in old}:
-            by_rank = self._index[job]
-            by_node = by_rank[rank]
-            del by_node[node]
-            if not by_node:
-                del by_rank[rank]
-        grouped: dict[tuple[str, int], list[Held]] = defaultdict(list)
+        old_ids, new_ids = {id(h) for h in old}, {id(h) for h in held}
+        changed = {(h.job, h.rank) for h in old if id(h) not in new_ids}
+        changed.update((h.job, h.rank) for h in held if id(h) not in old_ids)
+        if not changed:
+            return
+        by_key = self._by_node.setdefault(node, {})
+        regrouped: dict[tuple[str, int], list[Held]] = {key: [] for key in changed}
         for h in held:
-            grouped[(h.job, h.rank)].append(h)
-        learned: dict[str, tuple[int, int]] = {}  # job -> (highest rank, newest generation)
-        for (job, rank), entries in grouped.items():
-            self._index.setdefault(job, {}).setdefault(rank, {})[node] = tuple(entries)
+            group = regrouped.get((h.job, h.rank))
+            if group is not None:
+                group.append(h)
+        learned: dict[str, tuple[int, int]] = {}  # job -> (highest rank, newest generation), of changed ranks
+        for key, group in regrouped.items():
+            self._dirty.add(key)
+            job, rank = key
+            if not group:
+                del by_key[key]
+                by_rank = self._index[job]
+                by_node = by_rank[rank]
+                del by_node[node]
+                if not by_node:
+                    del by_rank[rank]
+                continue
+            entries = by_key[key] = tuple(group)
+            self._index.setdefault(job, {}).setdefault(rank, {})[node] = entries
             top_rank, generation = learned.get(job, (-1, 0))
             learned[job] = (max(top_rank, rank), max(generation, *(h.generation for h in entries)))
         for job, (top_rank, generation) in learned.items():
             record = self._jobs.get(job)
             if record is None:
                 self._jobs[job] = JobRecord(world_size=top_rank + 1, generation=generation)
+                self._dirty_jobs.add(job)
             else:
                 record.world_size = max(record.world_size, top_rank + 1)
-                record.generation = max(record.generation, generation)
-
-    def _flush(self) -> None:
-        """Decodes and indexes the inventories that heartbeats filed since the state was last read."""
-        while self._pending:
-            node, decode = next(iter(self._pending.items()))
-            self._set_held(node, decode())
+                if generation > record.generation:
+                    record.generation = generation
+                    self._dirty_jobs.add(job)
 
     def _regroup(self) -> None:
+        """Membership changed: groups are rebuilt when next asked, and every rank's progress
+        (which counts live holders only) is recomputed by the next refresh."""
         self._groups = None
+        self._dirty_jobs.update(self._index)
 
 
 def _rank_inventory(by_node: dict[str, tuple[Held, ...]]) -> RankInventory:

@@ -79,7 +79,7 @@ async def serve_async(config: CoordinatorConfig, stop: threading.Event) -> int:
     loop = asyncio.get_running_loop()
     tick_s = min(1.0, config.lease_s / 4, config.heartbeat_interval_s)  # leases, and protection targets
     while not await loop.run_in_executor(None, stop.wait, tick_s):
-        servicer.tick()
+        await servicer.tick_async()
     log.info("stopping")
     await server.stop(GRACE_S)
     return 0

@@ -2,16 +2,19 @@
 
 The methods run on the server's event loop, one at a time, so thousands of agents'
 heartbeats cost no thread hand-offs and no lock convoys; each is a few dozen microseconds
-of bookkeeping. The lock still guards the state against the lease-check tick.
+of bookkeeping (only what changed since the node's last report is indexed). The periodic
+tick (leases, protection targets) runs on the loop too, cut in steps of a few milliseconds
+so that heartbeats never wait behind it for long. The lock still guards each step.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -20,6 +23,7 @@ from memckpt.coordinator import wire
 from memckpt.coordinator.cluster import Cluster
 from memckpt.coordinator.groups import Groups
 from memckpt.coordinator.membership import AgentInfo, Change
+from memckpt.coordinator.protection import JobProtection
 from memckpt.errors import MemckptError
 from memckpt.names import check_name
 from memckpt.protos import coordinator_pb2 as pb
@@ -30,6 +34,7 @@ log = logging.getLogger(__name__)
 
 R = TypeVar("R")
 Method = Callable[[Any, Any, Any], Awaitable[R]]
+StreamMethod = Callable[[Any, Any, Any], AsyncIterator[R]]
 
 
 def map_errors(method: Method[R]) -> Method[R]:
@@ -41,15 +46,34 @@ def map_errors(method: Method[R]) -> Method[R]:
         try:
             return await method(self, request, context)
         except Exception as exc:  # the servicer must answer, never hang up silently
-            if isinstance(exc, MemckptError):
-                code = STATUS.get(type(exc), grpc.StatusCode.INTERNAL)
-                log.info("rpc=%s status=%s error=%s", method.__name__, code.name, exc)
-                await context.abort(code, str(exc))
-            log.error("rpc=%s failed", method.__name__, exc_info=exc)
-            await context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+            await _abort(method.__name__, exc, context)
             raise  # abort raised already; this line is never reached
 
     return wrapper
+
+
+def map_stream_errors(method: StreamMethod[R]) -> StreamMethod[R]:
+    """`map_errors` for methods that answer with a stream: an error ends the stream with its status."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, requests: Any, context: Any) -> AsyncIterator[R]:
+        try:
+            async for reply in method(self, requests, context):
+                yield reply
+        except Exception as exc:  # the servicer must answer, never hang up silently
+            await _abort(method.__name__, exc, context)
+            raise  # abort raised already; this line is never reached
+
+    return wrapper
+
+
+async def _abort(name: str, exc: Exception, context: Any) -> None:
+    if isinstance(exc, MemckptError):
+        code = STATUS.get(type(exc), grpc.StatusCode.INTERNAL)
+        log.info("rpc=%s status=%s error=%s", name, code.name, exc)
+        await context.abort(code, str(exc))
+    log.error("rpc=%s failed", name, exc_info=exc)
+    await context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
 
 
 class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
@@ -61,6 +85,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         # each group's members as protobuf, for heartbeat replies; dropped when groups change
         self._group_protos: tuple[Groups | None, dict[tuple[AgentInfo, ...], list[pb.AgentDescription]]] = (None, {})
         self._protection: list[pb.JobProtection] = []  # every job's, for heartbeat replies; rebuilt each tick
+        self._decoder = wire.InventoryDecoder()
 
     def tick(self) -> Change:
         """Fails agents whose lease ran out; recomputes which step each job protects next;
@@ -68,8 +93,26 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         of agents register at once after a restart)."""
         with self._lock:
             change = self._cluster.tick(time.monotonic())
-            groups = self._cluster.groups
             protection = self._cluster.refresh_protection()
+        self._publish(change, protection)
+        return change
+
+    async def tick_async(self) -> Change:
+        """`tick` on the server's event loop, yielding to it between steps of the refresh."""
+        with self._lock:
+            change = self._cluster.tick(time.monotonic())
+        steps = self._cluster.refresh_protection_in_steps()
+        done = False
+        while not done:
+            await asyncio.sleep(0)
+            with self._lock:
+                done = next(steps, None) is None
+        self._publish(change, self._cluster.protection)
+        return change
+
+    def _publish(self, change: Change, protection: dict[str, JobProtection]) -> None:
+        with self._lock:
+            groups = self._cluster.groups
         self._protection = [
             pb.JobProtection(job=job, generation=p.generation, target_step=p.target, keep_step=p.keep)
             for job, p in sorted(protection.items())
@@ -79,12 +122,11 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         if groups is not self._logged_groups:
             self._logged_groups = groups
             log.info("groups: %s", groups.reason)
-        return change
 
     @map_errors
     async def RegisterAgent(self, request: pb.RegisterAgentRequest, context: Any) -> pb.RegisterAgentResponse:
         info = wire.agent_from_proto(request.agent)
-        held = wire.held_from_proto(request.held)
+        held = self._decoder.decode(info.node, request.held)
         with self._lock:
             incarnation, change = self._cluster.register_agent(info, held, time.monotonic())
         log.info("membership: %s", change.reason)
@@ -94,11 +136,22 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
 
     @map_errors
     async def Heartbeat(self, request: pb.HeartbeatRequest, context: Any) -> pb.HeartbeatResponse:
+        return self._heartbeat(request)
+
+    @map_stream_errors
+    async def StreamHeartbeats(
+        self, requests: AsyncIterator[pb.HeartbeatRequest], context: Any
+    ) -> AsyncIterator[pb.HeartbeatResponse]:
+        """`Heartbeat` over one stream per agent, a reply per request; a bad request ends the stream."""
+        async for request in requests:
+            yield self._heartbeat(request)
+
+    def _heartbeat(self, request: pb.HeartbeatRequest) -> pb.HeartbeatResponse:
         check_name(request.node, "node")
-        held = request.held  # decoded only if the state is read before the next heartbeat
         with self._lock:
+            held = self._decoder.decode(request.node, request.held)
             accepted = self._cluster.heartbeat(
-                request.node, request.incarnation, lambda: wire.held_from_proto(held), time.monotonic(), request.memory_used_bytes
+                request.node, request.incarnation, held, time.monotonic(), request.memory_used_bytes
             )
             group = self._group_proto(request.node) if accepted else []
         return pb.HeartbeatResponse(

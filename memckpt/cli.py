@@ -3,6 +3,9 @@
 memckpt demo             a local cluster loses a rank, then a node, and resumes from memory
 memckpt status           what the node agent holds (ranks, slots, steps, memory)
 memckpt release JOB      drops a finished job's snapshots from the agent
+memckpt list             persisted checkpoints per job: step, size, time, state
+memckpt verify PATH      is a persisted checkpoint complete and intact; if not, what is wrong
+memckpt export PATH OUT  one consolidated torch.save file of a persisted checkpoint
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -70,6 +74,27 @@ def build_parser() -> argparse.ArgumentParser:
     release = sub.add_parser("release", help="drop a finished job's snapshots from the local agent")
     release.add_argument("job")
     _socket_arg(release)
+
+    listing = sub.add_parser("list", help="persisted checkpoints per job: step, size, time, state")
+    listing.add_argument(
+        "--root",
+        type=Path,
+        default=os.environ.get("MEMCKPT_PERSIST_ROOT"),
+        help="the agents' --persist-root (default: $MEMCKPT_PERSIST_ROOT)",
+    )
+    listing.add_argument("--job", help="only this job")
+    listing.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+    verify = sub.add_parser(
+        "verify", help="check a persisted checkpoint: complete, every file's size and checksum; exit 1 if anything is wrong"
+    )
+    verify.add_argument("path", type=Path, help="a checkpoint directory (ROOT/JOB/step-N)")
+    verify.add_argument("--no-checksums", action="store_true", help="check structure and sizes only, without reading the data")
+    verify.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+    export = sub.add_parser("export", help="write a persisted checkpoint as one torch.save file (inference, no memckpt)")
+    export.add_argument("path", type=Path, help="a complete checkpoint directory (ROOT/JOB/step-N)")
+    export.add_argument("out", type=Path, help="the .pt file to write (written whole, then renamed into place)")
     return parser
 
 
@@ -77,7 +102,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return {"demo": cmd_demo, "status": cmd_status, "release": cmd_release}[args.command](args)
+        commands = {
+            "demo": cmd_demo,
+            "status": cmd_status,
+            "release": cmd_release,
+            "list": cmd_list,
+            "verify": cmd_verify,
+            "export": cmd_export,
+        }
+        return commands[args.command](args)
     except MemckptError as exc:
         print(f"memckpt {args.command}: {exc}", file=sys.stderr)
         return 1
@@ -114,6 +147,21 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
         rows.append((r.job, str(r.rank), str(r.world_size), str(r.committed_step) if r.has_committed else "-", slots))
     _print_table(rows)
+    if reply.persist_root:
+        print(f"persisting to {reply.persist_root}")
+        persisted: list[tuple[str, ...]] = [("JOB", "COMPLETE", "WRITING", "WRITTEN", "FAILURES", "LAST ERROR")]
+        for p in reply.persistence:
+            persisted.append(
+                (
+                    p.job,
+                    str(p.complete_step) if p.complete_step >= 0 else "-",
+                    str(p.writing_step) if p.writing_step >= 0 else "-",
+                    format_size(p.written_bytes),
+                    str(p.failures),
+                    p.last_error or "-",
+                )
+            )
+        _print_table(persisted)
     return 0
 
 
@@ -144,6 +192,18 @@ def status_to_json(reply: pb.GetStatusResponse) -> dict[str, Any]:
                 ],
             }
             for r in reply.ranks
+        ],
+        "persist_root": reply.persist_root or None,
+        "persistence": [
+            {
+                "job": p.job,
+                "complete_step": p.complete_step if p.complete_step >= 0 else None,
+                "writing_step": p.writing_step if p.writing_step >= 0 else None,
+                "written_bytes": p.written_bytes,
+                "failures": p.failures,
+                "last_error": p.last_error,
+            }
+            for p in reply.persistence
         ],
     }
 
@@ -254,21 +314,87 @@ def cmd_demo(args: argparse.Namespace) -> int:
     ]
     _print_table(rows)
     return 0 if result.bit_exact else 1
-    print()
-    _print_table(
-        [
-            ("", "value"),
-            ("rank killed (SIGKILL) after step", str(result.kill_step)),
-            ("step restored from memory", str(result.restored_step)),
-            ("steps recomputed", str(result.steps_recomputed)),
-            ("recovery (kill -> all ranks restored)", f"{result.recovery_s:.2f} s"),
-            ("  of which restore from memory", f"{result.restore_s * 1e3:.1f} ms"),
-            ("final loss", f"{result.final_loss:.6f}"),
-            ("final loss, uninterrupted run", f"{result.reference_final_loss:.6f}"),
-            ("bit-exact with the uninterrupted run", "yes" if result.bit_exact else f"NO (steps {result.mismatched_steps})"),
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from memckpt.agent import checkpoints
+
+    if args.root is None:
+        print("memckpt list: --root (or $MEMCKPT_PERSIST_ROOT) must say where checkpoints are", file=sys.stderr)
+        return 2
+    root = Path(args.root)
+    if not root.is_dir():
+        print(f"memckpt list: {root} is not a directory", file=sys.stderr)
+        return 2
+    jobs = [args.job] if args.job else sorted(p.name for p in root.iterdir() if p.is_dir())
+    found = [(job, c, checkpoints.describe(c)) for job in jobs for c in checkpoints.list_checkpoints(root, job)]
+    if args.json:
+        rows_json = [
+            {"job": job, "step": c.step, "complete": c.complete, "size_bytes": size, "mtime": mtime, "path": str(c.path)}
+            for job, c, (size, mtime) in found
         ]
-    )
-    return 0 if result.bit_exact else 1
+        print(json.dumps(rows_json, indent=2))
+        return 0
+    if not found:
+        print(f"no checkpoints under {root}" + (f" for job {args.job!r}" if args.job else ""))
+        return 0
+    rows = [("JOB", "STEP", "STATE", "SIZE", "TIME (UTC)", "PATH")]
+    for job, c, (size, mtime) in found:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(mtime))
+        rows.append((job, str(c.step), "complete" if c.complete else "incomplete", format_size(size), when, str(c.path)))
+    _print_table(rows)
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from memckpt.agent.dcp_verify import verify
+
+    report = verify(args.path, checksums=not args.no_checksums)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "path": str(report.directory),
+                    "complete": report.complete,
+                    "ok": report.is_ok,
+                    "problems": list(report.problems),
+                    "notes": list(report.notes),
+                    "checked_bytes": report.checked_bytes,
+                },
+                indent=2,
+            )
+        )
+        return 0 if report.is_ok else 1
+    for note in report.notes:
+        print(f"note: {note}")
+    for problem in report.problems:
+        print(f"PROBLEM: {problem}")
+    if report.is_ok:
+        print(f"OK: {report.directory} is complete and intact ({format_size(report.checked_bytes)} checked)")
+        return 0
+    print(f"FAILED: {report.directory}: {len(report.problems)} problem(s)")
+    return 1
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from memckpt.agent.dcp import is_complete
+
+    if not is_complete(args.path):
+        print(f"memckpt export: {args.path} is not a complete checkpoint (no .metadata); see `memckpt verify`", file=sys.stderr)
+        return 1
+    tmp = args.out.with_name(f".{args.out.name}.{os.getpid()}.tmp")
+    print(f"exporting {args.path} to {args.out} ...", flush=True)
+    started = time.perf_counter()
+    try:
+        dcp_to_torch_save(args.path, tmp)
+        os.replace(tmp, args.out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    size = args.out.stat().st_size
+    print(f"wrote {args.out} ({format_size(size)}) in {time.perf_counter() - started:.1f} s; load it with torch.load")
+    return 0
 
 
 def _print_table(rows: Sequence[Sequence[str]]) -> None:

@@ -105,12 +105,18 @@ class ListSnapshotsRequest(_message.Message):
     def __init__(self, job: _Optional[str] = ..., rank: _Optional[int] = ...) -> None: ...
 
 class ListSnapshotsResponse(_message.Message):
-    __slots__ = ("steps", "slot_names")
+    __slots__ = ("steps", "slot_names", "persisted_steps", "persisted_dir", "world_sizes")
     STEPS_FIELD_NUMBER: _ClassVar[int]
     SLOT_NAMES_FIELD_NUMBER: _ClassVar[int]
+    PERSISTED_STEPS_FIELD_NUMBER: _ClassVar[int]
+    PERSISTED_DIR_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZES_FIELD_NUMBER: _ClassVar[int]
     steps: _containers.RepeatedScalarFieldContainer[int]
     slot_names: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, steps: _Optional[_Iterable[int]] = ..., slot_names: _Optional[_Iterable[str]] = ...) -> None: ...
+    persisted_steps: _containers.RepeatedScalarFieldContainer[int]
+    persisted_dir: str
+    world_sizes: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, steps: _Optional[_Iterable[int]] = ..., slot_names: _Optional[_Iterable[str]] = ..., persisted_steps: _Optional[_Iterable[int]] = ..., persisted_dir: _Optional[str] = ..., world_sizes: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class OpenRestoreRequest(_message.Message):
     __slots__ = ("job", "rank", "step")
@@ -192,18 +198,72 @@ class RankStatus(_message.Message):
     slots: _containers.RepeatedCompositeFieldContainer[SlotStatus]
     def __init__(self, job: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., has_committed: _Optional[bool] = ..., committed_step: _Optional[int] = ..., slots: _Optional[_Iterable[_Union[SlotStatus, _Mapping]]] = ...) -> None: ...
 
+class PersistStatus(_message.Message):
+    __slots__ = ("job", "complete_step", "writing_step", "written_bytes", "failures", "last_error")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    COMPLETE_STEP_FIELD_NUMBER: _ClassVar[int]
+    WRITING_STEP_FIELD_NUMBER: _ClassVar[int]
+    WRITTEN_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FAILURES_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    complete_step: int
+    writing_step: int
+    written_bytes: int
+    failures: int
+    last_error: str
+    def __init__(self, job: _Optional[str] = ..., complete_step: _Optional[int] = ..., writing_step: _Optional[int] = ..., written_bytes: _Optional[int] = ..., failures: _Optional[int] = ..., last_error: _Optional[str] = ...) -> None: ...
+
 class GetStatusResponse(_message.Message):
-    __slots__ = ("node", "memory_used_bytes", "memory_limit_bytes", "ranks", "version", "pid")
+    __slots__ = ("node", "memory_used_bytes", "memory_limit_bytes", "ranks", "version", "pid", "persistence", "persist_root")
     NODE_FIELD_NUMBER: _ClassVar[int]
     MEMORY_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
     MEMORY_LIMIT_BYTES_FIELD_NUMBER: _ClassVar[int]
     RANKS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
+    PERSISTENCE_FIELD_NUMBER: _ClassVar[int]
+    PERSIST_ROOT_FIELD_NUMBER: _ClassVar[int]
     node: str
     memory_used_bytes: int
     memory_limit_bytes: int
     ranks: _containers.RepeatedCompositeFieldContainer[RankStatus]
     version: str
     pid: int
-    def __init__(self, node: _Optional[str] = ..., memory_used_bytes: _Optional[int] = ..., memory_limit_bytes: _Optional[int] = ..., ranks: _Optional[_Iterable[_Union[RankStatus, _Mapping]]] = ..., version: _Optional[str] = ..., pid: _Optional[int] = ...) -> None: ...
+    persistence: _containers.RepeatedCompositeFieldContainer[PersistStatus]
+    persist_root: str
+    def __init__(self, node: _Optional[str] = ..., memory_used_bytes: _Optional[int] = ..., memory_limit_bytes: _Optional[int] = ..., ranks: _Optional[_Iterable[_Union[RankStatus, _Mapping]]] = ..., version: _Optional[str] = ..., pid: _Optional[int] = ..., persistence: _Optional[_Iterable[_Union[PersistStatus, _Mapping]]] = ..., persist_root: _Optional[str] = ...) -> None: ...
+
+class AttachRequest(_message.Message):
+    __slots__ = ("job", "rank", "generation", "run_id")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    rank: int
+    generation: int
+    run_id: str
+    def __init__(self, job: _Optional[str] = ..., rank: _Optional[int] = ..., generation: _Optional[int] = ..., run_id: _Optional[str] = ...) -> None: ...
+
+class AttachEvent(_message.Message):
+    __slots__ = ("attached",)
+    ATTACHED_FIELD_NUMBER: _ClassVar[int]
+    attached: bool
+    def __init__(self, attached: _Optional[bool] = ...) -> None: ...
+
+class DetachRequest(_message.Message):
+    __slots__ = ("job", "rank", "generation", "run_id")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    rank: int
+    generation: int
+    run_id: str
+    def __init__(self, job: _Optional[str] = ..., rank: _Optional[int] = ..., generation: _Optional[int] = ..., run_id: _Optional[str] = ...) -> None: ...
+
+class DetachResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

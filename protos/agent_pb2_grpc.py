@@ -69,6 +69,16 @@ class AgentServiceStub:
                 request_serializer=memckpt_dot_protos_dot_agent__pb2.GetStatusRequest.SerializeToString,
                 response_deserializer=memckpt_dot_protos_dot_agent__pb2.GetStatusResponse.FromString,
                 _registered_method=True)
+        self.Attach = channel.unary_stream(
+                '/memckpt.v1.AgentService/Attach',
+                request_serializer=memckpt_dot_protos_dot_agent__pb2.AttachRequest.SerializeToString,
+                response_deserializer=memckpt_dot_protos_dot_agent__pb2.AttachEvent.FromString,
+                _registered_method=True)
+        self.Detach = channel.unary_unary(
+                '/memckpt.v1.AgentService/Detach',
+                request_serializer=memckpt_dot_protos_dot_agent__pb2.DetachRequest.SerializeToString,
+                response_deserializer=memckpt_dot_protos_dot_agent__pb2.DetachResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -123,6 +133,21 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Attach(self, request, context):
+        """Held open by a rank while it trains: when it ends without a Detach first, the rank
+        died (its process or node), and the agent persists its newest snapshots at once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Detach(self, request, context):
+        """A clean end of the rank's session (its Checkpointer closes).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -160,6 +185,16 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=memckpt_dot_protos_dot_agent__pb2.GetStatusRequest.FromString,
                     response_serializer=memckpt_dot_protos_dot_agent__pb2.GetStatusResponse.SerializeToString,
+            ),
+            'Attach': grpc.unary_stream_rpc_method_handler(
+                    servicer.Attach,
+                    request_deserializer=memckpt_dot_protos_dot_agent__pb2.AttachRequest.FromString,
+                    response_serializer=memckpt_dot_protos_dot_agent__pb2.AttachEvent.SerializeToString,
+            ),
+            'Detach': grpc.unary_unary_rpc_method_handler(
+                    servicer.Detach,
+                    request_deserializer=memckpt_dot_protos_dot_agent__pb2.DetachRequest.FromString,
+                    response_serializer=memckpt_dot_protos_dot_agent__pb2.DetachResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -351,6 +386,60 @@ class AgentService:
             '/memckpt.v1.AgentService/GetStatus',
             memckpt_dot_protos_dot_agent__pb2.GetStatusRequest.SerializeToString,
             memckpt_dot_protos_dot_agent__pb2.GetStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Attach(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/memckpt.v1.AgentService/Attach',
+            memckpt_dot_protos_dot_agent__pb2.AttachRequest.SerializeToString,
+            memckpt_dot_protos_dot_agent__pb2.AttachEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Detach(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memckpt.v1.AgentService/Detach',
+            memckpt_dot_protos_dot_agent__pb2.DetachRequest.SerializeToString,
+            memckpt_dot_protos_dot_agent__pb2.DetachResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -44,6 +44,11 @@ class CoordinatorServiceStub:
                 request_serializer=memckpt_dot_protos_dot_coordinator__pb2.HeartbeatRequest.SerializeToString,
                 response_deserializer=memckpt_dot_protos_dot_coordinator__pb2.HeartbeatResponse.FromString,
                 _registered_method=True)
+        self.StreamHeartbeats = channel.stream_stream(
+                '/memckpt.v1.CoordinatorService/StreamHeartbeats',
+                request_serializer=memckpt_dot_protos_dot_coordinator__pb2.HeartbeatRequest.SerializeToString,
+                response_deserializer=memckpt_dot_protos_dot_coordinator__pb2.HeartbeatResponse.FromString,
+                _registered_method=True)
         self.StartGeneration = channel.unary_unary(
                 '/memckpt.v1.CoordinatorService/StartGeneration',
                 request_serializer=memckpt_dot_protos_dot_coordinator__pb2.StartGenerationRequest.SerializeToString,
@@ -78,6 +83,17 @@ class CoordinatorServiceServicer:
 
     def Heartbeat(self, request, context):
         """Renews the lease and reports what changed; the answer carries the agent's group.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamHeartbeats(self, request_iterator, context):
+        """Heartbeat over one long-lived stream per agent: one reply per request, in order, each as
+        Heartbeat's. A message on a stream costs the coordinator a fraction of a call, and thousands
+        of agents report every second. A refused request does not end the stream: the agent
+        registers again and goes on with its new incarnation. Agents fall back to Heartbeat when
+        the coordinator answers UNIMPLEMENTED (an older one).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -121,6 +137,11 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
             ),
             'Heartbeat': grpc.unary_unary_rpc_method_handler(
                     servicer.Heartbeat,
+                    request_deserializer=memckpt_dot_protos_dot_coordinator__pb2.HeartbeatRequest.FromString,
+                    response_serializer=memckpt_dot_protos_dot_coordinator__pb2.HeartbeatResponse.SerializeToString,
+            ),
+            'StreamHeartbeats': grpc.stream_stream_rpc_method_handler(
+                    servicer.StreamHeartbeats,
                     request_deserializer=memckpt_dot_protos_dot_coordinator__pb2.HeartbeatRequest.FromString,
                     response_serializer=memckpt_dot_protos_dot_coordinator__pb2.HeartbeatResponse.SerializeToString,
             ),
@@ -197,6 +218,33 @@ class CoordinatorService:
             request,
             target,
             '/memckpt.v1.CoordinatorService/Heartbeat',
+            memckpt_dot_protos_dot_coordinator__pb2.HeartbeatRequest.SerializeToString,
+            memckpt_dot_protos_dot_coordinator__pb2.HeartbeatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamHeartbeats(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/memckpt.v1.CoordinatorService/StreamHeartbeats',
             memckpt_dot_protos_dot_coordinator__pb2.HeartbeatRequest.SerializeToString,
             memckpt_dot_protos_dot_coordinator__pb2.HeartbeatResponse.FromString,
             options,

@@ -18,12 +18,15 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.filesystem import FileSystemReader
+from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 
+from memckpt.agent.checkpoints import step_dir_in
 from memckpt.agent.config import SOCKET_ENV, default_socket
 from memckpt.agent.shm import ShmDir
 from memckpt.agent.slots import Attempt
 from memckpt.agent.store import SlotGrant
-from memckpt.errors import CorruptSnapshot, InvalidRequest, MemckptError, NotFound
+from memckpt.errors import CorruptSnapshot, InvalidRequest, MemckptError, NotFound, Unavailable
 from memckpt.names import check_name
 from memckpt.trainer.client import AgentClient
 from memckpt.trainer.copier import Copier, CopyJob, MappedSlot
@@ -32,6 +35,8 @@ from memckpt.trainer.recovery import StepChoice, choose_common_step
 from memckpt.trainer.tree import Flat, decode_meta, encode_meta, fill, flatten
 
 log = logging.getLogger(__name__)
+
+BEGIN_RETRY_S = 0.05  # snapshot(wait_s=...): how often to ask again for a slot
 
 
 def default_copy_threads() -> int:
@@ -144,15 +149,20 @@ class Checkpointer:
         self._registered_bytes = 0
         self._inflight: SnapshotHandle | None = None
         self._warned: set[str] = set()
-        self.restored_from = ""  # after a restore: "local" or "fragments" (rebuilt from peers)
+        self.restored_from = ""  # after a restore: "local", "fragments" (rebuilt from peers) or "filesystem"
 
     # -- the API ---------------------------------------------------------------------
 
-    def snapshot(self, step: int, state: dict[str, Any]) -> SnapshotHandle:
+    def snapshot(self, step: int, state: dict[str, Any], *, wait_s: float = 0.0) -> SnapshotHandle:
         """Starts copying `state` into a slot and returns at once; the copy commits in the background.
 
         Tensors of `state` must not change until the copy is done: `attach_optimizer` makes
         `optimizer.step()` wait for it. Values that are not tensors are captured now.
+
+        A snapshot is skipped (its handle says why) when the agent keeps both of the rank's
+        slots, one for the job's protection or persistence still reading it, or cannot be
+        reached. `wait_s` > 0 waits up to that long for a slot instead, stalling training: for
+        a snapshot that must not be skipped, such as the last step of a run.
         """
         self._finish_previous()  # at most one snapshot in flight
         start = time.perf_counter()
@@ -160,10 +170,10 @@ class Checkpointer:
         try:
             flat = flatten(state)
             layout = self._layout_for(flat)
-            grant = self._begin(step, layout.size_bytes)
+            grant = self._begin(step, layout.size_bytes, wait_s)
             slot = self._map(grant.name, grant.index)
             views = slot.views(layout, [t.dtype for t in flat.tensors])
-            meta = encode_meta(flat, [p.offset for p in layout.placements], layout.size_bytes)
+            meta = encode_meta(flat, [p.offset for p in layout.placements], layout.size_bytes, self.world_size)
             commit = lambda job: self._commit(handle, grant, layout.size_bytes, meta, job)  # noqa: E731
             handle._job = self._copier.start(list(zip(views, flat.tensors)), commit)
         except Exception as exc:  # a snapshot failure never stops training (unless strict)
@@ -199,13 +209,17 @@ class Checkpointer:
             Unavailable: the agent cannot be reached.
         """
         self.wait()
-        held = self._client.list_snapshots()
-        choice = self._choose_step(list(held), coordinate)
+        listing = self._client.list_snapshots(self.world_size)
+        choice = self._choose_step(listing.steps(), coordinate)
         if choice.lost:
             raise CorruptSnapshot(f"job {self.job!r} rank {self.rank}: {choice.reason}")
         if choice.step is None:
             log.info("restore job=%s rank=%d: %s", self.job, self.rank, choice.reason)
             return None
+        if choice.step not in listing.memory:
+            assert listing.persisted_dir is not None  # the step is persisted, then
+            return self._restore_persisted(state, choice.step, listing.persisted_dir)
+        held = listing.memory
         start = time.perf_counter()
         known = held[choice.step]  # "" when the agent rebuilds it from peers during open_restore
         mapping = self._copier.submit(self._map, known) if known else None  # page tables while the agent verifies
@@ -240,6 +254,29 @@ class Checkpointer:
             time.perf_counter() - start,
         )
         return source.step
+
+    def _restore_persisted(self, state: dict[str, Any], step: int, directory: Path) -> int:
+        """Loads a complete persisted checkpoint with stock `torch.distributed.checkpoint`, which
+        reshards it to this job's world size. Each rank reads what it needs on its own: ranks
+        that restore the same step from memory do not take part."""
+        path = step_dir_in(directory, step)
+        start = time.perf_counter()
+        try:
+            dcp_load(state, storage_reader=FileSystemReader(str(path)), no_dist=True)
+        except Exception as exc:  # a damaged or vanished checkpoint: never a silent fresh start
+            raise CorruptSnapshot(
+                f"job {self.job!r} rank {self.rank}: cannot load persisted step {step} from {path}: {exc}"
+            ) from exc
+        self.restored_from = "filesystem"
+        log.info(
+            "restored job=%s rank=%d step=%d from=filesystem path=%s s=%.3f",
+            self.job,
+            self.rank,
+            step,
+            path,
+            time.perf_counter() - start,
+        )
+        return step
 
     def _choose_step(self, held: list[int], coordinate: bool) -> StepChoice:
         if coordinate and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -299,10 +336,21 @@ class Checkpointer:
             log.info("layout job=%s rank=%d tensors=%d bytes=%d", self.job, self.rank, len(flat.specs), self._layout.size_bytes)
         return self._layout
 
-    def _begin(self, step: int, size_bytes: int) -> SlotGrant:
+    def _begin(self, step: int, size_bytes: int, wait_s: float) -> SlotGrant:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                return self._begin_once(step, size_bytes)
+            except Unavailable:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(BEGIN_RETRY_S)
+
+    def _begin_once(self, step: int, size_bytes: int) -> SlotGrant:
         if size_bytes > self._registered_bytes:
             self._client.register(self.world_size, size_bytes)
             self._registered_bytes = size_bytes
+        self._client.attach()  # (again, after an agent restart) so the agent hears if this process dies
         try:
             return self._client.begin(step, size_bytes)
         except NotFound:  # a fresh agent that never saw this rank: register again

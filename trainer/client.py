@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -10,13 +12,16 @@ import grpc
 from memckpt.agent.slots import Attempt
 from memckpt.agent.store import RestoreSource, SlotGrant
 from memckpt.agent.wire import restore_from_proto
-from memckpt.errors import NotFound
+from memckpt.errors import MemckptError, NotFound
 from memckpt.protos import agent_pb2 as pb
 from memckpt.protos import agent_pb2_grpc as pb_grpc
 from memckpt.rpc import error_from_rpc
 
+log = logging.getLogger(__name__)
+
 CALL_TIMEOUT_S = 30.0
 REGISTER_TIMEOUT_S = 600.0  # the agent allocates and pre-faults the slots during the call
+DETACH_TIMEOUT_S = 5.0
 LIST_TIMEOUT_S = 120.0  # an agent with nothing local may wait for the coordinator (its --restore-wait-s)
 _OPTIONS = [
     # the agent restarts in seconds: do not back off for minutes
@@ -26,6 +31,19 @@ _OPTIONS = [
     ("grpc.max_receive_message_length", 64 << 20),
     ("grpc.max_send_message_length", 64 << 20),
 ]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Listing:
+    """What a rank can restore: steps in memory (their slot names; "" while peers hold them)
+    and complete persisted checkpoints, each in `persisted_dir`/step-NNNNNNNNNNNN."""
+
+    memory: dict[int, str] = field(default_factory=dict)
+    persisted: tuple[int, ...] = ()
+    persisted_dir: Path | None = None
+
+    def steps(self) -> list[int]:
+        return sorted(set(self.memory) | set(self.persisted), reverse=True)
 
 
 class AgentClient:
@@ -38,6 +56,7 @@ class AgentClient:
         self.attempt = attempt
         self._channel = grpc.insecure_channel(f"unix:{socket_path}", options=_OPTIONS)
         self._stub = pb_grpc.AgentServiceStub(self._channel)
+        self._session: object | None = None  # the Attach stream while the rank trains
 
     def register(self, world_size: int, slot_size_bytes: int) -> None:
         request = pb.RegisterRankRequest(
@@ -75,14 +94,29 @@ class AgentClient:
         )
         self._call("CommitSnapshot", request, CALL_TIMEOUT_S)
 
-    def list_snapshots(self) -> dict[int, str]:
-        """Committed steps the agent holds for this rank and their slots; {} if it knows none."""
+    def list_snapshots(self, world_size: int) -> Listing:
+        """The steps this rank can restore at `world_size`: from memory (with their slots) and
+        persisted; empty if none."""
         try:
             request = pb.ListSnapshotsRequest(job=self.job, rank=self.rank)
             response = self._call("ListSnapshots", request, LIST_TIMEOUT_S, wait_for_ready=True)
         except NotFound:
-            return {}
-        return dict(zip(response.steps, response.slot_names))
+            return Listing()
+        stale = {s: w for s, w in zip(response.steps, response.world_sizes) if w and w != world_size}
+        if stale:
+            log.warning(
+                "job=%s rank=%d: snapshots %s were taken at world size %s, not %d: only persisted checkpoints can load",
+                self.job,
+                self.rank,
+                sorted(stale),
+                sorted(set(stale.values())),
+                world_size,
+            )
+        return Listing(
+            memory={s: name for s, name in zip(response.steps, response.slot_names) if s not in stale},
+            persisted=tuple(response.persisted_steps),
+            persisted_dir=Path(response.persisted_dir) if response.persisted_dir else None,
+        )
 
     def open_restore(self, step: int | None = None) -> RestoreSource:
         request = pb.OpenRestoreRequest(job=self.job, rank=self.rank)
@@ -90,7 +124,29 @@ class AgentClient:
             request.step = step
         return restore_from_proto(self._call("OpenRestore", request, REGISTER_TIMEOUT_S, wait_for_ready=True))
 
+    def attach(self) -> None:
+        """Opens the rank's session with the agent unless one is open: when it ends without
+        `detach` (the process died), the agent persists the rank's newest snapshots at once."""
+        if self._session is not None and self._session.is_active():  # type: ignore[attr-defined]
+            return
+        request = pb.AttachRequest(job=self.job, rank=self.rank, generation=self.attempt.generation, run_id=self.attempt.run_id)
+        self._session = self._stub.Attach(request)
+
+    def detach(self) -> None:
+        """Ends the session cleanly (best effort: an agent that is gone cannot be told)."""
+        if self._session is None:
+            return
+        try:
+            attempt = self.attempt
+            request = pb.DetachRequest(job=self.job, rank=self.rank, generation=attempt.generation, run_id=attempt.run_id)
+            self._call("Detach", request, DETACH_TIMEOUT_S)
+        except MemckptError:
+            pass
+        self._session.cancel()  # type: ignore[attr-defined]
+        self._session = None
+
     def close(self) -> None:
+        self.detach()
         self._channel.close()
 
     def _call(self, name: str, request: Any, timeout_s: float, wait_for_ready: bool = False) -> Any:

@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import os
+import random
 import sys
 import time
 from dataclasses import dataclass
@@ -19,8 +20,11 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.filesystem import FileSystemReader
+from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
@@ -31,6 +35,8 @@ from memckpt.trainer.model import GPT, PRESETS, count_parameters
 from memckpt.trainer.state import apply_training_state, refresh_training_state, training_state
 
 log = logging.getLogger("memckpt.trainer")
+
+FINAL_SNAPSHOT_WAIT_S = 60.0  # how long the last step's snapshot may wait for a slot (see Checkpointer.snapshot)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, help="torch threads per rank (default: cores / local ranks)")
     parser.add_argument("--events", type=Path, help="append one JSON line per event (start, restore, step, end) to this file")
     parser.add_argument("--step-delay-s", type=float, default=0.0, help="sleep after each step (to watch a demo)")
+    parser.add_argument(
+        "--init-from",
+        type=Path,
+        help="start from this torch.distributed.checkpoint directory (e.g. a persisted memckpt checkpoint), loaded "
+        "with stock dcp.load and resharded to this world size, instead of restoring through memckpt",
+    )
     return parser
 
 
@@ -92,7 +104,12 @@ def build_model(args: argparse.Namespace) -> GPT:
         d_model=args.width or preset.d_model,
         seq_len=args.seq_len or preset.seq_len,
     )
-    torch.manual_seed(args.seed)  # every rank builds the same initial model before sharding
+    # every rank builds the same initial model before sharding, and starts every RNG alike:
+    # torch.distributed.checkpoint stores values that are not sharded tensors once, as if
+    # replicated, so per-rank RNG states would not survive a persisted checkpoint
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
     return GPT(config)
 
 
@@ -149,6 +166,14 @@ def run(args: argparse.Namespace) -> int:
     first_step = 1
     if ck is not None:
         ck.attach_optimizer(optimizer)
+    if args.init_from is not None:
+        started = time.perf_counter()
+        dcp_load(state, storage_reader=FileSystemReader(str(args.init_from)))
+        apply_training_state(model, optimizer, state)
+        first_step = int(state["data"])
+        state = training_state(model, optimizer, step=first_step - 1, data_position=first_step)
+        events.write("restore", step=first_step - 1, restore_s=time.perf_counter() - started, source="init-from")
+    elif ck is not None:
         started = time.perf_counter()
         restored = ck.restore(state)
         if restored is not None:
@@ -159,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
     if rank == 0:
         log.info("job=%s world=%d parameters=%d first_step=%d", args.job, world, count_parameters(model), first_step)
         if first_step > 1:
-            log.info("resumed from memory at step %d", first_step - 1)
+            log.info("resumed at step %d", first_step - 1)
     dist.barrier()
 
     started = time.perf_counter()
@@ -176,7 +201,8 @@ def run(args: argparse.Namespace) -> int:
         value = mean_loss(loss)
         if ck is not None and step % args.snapshot_every == 0:
             refresh_training_state(state, step=step, data_position=step + 1)
-            ck.snapshot(step, state)
+            # the last step waits for a slot rather than be skipped: a finished run keeps its end
+            ck.snapshot(step, state, wait_s=FINAL_SNAPSHOT_WAIT_S if step == args.steps else 0.0)
         # what this step waited for checkpointing: the fence in optimizer.step plus snapshot()
         stall_ms = ((ck.stats.total_stall_s if ck is not None else 0.0) - stalled_before) * 1e3
         stalls_ms.append(stall_ms)

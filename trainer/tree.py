@@ -73,13 +73,15 @@ def flatten(state: Any) -> Flat:
     return Flat(tree=tree, tensors=tensors, specs=specs, dtensors=dtensors)
 
 
-def encode_meta(flat: Flat, offsets: list[int], size_bytes: int) -> bytes:
-    """The JSON the agent stores beside a slot: tree, tensor table, layout size."""
+def encode_meta(flat: Flat, offsets: list[int], size_bytes: int, world_size: int = 0) -> bytes:
+    """The JSON the agent stores beside a slot: tree, tensor table, layout size, and the job's
+    world size (0: not said): a job restarted at another size cannot load this snapshot's shards."""
     table = [
         {"dtype": s.dtype, "shape": list(s.shape), "offset": o, "nbytes": s.nbytes, **({"dtensor": d} if d else {})}
         for s, o, d in zip(flat.specs, offsets, flat.dtensors)
     ]
-    return json.dumps({"format": FORMAT, "size_bytes": size_bytes, "tree": flat.tree, "tensors": table}).encode()
+    head = {"format": FORMAT, "size_bytes": size_bytes, **({"world_size": world_size} if world_size else {})}
+    return json.dumps({**head, "tree": flat.tree, "tensors": table}).encode()
 
 
 def decode_meta(meta: bytes) -> dict[str, Any]:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
 import pytest
 
+from memckpt.agent.coordination import HeartbeatStream
 from memckpt.local import CoordinatorProcess, wait_until
 from memckpt.protos import coordinator_pb2 as pb
 from memckpt.protos import coordinator_pb2_grpc as pb_grpc
@@ -99,6 +101,78 @@ def test_bad_registrations_get_invalid_argument(coordinator: CoordinatorProcess)
             with pytest.raises(grpc.RpcError) as info:
                 stub.RegisterAgent(pb.RegisterAgentRequest(agent=agent), metadata=token_metadata(TOKEN), timeout=10)
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_heartbeat_streams_renew_leases_carry_inventories_and_outlive_a_refusal(coordinator: CoordinatorProcess) -> None:
+    meta = token_metadata(TOKEN)
+    with grpc.insecure_channel(coordinator.address) as channel:
+        stub = pb_grpc.CoordinatorServiceStub(channel)
+        incarnations = {}
+        for i, node in enumerate("abcde"):
+            agent = pb.AgentDescription(node=node, address=f"127.0.0.1:{9100 + i}", capacity_bytes=1 << 30, domain=f"rack{i}")
+            incarnations[node] = stub.RegisterAgent(pb.RegisterAgentRequest(agent=agent), metadata=meta, timeout=10).incarnation
+        streams = {node: HeartbeatStream(stub, meta) for node in "abcd"}
+
+        def request(node: str, incarnation: int = 0) -> pb.HeartbeatRequest:
+            rank = ord(node) - ord("a")
+            return pb.HeartbeatRequest(node=node, incarnation=incarnation or incarnations[node], held=[held("j", rank, 6)])
+
+        def status() -> pb.GetClusterStatusResponse:
+            reply: pb.GetClusterStatusResponse = stub.GetClusterStatus(pb.GetClusterStatusRequest(), metadata=meta, timeout=10)
+            return reply
+
+        def beat() -> bool:
+            for node, stream in streams.items():
+                reply = stream.send(request(node), 10)
+                assert reply.accepted and len(reply.group) >= 4 and (reply.k, reply.m) == (2, 1)
+            return [a.agent.node for a in status().agents if not a.alive] == ["e"]
+
+        try:
+            wait_until(beat, 15, "the coordinator to declare node e failed", interval_s=0.3)
+            (job,) = status().jobs
+            assert [(r.rank, r.committed_step) for r in job.ranks] == [(0, 6), (1, 6), (2, 6), (3, 6)], (
+                "reported over the streams"
+            )
+            assert not streams["a"].send(request("a", incarnation=999), 10).accepted, "a stale incarnation"
+            assert streams["a"].send(request("a"), 10).accepted, "the stream outlives a refusal"
+            with pytest.raises(grpc.RpcError) as info:
+                streams["a"].send(pb.HeartbeatRequest(node="../x"), 10)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, "a bad request ends the stream with its status"
+            assert streams["a"].send(request("a"), 10).accepted, "on a new stream"
+            with pytest.raises(grpc.RpcError) as info:
+                HeartbeatStream(stub, token_metadata("wrong")).send(request("a"), 10)
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        finally:
+            for stream in streams.values():
+                stream.close()
+
+
+def test_agents_heartbeat_with_one_call_each_when_the_coordinator_has_no_streams() -> None:
+    """An older coordinator (here a bare server that knows only Heartbeat) answers UNIMPLEMENTED."""
+    calls = []
+
+    def heartbeat(request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatResponse:
+        calls.append(request.node)
+        return pb.HeartbeatResponse(accepted=True)
+
+    handler = grpc.unary_unary_rpc_method_handler(
+        heartbeat, request_deserializer=pb.HeartbeatRequest.FromString, response_serializer=pb.HeartbeatResponse.SerializeToString
+    )
+    server = grpc.server(ThreadPoolExecutor(max_workers=2))
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("memckpt.v1.CoordinatorService", {"Heartbeat": handler}),)
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stream = HeartbeatStream(pb_grpc.CoordinatorServiceStub(channel), ())
+            assert stream.send(pb.HeartbeatRequest(node="a", incarnation=1), 10).accepted
+            assert stream.send(pb.HeartbeatRequest(node="a", incarnation=1), 10).accepted
+            stream.close()
+        assert calls == ["a", "a"]
+    finally:
+        server.stop(None)
 
 
 def test_real_agents_register_heartbeat_and_a_killed_one_is_declared_failed(

@@ -356,7 +356,7 @@ def test_a_cut_node_is_failed_by_its_lease_the_cluster_goes_on_and_its_return_co
         handle = side.wait()
         assert handle is not None and handle.committed
         # node0 hears its new group with its next heartbeat; a fragment it sent to node1 before that
-        # would hang in the black hole (the bug the next test shows)
+        # hangs in the black hole until node0 abandons it for the new group (the next test)
         regrouped = "protection group now ['node0', 'node2', 'node3', 'node4']"
         wait_until(lambda: regrouped in agents["node0"].log_path.read_text(), 10, "node0 to hear its group")
 
@@ -432,22 +432,11 @@ def test_a_cut_node_is_failed_by_its_lease_the_cluster_goes_on_and_its_return_co
     assert bytes(decode({0: data0, 1: data1}, Scheme(k=2, m=1, size_bytes=len(expected)))) == expected
 
 
-STUCK_PUT = (
-    "product bug: the owner's replicator sends each fragment with one blocking PutFragment "
-    "(agent/peers.py PUT_TIMEOUT_S = 300, no keepalive), serially, while it pins the slot "
-    "(agent/replicate.py Replicator._protect); a put to a holder cut before its lease ran out "
-    "hangs in the black hole and is not abandoned when the group changes, so protection of "
-    "every rank on that agent stops, and the pinned slot makes every other snapshot fail with "
-    "Unavailable, for up to 300 s (a crashed holder refuses the connection at once instead)"
-)
-
-
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=STUCK_PUT)
 def test_protection_goes_on_when_a_holder_is_cut_while_snapshots_keep_coming(cluster: Cluster) -> None:
     """A job snapshots every 0.2 s on node0 while node1, one of its fragment holders, is cut. Commits
     made before node1's lease runs out go towards the black hole; once the cluster has regrouped
-    without node1, newer steps must be protected by the remaining nodes, as after a crash."""
-    cluster.killed.add("node0")  # with the bug its replicator is stuck: a clean stop outlasts the grace
+    without node1, newer steps must be protected by the remaining nodes, as after a crash: the puts
+    towards node1 are abandoned when the group changes, not held until a 300 s deadline."""
     socket0 = cluster.agents["node0"].socket_path
     with Checkpointer("live", rank=0, world_size=1, socket_path=socket0) as ck:
         step = 0

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from concurrent import futures
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import crc32c
@@ -11,14 +14,18 @@ import grpc
 import pytest
 
 from memckpt.agent.erasure import Scheme, data_fragment, decode, encode_parity
+from memckpt.agent.fragments import FragmentHeader, fragment_prefix
+from memckpt.agent.peer_service import SERVER_OPTIONS, SERVICE
+from memckpt.agent.peers import PeerClient
 from memckpt.agent.shm import DEFAULT_ROOT
 from memckpt.coordinator.groups import choose_fragment_holders
+from memckpt.errors import StaleGeneration, Unavailable
 from memckpt.local import AgentProcess, CoordinatorProcess, wait_until
 from memckpt.protos import coordinator_pb2 as cpb
 from memckpt.protos import coordinator_pb2_grpc as cpb_grpc
 from memckpt.protos import peer_pb2 as pb
 from memckpt.protos import peer_pb2_grpc as pb_grpc
-from memckpt.security import token_metadata
+from memckpt.security import TlsFiles, token_metadata
 
 pytestmark = pytest.mark.integration
 TOKEN = "peer-s3cret"
@@ -223,3 +230,139 @@ def test_a_peer_port_in_use_is_refused_at_start(tmp_path: Path, shm_prefix: str)
     finally:
         agent.stop()
         taken.close()
+
+
+def test_steps_sent_by_peer_client_reuse_the_holders_segments_and_survive_a_kill(cluster: Cluster) -> None:
+    """Each new step lands in a dropped step's segment (no new shared memory per put); the
+    newest complete step is what a restarted holder re-adopts and serves, every byte checked."""
+    addresses = cluster.addresses()
+    frag = fragments()[0]
+    base = header(0, frag)
+    fragment_header = FragmentHeader(
+        job=base.job,
+        rank=base.rank,
+        step=5,
+        generation=base.generation,
+        index=0,
+        k=base.k,
+        m=base.m,
+        size_bytes=base.size_bytes,
+        fragment_bytes=base.fragment_bytes,
+        owner=base.owner_node,
+        crc32c=base.fragment_crc32c,
+    )
+    peers = PeerClient(token=TOKEN, tls=TlsFiles())
+    args = cluster.agent_args["node1"]
+    prefix = fragment_prefix(args[args.index("--shm-prefix") + 1])
+
+    def segments() -> set[int]:
+        return {p.stat().st_ino for p in DEFAULT_ROOT.iterdir() if p.name.startswith(prefix) and "manifest" not in p.name}
+
+    try:
+        wait_until(
+            lambda: _stored(peers, addresses["node1"], fragment_header, frag), 15, "node1 to hear its group", interval_s=0.2
+        )
+        seen: set[int] = set()
+        for step in range(6, 14):
+            peers.put_fragment(addresses["node1"], replace(fragment_header, step=step), memoryview(frag))
+            seen |= segments()
+        assert len(seen) <= 4, f"{len(seen)} segments for 9 steps: each step got new shared memory"
+        assert len(segments()) == 3  # steps 12 and 13, and the spare
+        _, got = peers.get_fragment(addresses["node1"], "j", 0, 0, 13)
+        assert bytes(got) == frag
+    finally:
+        peers.close()
+
+    old = addresses["node1"]
+    cluster.agents["node1"].kill()
+    restarted = AgentProcess(
+        socket_path=cluster.agents["node1"].socket_path,
+        shm_prefix=cluster.agents["node1"].shm_prefix,
+        memory_limit="1GiB",
+        log_path=cluster.agents["node1"].log_path,
+        extra_args=["--on-exit", "remove", *cluster.agent_args["node1"]],
+    )
+    cluster.agents["node1"] = restarted.start()
+    wait_until(lambda: cluster.addresses().get("node1", old) != old, 30, "node1 to register its new address")
+    assert get(cluster.addresses()["node1"], 0, step=13) == frag
+    assert status_of(lambda: get(cluster.addresses()["node1"], 0, step=11)) == grpc.StatusCode.NOT_FOUND
+
+
+def _stored(peers: PeerClient, address: str, fragment_header: FragmentHeader, data: bytes) -> bool:
+    try:
+        peers.put_fragment(address, fragment_header, memoryview(data))
+    except StaleGeneration:  # the holder has not heard its group from the coordinator yet
+        return False
+    return True
+
+
+class _Stalled:
+    """A peer service whose PutFragment takes the header and then reads nothing more, as a
+    holder behind a black hole looks to the sender; it records how each call ended."""
+
+    def __init__(self) -> None:
+        self.ended = threading.Event()
+        self.release = threading.Event()
+
+    def PutFragment(self, request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> pb.PutFragmentResponse:
+        next(request_iterator)
+        context.add_callback(self.ended.set)  # the client cancelled, or its deadline passed
+        self.release.wait(30)
+        return pb.PutFragmentResponse()
+
+
+@pytest.fixture
+def stalled_peer() -> Iterator[tuple[str, _Stalled]]:
+    servicer = _Stalled()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=list(SERVER_OPTIONS))
+    handler = grpc.stream_unary_rpc_method_handler(
+        servicer.PutFragment, request_deserializer=None, response_serializer=pb.PutFragmentResponse.SerializeToString
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {"PutFragment": handler}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}", servicer
+    finally:
+        servicer.release.set()
+        server.stop(0).wait()
+
+
+def big_header(size: int) -> FragmentHeader:
+    return FragmentHeader(
+        job="j", rank=0, step=1, generation=1, index=0, k=1, m=1, size_bytes=size, fragment_bytes=size, owner="node0", crc32c=0
+    )
+
+
+def test_a_put_to_a_peer_that_stops_reading_ends_at_its_deadline(stalled_peer: tuple[str, _Stalled]) -> None:
+    address, servicer = stalled_peer
+    data = memoryview(bytes(64 << 20))  # far more than the flow-control windows and socket buffers hold
+    peers = PeerClient(token="", tls=TlsFiles())
+    try:
+        started = time.monotonic()
+        with pytest.raises(Unavailable, match="DEADLINE_EXCEEDED"):
+            peers.put_fragment(address, big_header(len(data)), data, timeout_s=1.0)
+        assert time.monotonic() - started < 5
+        assert servicer.ended.wait(5), "the peer saw the call end"
+    finally:
+        peers.close()
+
+
+def test_a_cancelled_put_ends_at_once_and_reads_no_more_of_its_bytes(stalled_peer: tuple[str, _Stalled]) -> None:
+    address, servicer = stalled_peer
+    data = bytearray(64 << 20)
+    peers = PeerClient(token="", tls=TlsFiles())
+    try:
+        call = peers.start_put(address, big_header(len(data)), memoryview(data), timeout_s=60)
+        time.sleep(0.5)  # some chunks are in flight, the rest wait for the peer's window
+        assert not call.done()
+        started = time.monotonic()
+        call.cancel()
+        wait_until(call.done, 5, "the cancelled put to end")
+        assert time.monotonic() - started < 2
+        assert isinstance(call.error(), Unavailable)
+        with pytest.raises(Unavailable):
+            call.result()
+        assert servicer.ended.wait(5)
+    finally:
+        peers.close()

@@ -58,3 +58,27 @@ def test_remove_drops_the_metadata_first_and_the_directory(tmp_path: Path) -> No
     (path / "__0_0.distcp").write_bytes(b"d")
     remove(list_checkpoints(tmp_path, "j")[0])
     assert not path.exists()
+
+
+def test_claim_keeps_its_own_attempt_and_clears_another_attempts_files(tmp_path: Path) -> None:
+    from memckpt.agent.checkpoints import ATTEMPT, claim
+
+    path = step_dir(tmp_path, "j", 8)
+    claim(path, "run-a/1")
+    (path / "__0_0.distcp").write_bytes(b"rank 0 of run-a")
+    claim(path, "run-a/1")
+    assert (path / "__0_0.distcp").exists(), "the same attempt's files stay"
+    claim(path, "run-b/1")
+    assert (path / ATTEMPT).read_text() == "run-b/1"
+    assert sorted(p.name for p in path.iterdir()) == [ATTEMPT], "run-a's files never mix with run-b's"
+    assert [p.name for p in path.parent.iterdir()] == [path.name], "the stale copy is removed"
+
+
+def test_claim_treats_files_without_a_marker_as_stale(tmp_path: Path) -> None:
+    from memckpt.agent.checkpoints import claim
+
+    path = step_dir(tmp_path, "j", 8)
+    path.mkdir(parents=True)
+    (path / "__1_0.distcp").write_bytes(b"left by a crash")
+    claim(path, "run-a/2")
+    assert not (path / "__1_0.distcp").exists()

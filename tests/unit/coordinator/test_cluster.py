@@ -1,9 +1,12 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from memckpt.coordinator.cluster import Cluster, Held
 from memckpt.coordinator.membership import AgentInfo
+from memckpt.coordinator.protection import JobProtection
 from memckpt.errors import StaleGeneration
 
 
@@ -82,3 +85,65 @@ def test_fragments_of_one_step_from_two_attempts_never_mix() -> None:
     assert step == 9 and lost == "" and source.fragments is not None
     assert source.fragments.generation == 2, "the newest attempt's commit of the step"
     assert dict(source.fragments.holders) == {0: "d", 1: "b"}, "only fragments of that attempt"
+
+
+def test_a_refresh_counts_only_live_holders_and_follows_changed_reports() -> None:
+    cluster = cluster_of_four()
+    assert cluster.refresh_protection()["j"].keep == 9, "every rank's step 9 has all k+m fragments"
+    incarnation = cluster.membership.members["c"].incarnation
+    cluster.heartbeat("c", incarnation, (frag("j", 0, 9, 1),), now=1.0)  # dropped its fragment of rank 1
+    assert cluster.refresh_protection()["j"].keep == -1
+    cluster.heartbeat("c", incarnation, (frag("j", 0, 9, 1), frag("j", 1, 9, 1)), now=1.5)
+    assert cluster.refresh_protection()["j"].keep == 9
+    for node in ("a", "b", "c"):
+        cluster.heartbeat(node, cluster.membership.members[node].incarnation, cluster.held[node], now=3.0)
+    assert cluster.tick(now=4.5).failed == ("d",)
+    assert cluster.refresh_protection()["j"].keep == -1, "d's fragments went with it"
+
+
+def test_a_refresh_in_steps_sees_what_changed_in_between_at_the_next_refresh() -> None:
+    cluster = cluster_of_four()
+    cluster.refresh_protection()
+    incarnation = cluster.membership.members["c"].incarnation
+    of_rank_0, of_rank_1 = cluster.held["c"]
+    cluster.heartbeat("c", incarnation, (of_rank_0,), now=1.0)  # dropped its fragment of rank 1
+    steps = cluster.refresh_protection_in_steps(ranks_per_step=1)
+    assert next(steps) == 1, "only rank 1 changed"
+    cluster.heartbeat("c", incarnation, (of_rank_0, of_rank_1), now=1.5)  # between two steps
+    assert list(steps) == []
+    assert cluster.protection["j"].keep == -1, "as the refresh found rank 1"
+    assert cluster.refresh_protection()["j"].keep == 9
+
+
+def test_a_generation_started_during_a_refresh_in_steps_waits_for_the_next_refresh() -> None:
+    cluster = cluster_of_four()
+    cluster.refresh_protection()
+    cluster.heartbeat("a", cluster.membership.members["a"].incarnation, (own("j", 0, 10), frag("j", 1, 9, 0)), now=1.0)
+    steps = cluster.refresh_protection_in_steps(ranks_per_step=1)
+    next(steps)
+    generation = cluster.start_generation("j", 2, previous=1)
+    list(steps)
+    assert cluster.protection["j"].generation == 1, "the old generation's word, not a mix of both"
+    assert cluster.refresh_protection()["j"] == JobProtection(generation=generation, target=-1, keep=-1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(reports=st.lists(st.tuples(st.sampled_from("abcd"), st.sets(st.integers(0, 11), max_size=6)), max_size=12))
+def test_progress_kept_per_changed_rank_matches_a_cluster_built_from_scratch(reports: list[tuple[str, set[int]]]) -> None:
+    """Entries: 0-3 whole copies of ranks 0-1 at steps 8-9, 4-11 fragments (rank, step, index)."""
+    entries = [own("j", r, s) for r in (0, 1) for s in (8, 9)]
+    entries += [frag("j", r, s, i) for r in (0, 1) for s in (8, 9) for i in (0, 1)]
+    cluster = cluster_of_four()
+    cluster.refresh_protection()
+    final = dict(cluster.held)
+    for node, chosen in reports:
+        final[node] = tuple(entries[i] for i in sorted(chosen))
+        cluster.heartbeat(node, cluster.membership.members[node].incarnation, final[node], now=1.0)
+        steps = cluster.refresh_protection_in_steps(ranks_per_step=1)
+        next(steps, None)  # a refresh cut short by the next report: finished by the next refresh
+    fresh = Cluster(k=2, m=1, lease_s=3.0)
+    for node, held in final.items():
+        fresh.register_agent(info(node), held, now=0.0)
+    ours, theirs = cluster.refresh_protection().get("j"), fresh.refresh_protection().get("j")
+    assert (ours.keep if ours else -1) == (theirs.keep if theirs else -1)
+    assert cluster.rank_steps("j") == fresh.rank_steps("j")
