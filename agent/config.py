@@ -9,7 +9,7 @@ from pathlib import Path
 
 import psutil
 
-from memckpt.config import field
+from memckpt.config import field, split_host_port
 from memckpt.errors import ConfigError
 from memckpt.names import check_name
 from memckpt.security import TlsFiles
@@ -27,14 +27,6 @@ def default_socket() -> Path:
     return base / "agent.sock"
 
 
-def split_host_port(address: str, what: str) -> tuple[str, int]:
-    """`host:port` (the host may be `[v6]`) as a pair; raises ConfigError naming `what`."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise ConfigError(f"{what} {address!r} must be host:port with a port in 0..65535")
-    return host, int(port)
-
-
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AgentConfig:
     socket: Path = field(default_socket(), "unix socket the trainer ranks of this node connect to (made 0600)")
@@ -49,7 +41,7 @@ class AgentConfig:
     on_exit: str = field("keep", "what a clean stop does with the slots", choices=("keep", "remove"))
     """`keep` leaves them for the next agent to re-adopt (upgrades, restarts); `remove` unlinks them."""
     max_message_bytes: int = field(64 << 20, "largest gRPC message accepted (layout metadata)", size=True)
-    coordinator: str = field("", "host:port of memckpt-coordinator (default: none, one-node mode)", default_text="none")
+    coordinator: str = field("", "host:port of memckpt-coordinator (none: one-node mode)", default_text="none")
     advertise: str = field("", "host:port peers and the coordinator reach this agent at (the fast network)", default_text="none")
     """Port 0 stands for the port `peer_listen` bound (useful with `peer_listen` port 0)."""
     peer_listen: str = field("0.0.0.0:7500", "host:port the peer service binds (with a coordinator); port 0: any free one")
@@ -84,6 +76,12 @@ class AgentConfig:
     """The agent process's CPU time, all threads, counting peers' fragments it receives: it shares the
     node's cores with the trainer ranks. Rests as `protect_rate` does; a pace too slow for the
     snapshots shows as protected steps lagging the committed ones (`memckpt status`)."""
+    metrics_listen: str = field(
+        "",
+        "host:port of the HTTP server for Prometheus (/metrics) and probes (/healthz); port 0: any free one",
+        default_text="none: off",
+    )
+    """The bound address is logged and shown by `memckpt status`."""
     token: str = field("", "shared token sent to the coordinator and peers", default_text="none")
     tls_cert: Path | None = field(None, "this agent's certificate (PEM), for mutual TLS", default_text="none")
     tls_key: Path | None = field(None, "this agent's private key (PEM)", default_text="none")
@@ -121,7 +119,7 @@ class AgentConfig:
             raise ConfigError(f"put_min_rate_bytes_per_s {self.put_min_rate_bytes_per_s} must be at least 1MiB (per second)")
         if self.coordinator and not self.advertise:
             raise ConfigError("with a coordinator, advertise must say host:port where peers reach this agent")
-        for name in ("peer_listen", "advertise"):
+        for name in ("peer_listen", "advertise", "metrics_listen"):
             if getattr(self, name):
                 split_host_port(getattr(self, name), name)
         self.tls.check()

@@ -12,11 +12,13 @@ import threading
 import time
 from concurrent import futures
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from memckpt import config as config_mod
+from memckpt.agent import metrics
 from memckpt.agent.config import AgentConfig
 from memckpt.agent.coordination import CoordinatorLink
 from memckpt.agent.fragments import FragmentStore, fragment_prefix
@@ -31,10 +33,15 @@ from memckpt.agent.slots import MemoryBudget
 from memckpt.agent.store import SlotStore
 from memckpt.coordinator.membership import AgentInfo
 from memckpt.errors import ConfigError
+from memckpt.metrics import MetricsServer
+from memckpt.metrics import serve as serve_metrics
 from memckpt.process import run_daemon
 from memckpt.protos import agent_pb2_grpc as pb_grpc
-from memckpt.security import TokenInterceptor, describe_security, server_credentials
+from memckpt.security import TlsFiles, TokenInterceptor, describe_security, server_credentials
 from memckpt.sizes import format_size
+
+if TYPE_CHECKING:
+    from memckpt.agent.persist import Persister  # imports torch: loaded only when persisting
 
 log = logging.getLogger("memckpt.agent")
 
@@ -193,6 +200,8 @@ def serve(config: AgentConfig, stop: threading.Event) -> int:
             format_size(config.persist_rate) if config.persist_rate else "unlimited",
             config.persist_keep,
         )
+    serving = threading.Event()
+    metrics_server = start_metrics(config, store, fragments, servicer, persister, serving)
     # Ranks are served only now that the servicer is whole: a rank asking a replacement agent
     # before its link to the coordinator existed would have heard "nothing held" and started fresh.
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=RPC_THREADS, thread_name_prefix="rpc"), options=options)
@@ -204,6 +213,7 @@ def serve(config: AgentConfig, stop: threading.Event) -> int:
     os.chmod(config.socket, 0o600)
     health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    serving.set()
     log.info(
         "agent ready node=%s socket=%s budget=%s adopted_ranks=%d adopted_fragments=%d pid=%d",
         config.node,
@@ -215,6 +225,7 @@ def serve(config: AgentConfig, stop: threading.Event) -> int:
     )
     stop.wait()
     log.info("stopping: grace=%.1fs on_exit=%s", GRACE_S, config.on_exit)
+    serving.clear()
     health_servicer.enter_graceful_shutdown()
     servicer.sessions.stopping = True  # ranks' streams cut by this stop are not their deaths
     if peer_server is not None:
@@ -226,6 +237,8 @@ def serve(config: AgentConfig, stop: threading.Event) -> int:
         persister.stop()
     if link is not None:
         link.stop()
+    if metrics_server is not None:
+        metrics_server.stop()
     fragments.stop(remove=config.on_exit == "remove")
     store.stop(remove=config.on_exit == "remove")
     config.socket.unlink(missing_ok=True)
@@ -241,6 +254,39 @@ def protection_throttle(config: AgentConfig) -> Throttle | None:
     rate = f"{format_size(config.protect_rate)}/s" if config.protect_rate else "unlimited"
     log.info("protection paced: rate=%s cpu=%s", rate, f"{config.protect_cpu:g} cores" if config.protect_cpu else "unlimited")
     return Throttle(limits, clock=time.monotonic, cpu_clock=time.process_time)
+
+
+def start_metrics(
+    config: AgentConfig,
+    store: SlotStore,
+    fragments: FragmentStore,
+    servicer: AgentServicer,
+    persister: Persister | None,
+    serving: threading.Event,
+) -> MetricsServer | None:
+    """The Prometheus endpoint (`metrics_listen`), healthy while `serving` is set; None when off.
+    With TLS configured it is HTTPS with the agent's certificate, without asking clients for
+    theirs: it exports no secrets, and Kubernetes probes cannot present a certificate."""
+    if not config.metrics_listen:
+        return None
+    metrics.REGISTRY.register(
+        metrics.StateCollector(
+            node=config.node,
+            domain=config.domain,
+            store=store,
+            fragments=fragments,
+            persistence=servicer.persistence,
+            pending_persists=store.persist_backlog if persister is not None else lambda: 0,
+            sessions=servicer.sessions.count,
+        )
+    )
+    tls = TlsFiles(cert=config.tls_cert, key=config.tls_key) if config.tls.enabled else None
+    try:
+        server = serve_metrics(config.metrics_listen, metrics.REGISTRY, ready=serving.is_set, tls=tls)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on metrics_listen {config.metrics_listen}: {exc}") from exc
+    servicer.metrics_address = server.address
+    return server
 
 
 def start_peer_server(config: AgentConfig, fragments: FragmentStore) -> tuple[grpc.Server, int]:

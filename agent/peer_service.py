@@ -18,6 +18,7 @@ from typing import Any, TypeVar, cast
 import crc32c
 import grpc
 
+from memckpt.agent import metrics
 from memckpt.agent.fragments import SERVE_CHUNK_BYTES, Chunk, FragmentHeader, FragmentStore, crc32c_combine
 from memckpt.errors import CorruptSnapshot, InvalidRequest
 from memckpt.protos import peer_pb2 as pb
@@ -62,6 +63,7 @@ class PeerServicer:
             raise InvalidRequest("PutFragment: the first message must be the fragment header")
         messages = read_ahead(request_iterator, READ_AHEAD_MESSAGES, "put-receive")
         stored = self._store.put(header_from_proto(header.header), chunks_from_messages(messages))
+        metrics.FRAGMENT_RECEIVED_BYTES.inc(stored)
         return pb.PutFragmentResponse(stored_bytes=stored)
 
     @map_stream_errors

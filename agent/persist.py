@@ -29,7 +29,7 @@ from pathlib import Path
 
 import psutil
 
-from memckpt.agent import checkpoints, dcp
+from memckpt.agent import checkpoints, dcp, metrics
 from memckpt.agent.slots import Attempt, MemoryBudget, RankKey
 from memckpt.agent.store import ProtectionWork, SlotStore
 from memckpt.errors import BudgetExceeded, MemckptError
@@ -215,6 +215,8 @@ class Persister:
         finally:
             status.writing_step = NONE
         elapsed = time.perf_counter() - started
+        metrics.PERSIST_SECONDS.labels(job).observe(elapsed)
+        metrics.PERSIST_BYTES.labels(job).inc(work.size_bytes)
         status.written_bytes += work.size_bytes
         status.last_write_s = elapsed
         self._written.setdefault((job, step), set()).add(rank)
@@ -261,6 +263,7 @@ class Persister:
     def _failed(self, work: ProtectionWork, directory: Path, exc: Exception) -> None:
         status = self.status.setdefault(work.key.job, JobStatus())
         status.failures += 1
+        metrics.PERSIST_FAILURES.labels(work.key.job).inc()
         status.last_error = f"step {work.step} rank {work.key.rank}: {type(exc).__name__}: {exc}"
         kind = (work.key.job, type(exc).__name__)
         level = logging.WARNING if kind in self._errors_logged else logging.ERROR
@@ -288,6 +291,7 @@ class Persister:
             except (OSError, MemckptError) as exc:
                 status = self.status.setdefault(job, JobStatus())
                 status.failures += 1
+                metrics.PERSIST_FAILURES.labels(job).inc()
                 status.last_error = f"finalizing step {step}: {exc}"
                 log.error("finalizing job=%s step=%d in %s failed: %s", job, step, directory, exc)
                 del self._written[(job, step)]

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from memckpt.agent import metrics
 from memckpt.agent.coordination import CoordinatorLink
 from memckpt.agent.erasure import Scheme, rebuild_missing
 from memckpt.agent.fragments import FragmentHeader
@@ -77,6 +78,7 @@ class RemoteRestore:
                 fetched_s = time.perf_counter() - started
                 rebuild_missing(target.buffer[:padded], gathered.parity, gathered.data, scheme, mapper=pool.map)
             decoded_s = time.perf_counter() - started
+            metrics.DECODE_SECONDS.observe(decoded_s - fetched_s)
             self._store.commit_install(target, scheme.size_bytes, gathered.meta, gathered.checksums)
         except BaseException:
             self._store.abort_install(target)

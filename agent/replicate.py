@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import crc32c
 
+from memckpt.agent import metrics
 from memckpt.agent.coordination import CoordinatorLink
 from memckpt.agent.erasure import Scheme, data_fragment, encode_parity
 from memckpt.agent.fragments import FragmentHeader
@@ -102,6 +103,7 @@ class Replicator:
                 try:
                     progressed |= self._protect(work)
                 except Exception as exc:  # a peer down, slow or refusing: log once per holder and kind, retry later
+                    metrics.PROTECT_FAILURES.inc()
                     holder, cause = (exc.holder, exc.cause) if isinstance(exc, PutFailed) else ("-", exc)
                     kind = type(cause).__name__
                     if (holder, kind) not in self._failing:
@@ -129,7 +131,8 @@ class Replicator:
         started = time.perf_counter()
         try:
             scheme = Scheme(k=k, m=m, size_bytes=work.size_bytes)
-            fragments = [data_fragment(view, scheme, i) for i in range(k)] + list(encode_parity(view, scheme))
+            with metrics.ENCODE_SECONDS.time():
+                fragments = [data_fragment(view, scheme, i) for i in range(k)] + list(encode_parity(view, scheme))
             sent = self._send(work, (group, k, m), puts, [memoryview(f) for f in fragments], scheme)
             if self._throttle is not None:
                 self._throttle.sent(len(puts) * scheme.fragment_bytes)
@@ -140,7 +143,10 @@ class Replicator:
         if not sent:
             return True  # the group changed (or we stop): the next round sends to the new one, the newest step
         self._acked.pop(work.key, None)
+        metrics.FRAGMENT_SENT_BYTES.inc(len(puts) * scheme.fragment_bytes)
         if self._store.mark_protected(work):
+            metrics.PROTECTIONS.labels(work.key.job).inc()
+            metrics.PROTECTED_STEP.labels(work.key.job, str(work.key.rank)).set(work.step)
             self._failing.clear()
             log.info(
                 "protected %s step=%d k=%d m=%d holders=%s s=%.3f",

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from memckpt import __version__
-from memckpt.agent import checkpoints, wire
+from memckpt.agent import checkpoints, metrics, wire
 from memckpt.agent.recover import RemoteRestore
 from memckpt.agent.sessions import Sessions
 from memckpt.agent.slots import Attempt, RankKey
@@ -51,6 +51,8 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         self.persistence: Callable[[], dict[str, JobStatus]] = dict  # what the persister did, per job
         self.sessions = Sessions(limit=MAX_SESSIONS)
         self.on_rank_died: Callable[[RankKey, Attempt], None] = lambda key, attempt: None
+        self.metrics_address = ""  # where Prometheus scrapes this agent, if it serves metrics
+        self._begun: dict[RankKey, float] = {}  # when each rank's snapshot in flight began (commit latency)
 
     @map_errors
     def RegisterRank(self, request: pb.RegisterRankRequest, context: Any) -> pb.RegisterRankResponse:
@@ -64,7 +66,12 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
 
     @map_errors
     def BeginSnapshot(self, request: pb.BeginSnapshotRequest, context: Any) -> pb.BeginSnapshotResponse:
-        grant = self._store.begin(request.job, request.rank, request.step, request.size_bytes, _attempt(request))
+        try:
+            grant = self._store.begin(request.job, request.rank, request.step, request.size_bytes, _attempt(request))
+        except Unavailable:
+            metrics.SKIPPED.labels(request.job).inc()  # both slots kept: the snapshot is skipped
+            raise
+        self._begun[RankKey(job=request.job, rank=request.rank)] = time.perf_counter()
         return wire.grant_to_proto(grant)
 
     @map_errors
@@ -72,6 +79,11 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         slot = self._store.commit(
             request.job, request.rank, request.step, request.slot_index, request.data_size_bytes, request.meta, _attempt(request)
         )
+        metrics.SNAPSHOTS.labels(request.job).inc()
+        metrics.SNAPSHOT_BYTES.labels(request.job).inc(request.data_size_bytes)
+        begun = self._begun.pop(RankKey(job=request.job, rank=request.rank), None)
+        if begun is not None:
+            metrics.COMMIT_SECONDS.labels(request.job).observe(time.perf_counter() - begun)
         return pb.CommitSnapshotResponse(step=slot.step)
 
     @map_errors
@@ -129,18 +141,24 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
     @map_errors
     def OpenRestore(self, request: pb.OpenRestoreRequest, context: Any) -> pb.OpenRestoreResponse:
         step = request.step if request.HasField("step") else None
+        started = time.perf_counter()
         try:
-            return wire.restore_to_proto(self._store.open_restore(request.job, request.rank, step))
+            source = self._store.open_restore(request.job, request.rank, step)
         except NotFound:
             if self.remote is None:
                 raise
-        self.remote.fetch(request.job, request.rank, step)  # rebuild it here from peers' fragments
-        rebuilt = dataclasses.replace(self._store.open_restore(request.job, request.rank, step), source="fragments")
-        return wire.restore_to_proto(rebuilt)
+            self.remote.fetch(request.job, request.rank, step)  # rebuild it here from peers' fragments
+            source = dataclasses.replace(self._store.open_restore(request.job, request.rank, step), source="fragments")
+        metrics.RESTORES.labels(request.job, source.source).inc()
+        metrics.RESTORE_SECONDS.labels(source.source).observe(time.perf_counter() - started)
+        return wire.restore_to_proto(source)
 
     @map_errors
     def ReleaseJob(self, request: pb.ReleaseJobRequest, context: Any) -> pb.ReleaseJobResponse:
         ranks, freed = self._store.release_job(request.job)
+        metrics.forget(request.job)
+        for key in [k for k in self._begun if k.job == request.job]:
+            self._begun.pop(key, None)
         return pb.ReleaseJobResponse(ranks_released=ranks, bytes_released=freed)
 
     @map_errors
@@ -165,6 +183,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
                 for job, s in sorted(self.persistence().items())
             ],
             persist_root=str(self.persist_root or ""),
+            metrics_address=self.metrics_address,
         )
 
     def Attach(self, request: pb.AttachRequest, context: Any) -> Iterator[pb.AttachEvent]:
@@ -185,6 +204,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         finally:
             if self.sessions.close(session):
                 log.warning("%s (generation %d) died: its session ended without a clean close", key, session.attempt.generation)
+                metrics.RANK_DEATHS.labels(key.job).inc()
                 self.on_rank_died(key, session.attempt)
 
     @map_errors

@@ -382,6 +382,11 @@ class SlotStore:
                         slots.to_persist.discard(slot.index)
         return sorted(work, key=lambda w: w[0].step)
 
+    def persist_backlog(self) -> int:
+        """Commits kept for the filesystem and not copied out yet."""
+        with self._lock:
+            return sum(len(slots.to_persist) for slots in self._ranks.values())
+
     def release_persist(self, work: ProtectionWork) -> None:
         """The commit is copied out (or given up): its slot may be recycled again."""
         with self._lock:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from memckpt.config import field
+from memckpt.config import field, split_host_port
 from memckpt.errors import ConfigError
 from memckpt.security import TlsFiles
 
@@ -20,14 +20,21 @@ class CoordinatorConfig:
     tls_cert: Path | None = field(None, "server certificate (PEM); with tls_key turns TLS on", default_text="none")
     tls_key: Path | None = field(None, "server private key (PEM)", default_text="none")
     tls_ca: Path | None = field(None, "CA that signs agents' client certificates: mutual TLS", default_text="none")
-    token: str = field("", "shared token every caller must send (default: none)", default_text="none")
+    token: str = field("", "shared token every caller must send", default_text="none")
     port_file: Path | None = field(None, "write the port actually bound here (for --listen host:0)", default_text="none")
+    metrics_listen: str = field(
+        "",
+        "host:port of the HTTP server for Prometheus (/metrics) and probes (/healthz); port 0: any free one",
+        default_text="none: off",
+    )
     log_level: str = field("INFO", "log level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
 
     def __post_init__(self) -> None:
         host, _, port = self.listen.rpartition(":")
         if not host or not port.isdigit() or int(port) > 65535:
             raise ConfigError(f"listen {self.listen!r} must be host:port")
+        if self.metrics_listen:
+            split_host_port(self.metrics_listen, "metrics_listen")
         if not 0 < self.heartbeat_interval_s < self.lease_s:
             raise ConfigError(f"heartbeat_interval_s {self.heartbeat_interval_s} must be > 0 and below lease_s {self.lease_s}")
         if self.k < 1 or self.m < 0 or self.k + self.m > 256:

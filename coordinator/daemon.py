@@ -16,13 +16,16 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from memckpt import config as config_mod
+from memckpt.coordinator import metrics
 from memckpt.coordinator.cluster import Cluster
 from memckpt.coordinator.config import CoordinatorConfig
 from memckpt.coordinator.service import CoordinatorServicer
 from memckpt.errors import ConfigError
+from memckpt.metrics import MetricsServer
+from memckpt.metrics import serve as serve_metrics
 from memckpt.process import run_daemon
 from memckpt.protos import coordinator_pb2_grpc as pb_grpc
-from memckpt.security import HEALTH_METHOD_PREFIX, describe_security, server_credentials
+from memckpt.security import HEALTH_METHOD_PREFIX, TlsFiles, describe_security, server_credentials
 
 log = logging.getLogger("memckpt.coordinator")
 
@@ -66,6 +69,9 @@ async def serve_async(config: CoordinatorConfig, stop: threading.Event) -> int:
     if config.port_file is not None:
         config.port_file.write_text(f"{port}\n")
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    serving = threading.Event()
+    serving.set()
+    metrics_server = start_metrics(config, servicer, serving)
     log.info("%s", describe_security("coordinator", config.tls, config.token))
     log.info(
         "coordinator ready listen=%s port=%d k=%d m=%d lease_s=%.1f pid=%d",
@@ -81,8 +87,27 @@ async def serve_async(config: CoordinatorConfig, stop: threading.Event) -> int:
     while not await loop.run_in_executor(None, stop.wait, tick_s):
         await servicer.tick_async()
     log.info("stopping")
+    serving.clear()
     await server.stop(GRACE_S)
+    if metrics_server is not None:
+        metrics_server.stop()
     return 0
+
+
+def start_metrics(config: CoordinatorConfig, servicer: CoordinatorServicer, serving: threading.Event) -> MetricsServer | None:
+    """The Prometheus endpoint (`metrics_listen`), healthy while `serving` is set; None when off.
+    HTTPS with the coordinator's certificate when TLS is configured, without client certificates
+    (see the agent's `start_metrics`)."""
+    if not config.metrics_listen:
+        return None
+    metrics.REGISTRY.register(metrics.StateCollector(servicer.metrics_view))
+    tls = TlsFiles(cert=config.tls_cert, key=config.tls_key) if config.tls.enabled else None
+    try:
+        server = serve_metrics(config.metrics_listen, metrics.REGISTRY, ready=serving.is_set, tls=tls)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on metrics_listen {config.metrics_listen}: {exc}") from exc
+    servicer.metrics_address = server.address
+    return server
 
 
 class AsyncTokenInterceptor(grpc.aio.ServerInterceptor):

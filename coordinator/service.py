@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from memckpt.coordinator import wire
+from memckpt.coordinator import metrics, wire
 from memckpt.coordinator.cluster import Cluster
 from memckpt.coordinator.groups import Groups
 from memckpt.coordinator.membership import AgentInfo, Change
@@ -86,6 +86,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         self._group_protos: tuple[Groups | None, dict[tuple[AgentInfo, ...], list[pb.AgentDescription]]] = (None, {})
         self._protection: list[pb.JobProtection] = []  # every job's, for heartbeat replies; rebuilt each tick
         self._decoder = wire.InventoryDecoder()
+        self.metrics_address = ""  # where Prometheus scrapes the coordinator, if it serves metrics
 
     def tick(self) -> Change:
         """Fails agents whose lease ran out; recomputes which step each job protects next;
@@ -111,6 +112,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         return change
 
     def _publish(self, change: Change, protection: dict[str, JobProtection]) -> None:
+        metrics.AGENT_FAILURES.inc(len(change.failed))
         with self._lock:
             groups = self._cluster.groups
         self._protection = [
@@ -129,6 +131,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         held = self._decoder.decode(info.node, request.held)
         with self._lock:
             incarnation, change = self._cluster.register_agent(info, held, time.monotonic())
+        metrics.AGENT_JOINS.inc(len(change.joined))
         log.info("membership: %s", change.reason)
         return pb.RegisterAgentResponse(
             incarnation=incarnation, lease_s=self._cluster.lease_s, heartbeat_interval_s=self._interval_s
@@ -147,6 +150,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             yield self._heartbeat(request)
 
     def _heartbeat(self, request: pb.HeartbeatRequest) -> pb.HeartbeatResponse:
+        started = time.perf_counter()
         check_name(request.node, "node")
         with self._lock:
             held = self._decoder.decode(request.node, request.held)
@@ -154,6 +158,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
                 request.node, request.incarnation, held, time.monotonic(), request.memory_used_bytes
             )
             group = self._group_proto(request.node) if accepted else []
+        metrics.HEARTBEATS.inc()
+        metrics.HEARTBEAT_SECONDS.observe(time.perf_counter() - started)
         return pb.HeartbeatResponse(
             accepted=accepted, group=group, k=self._cluster.k, m=self._cluster.m, protection=self._protection if accepted else []
         )
@@ -172,6 +178,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
     async def StartGeneration(self, request: pb.StartGenerationRequest, context: Any) -> pb.StartGenerationResponse:
         with self._lock:
             generation = self._cluster.start_generation(request.job, request.world_size, request.previous_generation)
+        metrics.GENERATIONS.inc()
         log.info("job=%s generation=%d world_size=%d", request.job, generation, request.world_size)
         return pb.StartGenerationResponse(generation=generation)
 
@@ -181,6 +188,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         with self._lock:
             decision = self._cluster.recovery_plan(request.job, request.generation)
             addresses = self._cluster.membership.addresses()
+        metrics.PLANS.labels("memory" if decision.plan is not None else "lost").inc()
         log.info("plan job=%s generation=%d: %s", request.job, request.generation, decision.reason)
         return wire.plan_to_proto(decision, addresses)
 
@@ -197,6 +205,31 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
     async def GetClusterStatus(self, request: pb.GetClusterStatusRequest, context: Any) -> pb.GetClusterStatusResponse:
         with self._lock:
             return self._status()
+
+    def metrics_view(self) -> metrics.ClusterView:
+        """The cluster's state for a Prometheus scrape (from the HTTP server's thread)."""
+        with self._lock:
+            cluster = self._cluster
+            members = cluster.membership.members.values()
+            alive = sum(1 for m in members if m.alive)
+            jobs = []
+            for job, record in sorted(cluster.jobs.items()):
+                steps = cluster.rank_steps(job)
+                whole = len(steps) == record.world_size and record.world_size > 0
+                protection = cluster.protection.get(job)
+                current = protection is not None and protection.generation == record.generation
+                jobs.append(
+                    metrics.JobView(
+                        job=job,
+                        generation=record.generation,
+                        world_size=record.world_size,
+                        committed=min(s.committed for s in steps.values()) if whole else -1,
+                        protected=protection.keep if protection is not None and current else -1,
+                    )
+                )
+            return metrics.ClusterView(
+                alive=alive, failed=len(cluster.membership.members) - alive, groups=len(cluster.groups.groups), jobs=tuple(jobs)
+            )
 
     def _status(self) -> pb.GetClusterStatusResponse:
         cluster = self._cluster
@@ -218,4 +251,4 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
                 pb.JobRankStatus(rank=r, committed_step=s.committed, protected_step=s.protected) for r, s in sorted(steps.items())
             ]
             jobs.append(pb.JobStatus(job=job, generation=record.generation, world_size=record.world_size, ranks=ranks))
-        return pb.GetClusterStatusResponse(agents=agents, jobs=jobs)
+        return pb.GetClusterStatusResponse(agents=agents, jobs=jobs, metrics_address=self.metrics_address)

@@ -136,6 +136,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     print(f"agent node={reply.node} pid={reply.pid} version={reply.version} socket={path}")
     print(f"memory {format_size(reply.memory_used_bytes)} used of {format_size(reply.memory_limit_bytes)} budget")
+    if reply.metrics_address:
+        print(f"metrics on {reply.metrics_address} (/metrics, /healthz)")
     rows = [("JOB", "RANK", "WORLD", "COMMITTED", "SLOTS")]
     for r in reply.ranks:
         slots = "  ".join(
@@ -194,6 +196,7 @@ def status_to_json(reply: pb.GetStatusResponse) -> dict[str, Any]:
             for r in reply.ranks
         ],
         "persist_root": reply.persist_root or None,
+        "metrics_address": reply.metrics_address or None,
         "persistence": [
             {
                 "job": p.job,
@@ -240,8 +243,10 @@ def cmd_cluster_status(args: argparse.Namespace) -> int:
         for j in reply.jobs
     ]
     if args.json:
-        print(json.dumps({"agents": agents, "jobs": jobs}, indent=2))
+        print(json.dumps({"agents": agents, "jobs": jobs, "metrics_address": reply.metrics_address or None}, indent=2))
         return 0
+    if reply.metrics_address:
+        print(f"coordinator metrics on {reply.metrics_address} (/metrics, /healthz)")
     rows = [("NODE", "ALIVE", "GROUP", "DOMAIN", "MEMORY", "ADDRESS")]
     for a in agents:
         memory = f"{format_size(a['memory_used_bytes'])} / {format_size(a['memory_budget_bytes'])}"

@@ -25,6 +25,14 @@ C = TypeVar("C")
 ENV_PREFIX = "MEMCKPT_"
 
 
+def split_host_port(address: str, what: str) -> tuple[str, int]:
+    """`host:port` (the host may be `[v6]`) as a pair; raises ConfigError naming `what`."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"{what} {address!r} must be host:port with a port in 0..65535")
+    return host, int(port)
+
+
 def field(default: Any, help: str, *, size: bool = False, choices: tuple[str, ...] | None = None, default_text: str = "") -> Any:
     """A config field: its default (or how a None default is derived), its flag's help, how to parse it."""
     meta = {"help": help, "size": size, "choices": choices, "default_text": default_text}

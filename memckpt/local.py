@@ -12,12 +12,14 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from memckpt.agent.shm import DEFAULT_ROOT
 from memckpt.errors import Unavailable
@@ -241,6 +243,7 @@ class LocalCluster:
         lease_s: float = 2.0,
         heartbeat_interval_s: float = 0.2,
         agent_args: Sequence[str] = (),
+        coordinator_args: Sequence[str] = (),
     ) -> None:
         if nodes < k + m + 1:
             raise ValueError(f"{nodes} nodes cannot protect with k={k}, m={m}: an owner needs k+m={k + m} peers")
@@ -254,6 +257,7 @@ class LocalCluster:
             extra_args=[
                 *("--lease-s", str(lease_s), "--heartbeat-interval-s", str(heartbeat_interval_s)),
                 *("--k", str(k), "--m", str(m), "--token", token),
+                *coordinator_args,
             ],
         )
         self.hosts: list[AgentProcess | None] = [None] * nodes
@@ -335,3 +339,20 @@ class LocalCluster:
         for path in DEFAULT_ROOT.iterdir():
             if path.name.startswith((f"{prefix}.", f"{prefix}-")):
                 path.unlink(missing_ok=True)
+
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape(address: str, timeout_s: float = 10.0) -> Samples:
+    """One Prometheus scrape of a memckpt process's /metrics at `address` (host:port, plain
+    HTTP): (sample name, sorted labels) -> value."""
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=timeout_s) as reply:  # noqa: S310 (loopback, ours)
+        text = reply.read().decode()
+    families = text_string_to_metric_families(text)
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for family in families for s in family.samples}
+
+
+def sample(samples: Samples, name: str, **labels: str) -> float | None:
+    """The value of `name` with exactly `labels`, None when absent."""
+    return samples.get((name, tuple(sorted(labels.items()))))

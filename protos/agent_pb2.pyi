@@ -215,7 +215,7 @@ class PersistStatus(_message.Message):
     def __init__(self, job: _Optional[str] = ..., complete_step: _Optional[int] = ..., writing_step: _Optional[int] = ..., written_bytes: _Optional[int] = ..., failures: _Optional[int] = ..., last_error: _Optional[str] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("node", "memory_used_bytes", "memory_limit_bytes", "ranks", "version", "pid", "persistence", "persist_root")
+    __slots__ = ("node", "memory_used_bytes", "memory_limit_bytes", "ranks", "version", "pid", "persistence", "persist_root", "metrics_address")
     NODE_FIELD_NUMBER: _ClassVar[int]
     MEMORY_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
     MEMORY_LIMIT_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -224,6 +224,7 @@ class GetStatusResponse(_message.Message):
     PID_FIELD_NUMBER: _ClassVar[int]
     PERSISTENCE_FIELD_NUMBER: _ClassVar[int]
     PERSIST_ROOT_FIELD_NUMBER: _ClassVar[int]
+    METRICS_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     node: str
     memory_used_bytes: int
     memory_limit_bytes: int
@@ -232,7 +233,8 @@ class GetStatusResponse(_message.Message):
     pid: int
     persistence: _containers.RepeatedCompositeFieldContainer[PersistStatus]
     persist_root: str
-    def __init__(self, node: _Optional[str] = ..., memory_used_bytes: _Optional[int] = ..., memory_limit_bytes: _Optional[int] = ..., ranks: _Optional[_Iterable[_Union[RankStatus, _Mapping]]] = ..., version: _Optional[str] = ..., pid: _Optional[int] = ..., persistence: _Optional[_Iterable[_Union[PersistStatus, _Mapping]]] = ..., persist_root: _Optional[str] = ...) -> None: ...
+    metrics_address: str
+    def __init__(self, node: _Optional[str] = ..., memory_used_bytes: _Optional[int] = ..., memory_limit_bytes: _Optional[int] = ..., ranks: _Optional[_Iterable[_Union[RankStatus, _Mapping]]] = ..., version: _Optional[str] = ..., pid: _Optional[int] = ..., persistence: _Optional[_Iterable[_Union[PersistStatus, _Mapping]]] = ..., persist_root: _Optional[str] = ..., metrics_address: _Optional[str] = ...) -> None: ...
 
 class AttachRequest(_message.Message):
     __slots__ = ("job", "rank", "generation", "run_id")

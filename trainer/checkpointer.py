@@ -28,6 +28,7 @@ from memckpt.agent.slots import Attempt
 from memckpt.agent.store import SlotGrant
 from memckpt.errors import CorruptSnapshot, InvalidRequest, MemckptError, NotFound, Unavailable
 from memckpt.names import check_name
+from memckpt.trainer import metrics as trainer_metrics
 from memckpt.trainer.client import AgentClient
 from memckpt.trainer.copier import Copier, CopyJob, MappedSlot
 from memckpt.trainer.layout import Layout, compute_layout
@@ -113,6 +114,9 @@ class Checkpointer:
         generation, run_id: the job's attempt, so the agent refuses the snapshots of an earlier
             attempt's zombies; default: torchrun's TORCHELASTIC_RESTART_COUNT + 1 (1 outside
             torchrun) and TORCHELASTIC_RUN_ID (a requeued job's new run supersedes the old).
+        metrics_listen: host:port where this rank serves Prometheus metrics (stall, copy,
+            failures, restores), on port + LOCAL_RANK; default MEMCKPT_TRAINER_METRICS_LISTEN,
+            else none.
         copy_threads: threads that copy CPU tensors into the slot; default: this rank's share
             of the cores (cores / LOCAL_WORLD_SIZE), so ranks' copies do not crowd each other.
     """
@@ -128,6 +132,7 @@ class Checkpointer:
         generation: int | None = None,
         run_id: str | None = None,
         copy_threads: int | None = None,
+        metrics_listen: str | None = None,
     ) -> None:
         self.job = check_name(job, "job")
         self.rank = int(os.environ.get("RANK", 0)) if rank is None else rank
@@ -150,6 +155,12 @@ class Checkpointer:
         self._inflight: SnapshotHandle | None = None
         self._warned: set[str] = set()
         self.restored_from = ""  # after a restore: "local", "fragments" (rebuilt from peers) or "filesystem"
+        self._labels = (self.job, str(self.rank))
+        listen = trainer_metrics.listen_from_env() if metrics_listen is None else metrics_listen
+        self.metrics_address = ""
+        if listen:
+            local_rank = int(os.environ.get("LOCAL_RANK", 0))
+            self.metrics_address = trainer_metrics.serve_for_rank(listen, local_rank).address
 
     # -- the API ---------------------------------------------------------------------
 
@@ -181,6 +192,7 @@ class Checkpointer:
         finally:
             self._inflight = handle
         handle.stall_s = time.perf_counter() - start
+        trainer_metrics.STALL_SECONDS.labels(*self._labels).observe(handle.stall_s)
         self.stats.last_stall_s = handle.stall_s
         self.stats.total_stall_s += handle.stall_s
         return handle
@@ -244,6 +256,7 @@ class Checkpointer:
                 if name in self._slots:
                     self._slots.pop(name).close()  # fill copied everything out of it
         self.restored_from = source.source
+        self._count_restore(source.source, start)
         log.info(
             "restored job=%s rank=%d step=%d from=%s bytes=%d s=%.3f",
             self.job,
@@ -268,6 +281,7 @@ class Checkpointer:
                 f"job {self.job!r} rank {self.rank}: cannot load persisted step {step} from {path}: {exc}"
             ) from exc
         self.restored_from = "filesystem"
+        self._count_restore("filesystem", start)
         log.info(
             "restored job=%s rank=%d step=%d from=filesystem path=%s s=%.3f",
             self.job,
@@ -277,6 +291,10 @@ class Checkpointer:
             time.perf_counter() - start,
         )
         return step
+
+    def _count_restore(self, source: str, started: float) -> None:
+        trainer_metrics.RESTORES.labels(*self._labels, source).inc()
+        trainer_metrics.RESTORE_SECONDS.labels(*self._labels, source).observe(time.perf_counter() - started)
 
     def _choose_step(self, held: list[int], coordinate: bool) -> StepChoice:
         if coordinate and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -380,6 +398,8 @@ class Checkpointer:
                 raise MemckptError(f"copy of step {handle.step} failed: {job.error!r}")
             self._client.commit(handle.step, grant.index, size, meta)
             self.stats.snapshots_committed += 1
+            trainer_metrics.COMMITTED.labels(*self._labels).inc()
+            trainer_metrics.COPY_SECONDS.labels(*self._labels).observe(job.copy_s)
             handle._done.set()
         except Exception as exc:  # on the copy thread: whatever happens, the handle must complete
             self._record_failure(handle, _as_memckpt_error(exc, handle.step), raise_strict=False)
@@ -387,6 +407,7 @@ class Checkpointer:
     def _record_failure(self, handle: SnapshotHandle, exc: MemckptError, raise_strict: bool = True) -> None:
         kind = type(exc).__name__
         self.stats.failures[kind] += 1
+        trainer_metrics.FAILURES.labels(*self._labels, kind).inc()
         if kind not in self._warned:
             self._warned.add(kind)
             log.warning(

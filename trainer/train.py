@@ -166,6 +166,8 @@ def run(args: argparse.Namespace) -> int:
     first_step = 1
     if ck is not None:
         ck.attach_optimizer(optimizer)
+        if ck.metrics_address:
+            events.write("metrics", address=ck.metrics_address)
     if args.init_from is not None:
         started = time.perf_counter()
         dcp_load(state, storage_reader=FileSystemReader(str(args.init_from)))

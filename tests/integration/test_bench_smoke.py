@@ -74,7 +74,9 @@ def test_snapshot_stall_bench_prints_every_figure(monkeypatch: pytest.MonkeyPatc
 
 @pytest.mark.integration
 @pytest.mark.timeout(180)
-def test_train_overhead_bench_prints_the_rates_off_on_and_persisting(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_train_overhead_bench_prints_the_rates_off_on_and_persisting(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     bench = import_bench("train_overhead", monkeypatch)
     report = run_json(bench, ["--preset", "tiny", "--steps", "6", "--persist-every", "4", "--json"], capsys)
     assert_positive(report, ["steps_per_s_off", "steps_per_s_every_step", "steps_per_s_persist", "persist_vs_off"])

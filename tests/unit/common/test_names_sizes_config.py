@@ -69,6 +69,7 @@ def test_agent_flag_set_is_frozen() -> None:
         "--log-level",
         "--max-message-bytes",
         "--memory-limit",
+        "--metrics-listen",
         "--node",
         "--on-exit",
         "--peer-listen",
