@@ -5,8 +5,9 @@ client lays it out) is written the way the agent's persister writes it (`agent/d
 `write_rank` then `finalize`, fsync, no rate limit), into `--dir`. The baseline is `dd` of the
 same number of bytes from /dev/zero to the same filesystem with `conv=fsync`, measured in the
 same run, rounds alternating. Then the checkpoint is loaded back into a state of the same
-shapes twice: through memckpt's restore path (`Checkpointer._restore_persisted`: stock
-`dcp.load` with its `FileSystemReader`, no process group) and with stock `dcp.load(state,
+shapes twice: through memckpt's restore path (`trainer/persisted.py` `load_persisted`, what
+`Checkpointer` runs: at the same world size the rank's own items straight from its file,
+crc32c-checked, then one copy into the state) and with stock `dcp.load(state,
 checkpoint_id=...)`; the page cache is dropped before each load when the bench may (root).
 
     python bench/persist.py [--size 1GiB] [--rounds 3] [--dir /tmp] [--json]
@@ -27,11 +28,11 @@ from pathlib import Path
 
 import torch
 from baselines import make_state, parse_size
-from torch.distributed.checkpoint.filesystem import FileSystemReader
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 
 from memckpt.agent import dcp
 from memckpt.trainer.layout import compute_layout
+from memckpt.trainer.persisted import EXACT, load_persisted
 from memckpt.trainer.tree import encode_meta, flatten
 
 
@@ -44,7 +45,7 @@ def snapshot_of(state: dict[str, torch.Tensor]) -> tuple[memoryview, bytes]:
     for tensor, offset in zip(flat.tensors, offsets):
         nbytes = tensor.numel() * tensor.element_size()
         buffer[offset : offset + nbytes].copy_(tensor.reshape(-1).view(torch.uint8))
-    return memoryview(buffer.numpy()), encode_meta(flat, offsets, layout.size_bytes)
+    return memoryview(buffer.numpy()), encode_meta(flat, offsets, layout.size_bytes, world_size=1)
 
 
 def drop_caches() -> bool:
@@ -87,7 +88,8 @@ def time_load(directory: Path, state: dict[str, torch.Tensor], through_memckpt: 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"torch.distributed is (disabled, )?unavailable")
         if through_memckpt:  # what Checkpointer._restore_persisted does
-            dcp_load(target, storage_reader=FileSystemReader(str(directory)), no_dist=True)
+            how = load_persisted(target, directory, rank=0, world_size=1)
+            assert how == EXACT, how
         else:
             dcp_load(target, checkpoint_id=directory)
     elapsed = time.perf_counter() - started

@@ -18,8 +18,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.filesystem import FileSystemReader
-from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 
 from memckpt.agent.checkpoints import step_dir_in
 from memckpt.agent.config import SOCKET_ENV, default_socket
@@ -269,13 +267,16 @@ class Checkpointer:
         return source.step
 
     def _restore_persisted(self, state: dict[str, Any], step: int, directory: Path) -> int:
-        """Loads a complete persisted checkpoint with stock `torch.distributed.checkpoint`, which
-        reshards it to this job's world size. Each rank reads what it needs on its own: ranks
-        that restore the same step from memory do not take part."""
+        """Loads a complete persisted checkpoint (`trainer/persisted.py`): this rank's own bytes
+        at the world size it was written with, else resharded by stock `dcp.load`. Each rank
+        reads what it needs on its own: ranks that restore the same step from memory do not
+        take part."""
+        from memckpt.trainer.persisted import load_persisted  # memckpt.agent.dcp imports this package
+
         path = step_dir_in(directory, step)
         start = time.perf_counter()
         try:
-            dcp_load(state, storage_reader=FileSystemReader(str(path)), no_dist=True)
+            how = load_persisted(state, path, self.rank, self.world_size, copy=self._copier.parallel.copy)
         except Exception as exc:  # a damaged or vanished checkpoint: never a silent fresh start
             raise CorruptSnapshot(
                 f"job {self.job!r} rank {self.rank}: cannot load persisted step {step} from {path}: {exc}"
@@ -283,10 +284,11 @@ class Checkpointer:
         self.restored_from = "filesystem"
         self._count_restore("filesystem", start)
         log.info(
-            "restored job=%s rank=%d step=%d from=filesystem path=%s s=%.3f",
+            "restored job=%s rank=%d step=%d from=filesystem (%s) path=%s s=%.3f",
             self.job,
             self.rank,
             step,
+            how,
             path,
             time.perf_counter() - start,
         )
