@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import secrets
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -52,11 +53,19 @@ class CoordinatorLink:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="coordinator-link", daemon=True)
         self.group: tuple[AgentInfo, ...] = ()
+        self.draining: frozenset[str] = frozenset()  # members of the group being drained: never fragment holders
         self.k = 0  # the cluster's erasure scheme, told with the group
         self.m = 0
+        self._instance = secrets.randbits(63) + 1  # tells the coordinator a restarted agent from a re-registration
         self.connected = threading.Event()
         self._protection: dict[str, JobProtection] = {}  # job -> the coordinator's latest word
-        self.on_protection: Callable[[], object] = lambda: None  # called after the kept steps changed
+        # called after the kept steps changed, or this node started or stopped being drained
+        self.on_protection: Callable[[], object] = lambda: None
+
+    @property
+    def is_draining(self) -> bool:
+        """Whether the coordinator drains this node: it holds fragments for nobody."""
+        return self._info.node in self.draining
 
     def start(self) -> None:
         self._thread.start()
@@ -114,7 +123,9 @@ class CoordinatorLink:
             self._stop.wait(interval_s)
 
     def _register(self) -> tuple[int, float]:
-        request = pb.RegisterAgentRequest(agent=wire.agent_to_proto(self._info), held=wire.held_to_proto(self._inventory()))
+        request = pb.RegisterAgentRequest(
+            agent=wire.agent_to_proto(self._info), held=wire.held_to_proto(self._inventory()), instance_id=self._instance
+        )
         reply = self._stub.RegisterAgent(request, metadata=self._metadata, timeout=CALL_TIMEOUT_S)
         self.connected.set()
         log.info("registered with coordinator %s incarnation=%d lease_s=%.1f", self._address, reply.incarnation, reply.lease_s)
@@ -131,19 +142,26 @@ class CoordinatorLink:
         if reply.accepted:
             self.k, self.m = reply.k, reply.m
             group = tuple(wire.agent_from_proto(a) for a in reply.group)
-            if group != self.group:
-                log.info("protection group now %s", [a.node for a in group])
+            draining = frozenset(a.node for a in reply.group if a.draining)
+            was_draining = self.is_draining
+            if group != self.group or draining != self.draining:
+                log.info("protection group now %s, draining %s", [a.node for a in group], sorted(draining))
+                # draining first: a reader that sees the new group sees who in it holds nothing
+                self.draining = draining
                 self.group = group
-            self._learn_protection(reply.protection)
+            if self.is_draining != was_draining:
+                now = "being drained: it holds fragments for nobody" if self.is_draining else "no longer drained"
+                log.info("this node is %s", now)
+            self._learn_protection(reply.protection, self.is_draining != was_draining)
         return bool(reply.accepted)
 
-    def _learn_protection(self, messages: Iterable[pb.JobProtection]) -> None:
+    def _learn_protection(self, messages: Iterable[pb.JobProtection], force: bool = False) -> None:
         protection = {p.job: JobProtection(generation=p.generation, target=p.target_step, keep=p.keep_step) for p in messages}
         kept_changed = {j: (p.generation, p.keep) for j, p in protection.items()} != {
             j: (p.generation, p.keep) for j, p in self._protection.items()
         }
         self._protection = protection  # replaced whole: readers on other threads see one or the other
-        if kept_changed:
+        if kept_changed or force:
             self.on_protection()
 
 

@@ -128,6 +128,9 @@ def serve(config: AgentConfig, stop: threading.Event) -> int:
     def kept_version(job: str) -> tuple[int, int] | None:
         return link.kept_version(job) if link is not None else None
 
+    def draining() -> frozenset[str]:
+        return link.draining if link is not None else frozenset()
+
     fragments = FragmentStore(
         shm=ShmDir(config.shm_dir),
         prefix=fragment_prefix(config.shm_prefix),
@@ -135,6 +138,7 @@ def serve(config: AgentConfig, stop: threading.Event) -> int:
         node=config.node,
         group=group_nodes,
         kept_version=kept_version,
+        draining=draining,
     )
     adopted = store.adopt()
     adopted_fragments = fragments.adopt()  # also when alone now: they still count, and a coordinator may come back
@@ -159,7 +163,7 @@ def serve(config: AgentConfig, stop: threading.Event) -> int:
             memory_used=store.memory_used_bytes,
         )
         store.protection_target = link.target  # a commit of the target step is kept until protected
-        link.on_protection = fragments.prune  # the job's kept step moved on: older sets go
+        link.on_protection = fragments.prune  # the job's kept step moved on (or this node is drained): older sets go
         link.start()
         replicator = Replicator(
             store=store,

@@ -10,6 +10,8 @@ and unlinks the rest. The decisions (header checks, placement, which set to keep
 pure functions at the top. A dropped version's segment stays mapped (and budgeted) as the
 rank's spare, which the next upload is received into in place: the memory a rank holds
 peaks where it did (two versions and an upload), and no put pays for fresh shared memory.
+While its node is drained the store takes no fragments, and drops each version the job's
+kept step has caught up with (the coordinator counts that step without this node).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from memckpt.agent.erasure import Scheme, populate
 from memckpt.agent.shm import Segment, ShmDir
 from memckpt.agent.slots import MemoryBudget, RankKey
 from memckpt.coordinator.cluster import Held
-from memckpt.coordinator.groups import choose_fragment_holders
+from memckpt.coordinator.groups import can_hold, choose_fragment_holders
 from memckpt.errors import CorruptSnapshot, InvalidRequest, MemckptError, NotFound, PermissionDenied, StaleGeneration
 from memckpt.names import check_name, safe_join
 from memckpt.sizes import format_size
@@ -67,6 +69,13 @@ class FragmentHeader:
     meta: str = ""  # the snapshot's layout and small values (JSON), so any k holders can restore it
     meta_crc32c: int = 0
     snapshot_checksums: tuple[int, ...] = ()  # the owner's, of the whole snapshot: a rebuild is verified
+    kept_step: int = -1  # the job's kept step as the owner heard it from the coordinator (-1: none)
+    kept_generation: int = 0
+
+    @property
+    def kept(self) -> tuple[int, int] | None:
+        """(generation, step) the owner knew every rank of the job to be protected at, if any."""
+        return None if self.kept_step < 0 else (self.kept_generation, self.kept_step)
 
     @property
     def key(self) -> RankKey:
@@ -113,20 +122,23 @@ def check_header(header: FragmentHeader) -> None:
         raise CorruptSnapshot(f"{header}: metadata checksum mismatch")
 
 
-def check_placement(header: FragmentHeader, node: str, group: tuple[str, ...]) -> None:
+def check_placement(header: FragmentHeader, node: str, group: tuple[str, ...], draining: frozenset[str] = frozenset()) -> None:
     """Raises unless the coordinator's placement puts this fragment on `node`.
 
     StaleGeneration: the sender's view of the group and ours differ (retry after a heartbeat);
-    PermissionDenied: both know the group and it places the fragment elsewhere.
+    PermissionDenied: both know the group and it places the fragment elsewhere (a `draining`
+    member holds none).
     """
     if node not in group or header.owner not in group:
         raise StaleGeneration(
             f"{header} from {header.owner}: {node} and the owner are not both in this agent's group {list(group)}"
         )
+    if node in draining:
+        raise PermissionDenied(f"{header}: {node} is being drained and holds no fragments")
     count = header.k + header.m
-    if header.owner == node or count > len(group) - 1:
+    if header.owner == node or not can_hold(header.owner, group, count, draining):
         raise PermissionDenied(f"{header}: group {list(group)} does not place it on {node}")
-    holder = choose_fragment_holders(header.owner, group, count)[header.index]
+    holder = choose_fragment_holders(header.owner, group, count, draining)[header.index]
     if holder != node:
         raise PermissionDenied(f"{header}: the placement puts it on {holder}, not on {node}")
 
@@ -167,9 +179,18 @@ def decide_completion(version: tuple[int, int], complete: tuple[int, int] | None
     return Completion.ADD if version == complete else Completion.DROP
 
 
-def versions_to_keep(versions: Iterable[tuple[int, int]], kept: tuple[int, int] | None) -> set[tuple[int, int]]:
+def versions_to_keep(
+    versions: Iterable[tuple[int, int]], kept: tuple[int, int] | None, draining: bool = False
+) -> set[tuple[int, int]]:
     """Which complete versions of a rank stay: the newest, and the version every rank of the
-    job is protected at (`kept`, from the coordinator), else the one before the newest."""
+    job is protected at (`kept`, from the coordinator), else the one before the newest.
+
+    On a `draining` node only those newer than `kept`: the coordinator's kept step counts no
+    fragment of a draining node, so what it kept is held by others; a newer version may still
+    be the newest its rank has anywhere, until the job's kept step reaches it.
+    """
+    if draining:
+        return set(versions) if kept is None else {v for v in versions if v > kept}
     ordered = sorted(set(versions), reverse=True)
     keep = set(ordered[:1])
     if kept is not None and kept in ordered:
@@ -185,9 +206,22 @@ class StoredFragment:
     segment: str
 
 
+# what a header says about the moment it was sent, not about the fragment: never in a manifest,
+# whose format stays what agents before it read
+_IN_TRANSIT_ONLY = ("kept_step", "kept_generation")
+
+
 def encode_fragment_manifest(fragments: Iterable[StoredFragment]) -> bytes:
-    body = json.dumps([{"header": asdict(f.header), "segment": f.segment} for f in fragments], sort_keys=True).encode()
+    entries = [{"header": _header_to_json(f.header), "segment": f.segment} for f in fragments]
+    body = json.dumps(entries, sort_keys=True).encode()
     return MANIFEST_MAGIC + body + b"\n" + f"{zlib.crc32(body):08x}".encode()
+
+
+def _header_to_json(header: FragmentHeader) -> dict[str, object]:
+    raw = asdict(header)
+    for name in _IN_TRANSIT_ONLY:
+        del raw[name]
+    return raw
 
 
 def decode_fragment_manifest(data: bytes) -> tuple[StoredFragment, ...]:
@@ -322,6 +356,7 @@ class FragmentStore:
         node: str,
         group: Callable[[], tuple[str, ...]],
         kept_version: Callable[[str], tuple[int, int] | None] = lambda job: None,
+        draining: Callable[[], frozenset[str]] = frozenset,
     ) -> None:
         self._shm = shm
         self._prefix = prefix
@@ -329,6 +364,7 @@ class FragmentStore:
         self._node = node
         self._group = group  # node names of this agent's current protection group (from the coordinator)
         self._kept_version = kept_version  # job -> (generation, step) every rank is protected at, if known
+        self._draining = draining  # members of the group being drained (from the coordinator): they hold nothing
         self._lock = threading.Lock()
         self._ranks: dict[RankKey, _RankFragments] = {}
         self._segments: dict[str, Segment] = {}  # complete fragments' segments, by name
@@ -360,7 +396,7 @@ class FragmentStore:
         BudgetExceeded or CorruptSnapshot; on any error nothing of this upload is kept.
         """
         check_header(header)
-        check_placement(header, self._node, self._group())
+        check_placement(header, self._node, self._group(), self._draining())
         upload = self._begin(header)
         try:
             for chunk in chunks:
@@ -404,11 +440,16 @@ class FragmentStore:
         return tuple(held_entry(fragments) for fragments in sets)
 
     def prune(self) -> int:
-        """Drops the sets no longer kept (the coordinator's kept step moved on); returns how many."""
+        """Drops the sets no longer kept (the coordinator's kept step moved on, or this node is
+        drained); returns how many. A rank left with none is forgotten, with its manifest."""
         dropped = 0
         with self._lock:
-            for entry in self._ranks.values():
+            for key, entry in list(self._ranks.items()):
                 dropped += len(self._prune(entry))
+                if not entry.sets and entry.upload is None:
+                    self._drop_spare(entry)
+                    self._shm.unlink(self._manifest_name(key))
+                    del self._ranks[key]
         return dropped
 
     def settle(self) -> None:
@@ -524,7 +565,7 @@ class FragmentStore:
             entry.upload = None
             for old in replaced:
                 self._retire(entry, old.segment)
-            self._prune(entry, always_write=True)
+            self._prune(entry, always_write=True, hint=header.kept)
         if upload.segment not in self._warm:  # a new segment: mapped in off the put's path, for readers and reuse
             try:
                 self._prefaulter.submit(self._prefault, upload.segment)
@@ -544,15 +585,22 @@ class FragmentStore:
                 upload.segment.close()
                 self._shm.unlink(upload.name)
 
-    def _prune(self, entry: _RankFragments, always_write: bool = False) -> list[tuple[int, int]]:
+    def _prune(
+        self, entry: _RankFragments, always_write: bool = False, hint: tuple[int, int] | None = None
+    ) -> list[tuple[int, int]]:
         """Drops the entry's sets that are no longer kept (under the lock); returns their versions.
 
-        The manifest names what stays before the dropped segments go: a crash in between
-        leaves orphans (removed at adoption), never a hole."""
+        `hint`: the kept version an arriving fragment's owner knew, used when newer than the
+        coordinator's word here (which may lag it by a heartbeat). The manifest names what
+        stays before the dropped segments go: a crash in between leaves orphans (removed at
+        adoption), never a hole."""
         if not entry.sets:
             return []
         key = next(iter(entry.fragments())).header.key
-        keep = versions_to_keep(entry.sets, self._kept_version(key.job))
+        kept = self._kept_version(key.job)
+        if hint is not None and (kept is None or hint > kept):
+            kept = hint
+        keep = versions_to_keep(entry.sets, kept, self._node in self._draining())
         dropped = [v for v in entry.sets if v not in keep]
         if not dropped and not always_write:
             return []

@@ -72,6 +72,7 @@ def _slot_to_json(slot: Slot) -> dict[str, object]:
         "meta": base64.b64encode(slot.meta).decode(),
         "commit_id": slot.commit_id,
         "protected": slot.protected,
+        "protected_by": list(slot.protected_by),
     }
 
 
@@ -88,4 +89,5 @@ def _slot_from_json(raw: dict[str, object]) -> Slot:
         meta=base64.b64decode(str(raw["meta"])),
         commit_id=int(raw["commit_id"]),  # type: ignore[call-overload]
         protected=bool(raw.get("protected", False)),
+        protected_by=tuple(str(n) for n in raw.get("protected_by", ())),  # type: ignore[attr-defined]
     )

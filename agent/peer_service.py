@@ -249,6 +249,8 @@ def header_to_proto(header: FragmentHeader) -> pb.FragmentHeader:
         meta=header.meta,
         meta_crc32c=header.meta_crc32c,
         snapshot_checksums=list(header.snapshot_checksums),
+        kept_step=header.kept_step,
+        kept_generation=header.kept_generation,
     )
 
 
@@ -268,4 +270,6 @@ def header_from_proto(message: pb.FragmentHeader) -> FragmentHeader:
         meta=message.meta,
         meta_crc32c=message.meta_crc32c,
         snapshot_checksums=tuple(message.snapshot_checksums),
+        kept_step=message.kept_step,
+        kept_generation=message.kept_generation,
     )

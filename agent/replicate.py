@@ -5,6 +5,8 @@ aligns the job's ranks on (see coordinator/protection.py), or, while the coordin
 unreachable, on each rank's newest commit: when peers are slower than snapshots it skips
 the steps in between instead of queueing them. While a slot is read it is pinned, so the
 trainer's next snapshot skips (counted, training goes on) rather than overwrite bytes being sent.
+A protected commit with a fragment on a node that may no longer hold it (one being drained, or
+gone from the group) is protected again, with the holders of now: also when the job stands still.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from memckpt.agent.pacing import Throttle
 from memckpt.agent.peers import DEFAULT_PUT_MIN_RATE_BYTES_PER_S, PeerClient, PutCall, put_timeout_s
 from memckpt.agent.slots import RankKey
 from memckpt.agent.store import ProtectionWork, SlotStore
-from memckpt.coordinator.groups import choose_fragment_holders
+from memckpt.coordinator.groups import can_hold, choose_fragment_holders
 from memckpt.coordinator.membership import AgentInfo
 from memckpt.errors import MemckptError, PermissionDenied, StaleGeneration
 
@@ -91,6 +93,7 @@ class Replicator:
             if self._throttle is not None:
                 self._throttle.rest(self._stop)  # pays for the last step now, before the next target is committed
             progressed = False
+            self._unprotect_moved()
             works = self._store.protection_work(self._link.target)  # the coordinator's aligned step
             for key in self._acked.keys() - {w.key for w in works}:
                 del self._acked[key]  # protected meanwhile, or the rank is gone
@@ -117,13 +120,30 @@ class Replicator:
             if not progressed:
                 self._stop.wait(IDLE_S)
 
-    def _protect(self, work: ProtectionWork) -> bool:
-        group, k, m = self._link.group, self._link.k, self._link.m
+    def _unprotect_moved(self) -> None:
+        """Protected commits with a fragment on a node that may hold none of ours now (draining,
+        or no longer in the group) become unprotected: the loop protects them again elsewhere."""
+        group, draining, k, m = self._view()
         nodes = tuple(a.node for a in group)
-        if k < 1 or self._node not in nodes or len(nodes) < k + m + 1:
+        if k < 1 or not can_hold(self._node, nodes, k + m, draining):
+            return  # no usable group: nothing to protect with, so nothing is unprotected either
+        valid = frozenset(nodes) - draining - {self._node}
+        for key, slot in self._store.unprotect_unless_held_by(valid):
+            gone = sorted(set(slot.protected_by) - valid)
+            log.info("%s step=%d: holder(s) %s drained or gone from the group; protecting it again", key, slot.step, gone)
+
+    def _view(self) -> tuple[tuple[AgentInfo, ...], frozenset[str], int, int]:
+        """The coordinator's latest word on this node's group: members, who of them is drained, k, m."""
+        return self._link.group, self._link.draining, self._link.k, self._link.m
+
+    def _protect(self, work: ProtectionWork) -> bool:
+        group_view = self._view()
+        group, draining, k, m = group_view
+        nodes = tuple(a.node for a in group)
+        if k < 1 or not can_hold(self._node, nodes, k + m, draining):
             return False  # no group yet: nothing to protect with
         addresses = {a.node: a.address for a in group}
-        holders = choose_fragment_holders(self._node, nodes, k + m)
+        holders = choose_fragment_holders(self._node, nodes, k + m, draining)
         puts = [_Put(index=i, holder=h, address=addresses[h]) for i, h in enumerate(holders)]
         view = self._store.pin(work)
         if view is None:
@@ -133,7 +153,7 @@ class Replicator:
             scheme = Scheme(k=k, m=m, size_bytes=work.size_bytes)
             with metrics.ENCODE_SECONDS.time():
                 fragments = [data_fragment(view, scheme, i) for i in range(k)] + list(encode_parity(view, scheme))
-            sent = self._send(work, (group, k, m), puts, [memoryview(f) for f in fragments], scheme)
+            sent = self._send(work, group_view, puts, [memoryview(f) for f in fragments], scheme)
             if self._throttle is not None:
                 self._throttle.sent(len(puts) * scheme.fragment_bytes)
             del fragments
@@ -144,7 +164,7 @@ class Replicator:
             return True  # the group changed (or we stop): the next round sends to the new one, the newest step
         self._acked.pop(work.key, None)
         metrics.FRAGMENT_SENT_BYTES.inc(len(puts) * scheme.fragment_bytes)
-        if self._store.mark_protected(work):
+        if self._store.mark_protected(work, holders):
             metrics.PROTECTIONS.labels(work.key.job).inc()
             metrics.PROTECTED_STEP.labels(work.key.job, str(work.key.rank)).set(work.step)
             self._failing.clear()
@@ -162,7 +182,7 @@ class Replicator:
     def _send(
         self,
         work: ProtectionWork,
-        view_of_group: tuple[tuple[AgentInfo, ...], int, int],
+        view_of_group: tuple[tuple[AgentInfo, ...], frozenset[str], int, int],
         puts: list[_Put],
         fragments: list[memoryview],
         scheme: Scheme,
@@ -191,7 +211,7 @@ class Replicator:
                         acked.add(put)
                     else:
                         failures.append(PutFailed(put.holder, error))
-                if calls and (self._stop.is_set() or (self._link.group, self._link.k, self._link.m) != view_of_group):
+                if calls and (self._stop.is_set() or self._view() != view_of_group):
                     why = "stopping" if self._stop.is_set() else "the protection group changed"
                     log.info(
                         "protecting %s step=%d: %s; abandoning the puts in flight to %s",
@@ -210,6 +230,7 @@ class Replicator:
         return True
 
     def _start_put(self, work: ProtectionWork, put: _Put, data: memoryview, scheme: Scheme) -> PutCall:
+        kept = self._link.kept_version(work.key.job)  # told to the holder, which may not have heard it yet
         header = FragmentHeader(
             job=work.key.job,
             rank=work.key.rank,
@@ -225,6 +246,8 @@ class Replicator:
             meta=work.meta.decode(),  # the client's JSON
             meta_crc32c=int(crc32c.crc32c(work.meta)),
             snapshot_checksums=work.checksums,
+            kept_step=kept[1] if kept is not None else -1,
+            kept_generation=kept[0] if kept is not None else 0,
         )
         timeout_s = put_timeout_s(scheme.fragment_bytes, self._put_min_rate_bytes_per_s)
         return self._peers.start_put(put.address, header, data, timeout_s=timeout_s)

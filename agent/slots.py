@@ -59,6 +59,7 @@ class Slot:
     meta: bytes = b""
     commit_id: int = 0  # grows with every commit of the rank: tells a re-commit of one step apart
     protected: bool = False  # every fragment of this commit is acknowledged by its peer
+    protected_by: tuple[str, ...] = ()  # those peers, by fragment index (empty: not known, or not protected)
 
     def moved_to(self, state: SlotState, **changes: object) -> Slot:
         if state not in ALLOWED[self.state]:
@@ -134,6 +135,7 @@ class RankSlots:
             checksums=None,
             meta=b"",
             protected=False,
+            protected_by=(),
             size_bytes=max(slot.size_bytes, size_bytes),
             version=slot.version + int(grow),
         )
@@ -198,12 +200,23 @@ class RankSlots:
         else:
             self.pinned[index] -= 1
 
-    def set_protected(self, index: int, commit_id: int) -> bool:
-        """Marks a commit protected; False if the slot moved on meanwhile."""
+    def set_protected(self, index: int, commit_id: int, holders: tuple[str, ...] = ()) -> bool:
+        """Marks a commit protected by `holders` (by fragment index); False if the slot moved on meanwhile."""
         if not self.is_current(index, commit_id):
             return False
-        self.slots[index] = replace(self.slots[index], protected=True)
+        self.slots[index] = replace(self.slots[index], protected=True, protected_by=holders)
         return True
+
+    def unprotect_unless_held_by(self, valid: frozenset[str]) -> list[Slot]:
+        """Marks unprotected each protected commit that a node outside `valid` (the peers that may
+        hold this rank's fragments now) holds a fragment of: it is protected again, elsewhere.
+        Returns the slots as they were. A commit whose holders are not known is left as it is."""
+        changed = []
+        for i, slot in enumerate(self.slots):
+            if slot.protected and slot.protected_by and not valid.issuperset(slot.protected_by):
+                changed.append(slot)
+                self.slots[i] = replace(slot, protected=False, protected_by=())
+        return changed
 
     def set_checksums(self, index: int, commit_id: int, checksums: tuple[int, ...]) -> bool:
         """Records the checksums of a committed slot, once; False if it moved on or has them already.

@@ -421,13 +421,27 @@ class SlotStore:
             if slots is not None:
                 slots.unpin(work.index)
 
-    def mark_protected(self, work: ProtectionWork) -> bool:
+    def mark_protected(self, work: ProtectionWork, holders: tuple[str, ...] = ()) -> bool:
+        """Records that `holders` (by fragment index) acknowledged every fragment of the commit."""
         with self._lock:
             slots = self._ranks.get(work.key)
-            if slots is None or not slots.set_protected(work.index, work.commit_id):
+            if slots is None or not slots.set_protected(work.index, work.commit_id, holders):
                 return False
             self._write_manifest(slots)
             return True
+
+    def unprotect_unless_held_by(self, valid: frozenset[str]) -> list[tuple[RankKey, Slot]]:
+        """Marks unprotected every commit with a fragment on a node outside `valid` (one being
+        drained, or gone from the group), so that it is protected again with the holders of now.
+        Returns each (rank, slot as it was)."""
+        changed: list[tuple[RankKey, Slot]] = []
+        with self._lock:
+            for key, slots in self._ranks.items():
+                found = slots.unprotect_unless_held_by(valid)
+                if found:
+                    self._write_manifest(slots)
+                    changed.extend((key, slot) for slot in found)
+        return changed
 
     def held(self) -> tuple[Held, ...]:
         """Every committed snapshot held here, for the coordinator's inventory."""

@@ -11,8 +11,9 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
+from memckpt.coordinator.drain import DrainProgress, check_can_drain, drain_progress
 from memckpt.coordinator.groups import Groups, build_groups
-from memckpt.coordinator.membership import AgentInfo, Change, Membership
+from memckpt.coordinator.membership import AgentInfo, Change, Member, Membership
 from memckpt.coordinator.plan import (
     Decision,
     FragmentSet,
@@ -24,7 +25,7 @@ from memckpt.coordinator.plan import (
     source_of,
 )
 from memckpt.coordinator.protection import NONE, JobProtection, RankProgress, job_protection
-from memckpt.errors import InvalidRequest, NotFound, StaleGeneration
+from memckpt.errors import FailedPrecondition, InvalidRequest, NotFound, StaleGeneration
 from memckpt.names import check_name
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,8 @@ class Cluster:
     _progress: dict[str, dict[int, RankProgress]] = field(default_factory=dict, init=False, repr=False)
     _dirty: set[tuple[str, int]] = field(default_factory=set, init=False, repr=False)
     _dirty_jobs: set[str] = field(default_factory=set, init=False, repr=False)
+    # the draining nodes whose fragments the last protection refresh left out (None: no refresh yet)
+    _refreshed_draining: frozenset[str] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.membership = Membership(lease_s=self.lease_s)
@@ -103,12 +106,12 @@ class Cluster:
         """The protection groups of the live agents, rebuilt once after membership changed (not
         once per registration: a restarted coordinator sees thousands of them at once)."""
         if self._groups is None:
-            self._groups = build_groups(self.membership.alive(), self.k, self.m)
+            self._groups = build_groups(self.membership.alive(), self.k, self.m, self.membership.draining_nodes())
             self._group_infos = {}
         return self._groups
 
-    def register_agent(self, info: AgentInfo, held: tuple[Held, ...], now: float) -> tuple[int, Change]:
-        member, change = self.membership.register(info, now)
+    def register_agent(self, info: AgentInfo, held: tuple[Held, ...], now: float, instance: int = 0) -> tuple[int, Change]:
+        member, change = self.membership.register(info, now, instance)
         self._set_held(info.node, held)
         if change.changed:
             self._regroup()
@@ -129,6 +132,70 @@ class Cluster:
         if change.changed:
             self._regroup()
         return change
+
+    def drain(self, node: str) -> bool:
+        """Starts draining a live node; True when it was draining already. Raises NotFound for a
+        node never registered, FailedPrecondition for a failed one or when the other agents
+        could not form a protection group without it."""
+        member = self._member(node)
+        if not member.alive:
+            raise FailedPrecondition(
+                f"{node} has failed (its lease ran out): nothing on it can be moved; "
+                "its ranks restore from their peers' fragments"
+            )
+        if member.draining:
+            return True
+        draining = self.membership.draining_nodes()
+        check_can_drain(node, [n for n in self.membership.alive_nodes() if n != node and n not in draining], self.k, self.m)
+        self.membership.set_draining(node, True)
+        self._regroup()
+        return False
+
+    def undo_drain(self, node: str) -> None:
+        """Ends the drain of a node: it holds fragments for others again."""
+        if not self._member(node).draining:
+            raise FailedPrecondition(f"{node} is not being drained: there is nothing to undo")
+        self.membership.set_draining(node, False)
+        self._regroup()
+
+    @property
+    def announced_draining(self) -> frozenset[str]:
+        """The draining nodes heartbeat replies name: those the last protection refresh counted
+        without. A node must not hear that it drains with a kept step counted with its own
+        fragments: it would drop them before their owners protected their steps elsewhere."""
+        draining, refreshed = self.groups.draining, self._refreshed_draining
+        return draining & refreshed if refreshed is not None else frozenset()
+
+    def drain_status(self, node: str) -> DrainProgress:
+        """How far the drain of `node` is, as of the last protection refresh (see `drain.py`)."""
+        member = self._member(node)
+        generations = {job: record.generation for job, record in self._jobs.items()}
+        not_applied = ""
+        if node not in self.groups.draining:
+            k, m = self.k, self.m
+            others = len(self.membership.alive_nodes() - self.membership.draining_nodes())
+            not_applied = f"the drain is suspended: {others} other agents, a protection group needs {k + m + 1} (k={k}, m={m})"
+        elif node not in self.announced_draining:
+            not_applied = "the drain is not in force yet: the coordinator's next look counts without it"
+        return drain_progress(
+            node,
+            alive=member.alive,
+            draining=member.draining,
+            not_applied=not_applied,
+            held=self._held.get(node, ()),
+            generations=generations,
+            progress=self._progress,
+            keeps={job: p.keep for job, p in self._protection.items() if p.generation == generations.get(job)},
+        )
+
+    def _member(self, node: str) -> Member:
+        check_name(node, "node")
+        member = self.membership.members.get(node)
+        if member is None:
+            known = sorted(self.membership.members)
+            listed = ", ".join(known[:10]) + (f" and {len(known) - 10} more" if len(known) > 10 else "")
+            raise NotFound(f"no agent named {node!r} has registered with this coordinator (known: {listed or 'none'})")
+        return member
 
     def group_of(self, node: str) -> list[AgentInfo]:
         groups = self.groups
@@ -228,11 +295,14 @@ class Cluster:
             self._dirty.update((job, rank) for rank in self._index.get(job, {}).keys() | self._progress.get(job, {}).keys())
         self._dirty_jobs = set()
         generations = {job: record.generation for job, record in self._jobs.items()}
+        draining = self.groups.draining
+        holders = self._holder_nodes()
         for done, key in enumerate(list(self._dirty), 1):
             self._dirty.discard(key)  # changed again from here on: recomputed again by the next refresh
-            self._recompute_progress(*key, generations.get(key[0]), self.membership.alive_nodes())
+            self._recompute_progress(*key, generations.get(key[0]), self.membership.alive_nodes(), holders)
             if done % ranks_per_step == 0:
                 yield done
+                holders = self._holder_nodes()
         result: dict[str, JobProtection] = {}
         for job, ranks in self._progress.items():
             record = self._jobs.get(job)
@@ -244,8 +314,16 @@ class Cluster:
                 continue
             result[job] = self._job_protection(job, record, ranks)
         self._protection = result
+        self._refreshed_draining = draining
 
-    def _recompute_progress(self, job: str, rank: int, generation: int | None, alive: frozenset[str]) -> None:
+    def _holder_nodes(self) -> frozenset[str]:
+        """Live nodes whose fragments count for protection: a draining node's are on their way out."""
+        alive, draining = self.membership.alive_nodes(), self.groups.draining
+        return alive - draining if draining else alive
+
+    def _recompute_progress(
+        self, job: str, rank: int, generation: int | None, alive: frozenset[str], holders: frozenset[str]
+    ) -> None:
         by_node = self._index.get(job, {}).get(rank)
         if generation is None or not by_node:
             self._progress.get(job, {}).pop(rank, None)
@@ -255,11 +333,14 @@ class Cluster:
         width = 0
         for node, entries in by_node.items():
             if node in alive:
+                counts = node in holders
                 for h in entries:
                     if h.generation != generation:
                         continue
                     if not h.fragment_indices:
                         committed.add(h.step)
+                    elif not counts:
+                        continue
                     elif (found := indices.get(h.step)) is None:
                         indices[h.step] = set(h.fragment_indices)
                         width = h.k + h.m

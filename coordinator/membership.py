@@ -2,7 +2,9 @@
 
 An agent registers, then renews its lease with heartbeats; an agent whose lease ran out
 is failed. A failed agent that comes back must register again, with a new incarnation,
-so the coordinator never confuses it with the agent it declared dead. Time comes in as `now`.
+so the coordinator never confuses it with the agent it declared dead. A member being drained
+stays draining across its registrations until the drain is undone or its agent restarts (it
+registers with another instance id). Time comes in as `now`.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ class Member:
     incarnation: int
     lease_deadline: float
     alive: bool = True
+    instance: int = 0  # the agent process's random id (0: not told)
+    draining: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -38,11 +42,12 @@ class Change:
 
     joined: tuple[str, ...] = ()
     failed: tuple[str, ...] = ()
+    undrained: tuple[str, ...] = ()  # draining members whose agent restarted: their drain is over
     reason: str = ""
 
     @property
     def changed(self) -> bool:
-        return bool(self.joined or self.failed)
+        return bool(self.joined or self.failed or self.undrained)
 
 
 @dataclass(slots=True, kw_only=True)
@@ -54,17 +59,36 @@ class Membership:
     _alive: tuple[AgentInfo, ...] | None = field(default=None, init=False, repr=False)
     _alive_nodes: frozenset[str] = field(default=frozenset(), init=False, repr=False)
     _addresses: dict[str, str] = field(default_factory=dict, init=False, repr=False)
+    _draining: frozenset[str] = field(default=frozenset(), init=False, repr=False)
 
-    def register(self, info: AgentInfo, now: float) -> tuple[Member, Change]:
-        """(Re)admits an agent with a fresh lease and a new incarnation."""
+    def register(self, info: AgentInfo, now: float, instance: int = 0) -> tuple[Member, Change]:
+        """(Re)admits an agent with a fresh lease and a new incarnation; a drain of its node
+        goes on if it is the same agent process (`instance`) as before."""
         self.incarnations += 1
         previous = self.members.get(info.node)
-        member = Member(info=info, incarnation=self.incarnations, lease_deadline=now + self.lease_s)
+        draining = previous is not None and previous.draining and previous.instance == instance
+        undrained = (info.node,) if previous is not None and previous.draining and not draining else ()
+        member = Member(
+            info=info, incarnation=self.incarnations, lease_deadline=now + self.lease_s, instance=instance, draining=draining
+        )
         self.members[info.node] = member
         self._alive = None
+        restarted = "; its agent restarted, so its drain is over" if undrained else ""
         if previous is not None and previous.alive and previous.info == info:
-            return member, Change(reason=f"node {info.node} re-registered (incarnation {member.incarnation})")
-        return member, Change(joined=(info.node,), reason=f"node {info.node} joined at {info.address} ({info.domain})")
+            reason = f"node {info.node} re-registered (incarnation {member.incarnation}){restarted}"
+            return member, Change(undrained=undrained, reason=reason)
+        reason = f"node {info.node} joined at {info.address} ({info.domain}){restarted}"
+        return member, Change(joined=(info.node,), undrained=undrained, reason=reason)
+
+    def set_draining(self, node: str, draining: bool) -> None:
+        """Marks a known member as draining, or not (the caller checked it exists)."""
+        self.members[node] = replace(self.members[node], draining=draining)
+        self._alive = None
+
+    def draining_nodes(self) -> frozenset[str]:
+        """The live members being drained."""
+        self._live()
+        return self._draining
 
     def heartbeat(self, node: str, incarnation: int, now: float) -> bool:
         """Renews a live member's lease; False tells the agent to register again."""
@@ -103,4 +127,5 @@ class Membership:
             self._alive = tuple(sorted((m.info for m in self.members.values() if m.alive), key=lambda i: i.node))
             self._alive_nodes = frozenset(i.node for i in self._alive)
             self._addresses = {i.node: i.address for i in self._alive}
+            self._draining = frozenset(n for n, m in self.members.items() if m.alive and m.draining)
         return self._alive

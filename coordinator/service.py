@@ -33,6 +33,7 @@ from memckpt.rpc import STATUS
 log = logging.getLogger(__name__)
 
 R = TypeVar("R")
+GroupView = tuple[Groups, frozenset[str]]  # the groups, and the draining members heartbeats name
 Method = Callable[[Any, Any, Any], Awaitable[R]]
 StreamMethod = Callable[[Any, Any, Any], AsyncIterator[R]]
 
@@ -82,10 +83,11 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         self._interval_s = heartbeat_interval_s
         self._lock = threading.Lock()
         self._logged_groups: Groups | None = None
-        # each group's members as protobuf, for heartbeat replies; dropped when groups change
-        self._group_protos: tuple[Groups | None, dict[tuple[AgentInfo, ...], list[pb.AgentDescription]]] = (None, {})
+        # each group's members as protobuf, for heartbeat replies; dropped when groups (or who drains) change
+        self._group_protos: tuple[GroupView | None, dict[tuple[AgentInfo, ...], list[pb.AgentDescription]]] = (None, {})
         self._protection: list[pb.JobProtection] = []  # every job's, for heartbeat replies; rebuilt each tick
         self._decoder = wire.InventoryDecoder()
+        self._drained: dict[str, bool] = {}  # draining node -> whether it was drained at the last tick (logged on change)
         self.metrics_address = ""  # where Prometheus scrapes the coordinator, if it serves metrics
 
     def tick(self) -> Change:
@@ -124,15 +126,32 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         if groups is not self._logged_groups:
             self._logged_groups = groups
             log.info("groups: %s", groups.reason)
+        self._log_drains()
+
+    def _log_drains(self) -> None:
+        """Logs each drain that finished (or stopped being finished) since the last tick."""
+        with self._lock:
+            members = self._cluster.membership.members
+            statuses = [self._cluster.drain_status(n) for n, m in members.items() if m.draining and m.alive]
+        drained = {s.node: s.drained for s in statuses}
+        for status in statuses:
+            if status.drained != self._drained.get(status.node, False):
+                if status.drained:
+                    log.info("drain of %s finished: %s", status.node, status.reason)
+                else:
+                    log.warning("drain of %s no longer finished: %s", status.node, status.reason)
+        self._drained = drained
 
     @map_errors
     async def RegisterAgent(self, request: pb.RegisterAgentRequest, context: Any) -> pb.RegisterAgentResponse:
         info = wire.agent_from_proto(request.agent)
         held = self._decoder.decode(info.node, request.held)
         with self._lock:
-            incarnation, change = self._cluster.register_agent(info, held, time.monotonic())
+            incarnation, change = self._cluster.register_agent(info, held, time.monotonic(), request.instance_id)
         metrics.AGENT_JOINS.inc(len(change.joined))
         log.info("membership: %s", change.reason)
+        for node in change.undrained:
+            log.info("drain of %s undone: its agent restarted", node)
         return pb.RegisterAgentResponse(
             incarnation=incarnation, lease_s=self._cluster.lease_s, heartbeat_interval_s=self._interval_s
         )
@@ -165,14 +184,40 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         )
 
     def _group_proto(self, node: str) -> list[pb.AgentDescription]:
-        groups = self._cluster.groups
-        if self._group_protos[0] is not groups:
-            self._group_protos = (groups, {})
+        view = (self._cluster.groups, self._cluster.announced_draining)
+        cached_view = self._group_protos[0]
+        if cached_view is None or cached_view[0] is not view[0] or cached_view[1] != view[1]:
+            self._group_protos = (view, {})
         members = tuple(self._cluster.group_of(node))
         cached = self._group_protos[1].get(members)
         if cached is None:
-            cached = self._group_protos[1][members] = [wire.agent_to_proto(i) for i in members]
+            draining = view[1]
+            cached = self._group_protos[1][members] = [wire.agent_to_proto(i, i.node in draining) for i in members]
         return cached
+
+    @map_errors
+    async def DrainAgent(self, request: pb.DrainAgentRequest, context: Any) -> pb.DrainAgentResponse:
+        with self._lock:
+            if request.undo:
+                self._cluster.undo_drain(request.node)
+                unchanged = False
+            else:
+                unchanged = self._cluster.drain(request.node)
+            status = self._cluster.drain_status(request.node)
+            groups = self._cluster.groups
+        if request.undo:
+            log.info("drain of %s undone: it holds fragments for others again", request.node)
+        elif unchanged:
+            log.info("drain of %s asked again: it is draining already", request.node)
+        else:
+            log.info("drain of %s started: %s", request.node, groups.reason)
+        return pb.DrainAgentResponse(status=wire.drain_to_proto(status), unchanged=unchanged)
+
+    @map_errors
+    async def GetDrainStatus(self, request: pb.GetDrainStatusRequest, context: Any) -> pb.GetDrainStatusResponse:
+        with self._lock:
+            status = self._cluster.drain_status(request.node)
+        return pb.GetDrainStatusResponse(status=wire.drain_to_proto(status))
 
     @map_errors
     async def StartGeneration(self, request: pb.StartGenerationRequest, context: Any) -> pb.StartGenerationResponse:
@@ -238,10 +283,11 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             group = cluster.groups.position_of(node)
             agents.append(
                 pb.AgentStatus(
-                    agent=wire.agent_to_proto(member.info),
+                    agent=wire.agent_to_proto(member.info, node in cluster.announced_draining),
                     alive=member.alive,
                     group=group,
                     memory_used_bytes=cluster.memory_used.get(node, 0),
+                    drain=wire.drain_to_proto(cluster.drain_status(node)) if member.draining else None,
                 )
             )
         jobs = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from memckpt.coordinator.cluster import Held
+from memckpt.coordinator.drain import DrainProgress
 from memckpt.coordinator.membership import AgentInfo
 from memckpt.coordinator.plan import Decision, RankSource
 from memckpt.errors import InvalidRequest
@@ -19,8 +20,36 @@ def agent_from_proto(message: pb.AgentDescription) -> AgentInfo:
     )
 
 
-def agent_to_proto(info: AgentInfo) -> pb.AgentDescription:
-    return pb.AgentDescription(node=info.node, address=info.address, capacity_bytes=info.capacity_bytes, domain=info.domain)
+def agent_to_proto(info: AgentInfo, draining: bool = False) -> pb.AgentDescription:
+    return pb.AgentDescription(
+        node=info.node, address=info.address, capacity_bytes=info.capacity_bytes, domain=info.domain, draining=draining
+    )
+
+
+def drain_to_proto(status: DrainProgress) -> pb.DrainStatus:
+    return pb.DrainStatus(
+        node=status.node,
+        alive=status.alive,
+        draining=status.draining,
+        drained=status.drained,
+        fragment_sets_held=status.fragment_sets_held,
+        ranks_owned=status.ranks_owned,
+        ranks_protected=status.ranks_protected,
+        reason=status.reason,
+    )
+
+
+def drain_from_proto(message: pb.DrainStatus) -> DrainProgress:
+    return DrainProgress(
+        node=message.node,
+        alive=message.alive,
+        draining=message.draining,
+        drained=message.drained,
+        fragment_sets_held=message.fragment_sets_held,
+        ranks_owned=message.ranks_owned,
+        ranks_protected=message.ranks_protected,
+        reason=message.reason,
+    )
 
 
 def held_from_proto(messages: Iterable[pb.HeldSnapshot]) -> tuple[Held, ...]:

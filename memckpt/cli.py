@@ -3,6 +3,7 @@
 memckpt demo             a local cluster loses a rank, then a node, and resumes from memory
 memckpt status           what the node agent holds (ranks, slots, steps, memory)
 memckpt release JOB      drops a finished job's snapshots from the agent
+memckpt drain NODE       moves a node's fragments and protection to other agents before maintenance
 memckpt list             persisted checkpoints per job: step, size, time, state
 memckpt verify PATH      is a persisted checkpoint complete and intact; if not, what is wrong
 memckpt export PATH OUT  one consolidated torch.save file of a persisted checkpoint
@@ -22,6 +23,7 @@ from typing import Any
 
 import grpc
 
+from memckpt import drain_cli
 from memckpt.agent.config import SOCKET_ENV, default_socket
 from memckpt.agent.wire import STATE_NAMES
 from memckpt.errors import MemckptError
@@ -75,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     release.add_argument("job")
     _socket_arg(release)
 
+    drain_cli.add_parser(sub)
+
     listing = sub.add_parser("list", help="persisted checkpoints per job: step, size, time, state")
     listing.add_argument(
         "--root",
@@ -106,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             "demo": cmd_demo,
             "status": cmd_status,
             "release": cmd_release,
+            "drain": drain_cli.cmd_drain,
             "list": cmd_list,
             "verify": cmd_verify,
             "export": cmd_export,
@@ -230,6 +235,8 @@ def cmd_cluster_status(args: argparse.Namespace) -> int:
             "group": a.group if a.group >= 0 else None,
             "memory_used_bytes": a.memory_used_bytes,
             "memory_budget_bytes": a.agent.capacity_bytes,
+            "draining": a.drain.draining,
+            "drain": _drain_json(a.drain) if a.drain.draining else None,
         }
         for a in reply.agents
     ]
@@ -251,8 +258,15 @@ def cmd_cluster_status(args: argparse.Namespace) -> int:
     for a in agents:
         memory = f"{format_size(a['memory_used_bytes'])} / {format_size(a['memory_budget_bytes'])}"
         group = "-" if a["group"] is None else str(a["group"])
-        rows.append((a["node"], "yes" if a["alive"] else "FAILED", group, a["domain"], memory, a["address"]))
+        alive = "yes" if a["alive"] else "FAILED"
+        if a["alive"] and a["drain"] is not None:
+            alive = "DRAINED" if a["drain"]["drained"] else "DRAINING"
+        rows.append((a["node"], alive, group, a["domain"], memory, a["address"]))
     _print_table(rows)
+    for a in agents:
+        if a["alive"] and a["drain"] is not None:
+            reason = a["drain"]["reason"]
+            print(f"  {reason}" if reason.startswith(f"{a['node']} ") else f"  {a['node']}: {reason}")
     print()
     job_rows = [("JOB", "GENERATION", "RANK", "COMMITTED", "PROTECTED")]
     for j in jobs:
@@ -261,6 +275,16 @@ def cmd_cluster_status(args: argparse.Namespace) -> int:
             job_rows.append((str(j["job"]), str(j["generation"]), str(r["rank"]), str(r["committed_step"]), protected))
     _print_table(job_rows)
     return 0
+
+
+def _drain_json(drain: coordinator_pb2.DrainStatus) -> dict[str, Any]:
+    return {
+        "drained": drain.drained,
+        "fragment_sets_held": drain.fragment_sets_held,
+        "ranks_owned": drain.ranks_owned,
+        "ranks_protected": drain.ranks_protected,
+        "reason": drain.reason,
+    }
 
 
 def cmd_release(args: argparse.Namespace) -> int:

@@ -27,6 +27,11 @@ class StaleGeneration(MemckptError):
     """The request comes from an older generation or an out-of-order state."""
 
 
+class FailedPrecondition(MemckptError):
+    """The cluster is not in a state that allows the request: e.g. draining a node would leave
+    too few agents to protect every rank."""
+
+
 class PermissionDenied(MemckptError):
     """The caller may not do this here: e.g. a fragment the coordinator did not place on this agent."""
 

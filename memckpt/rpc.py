@@ -23,11 +23,13 @@ STATUS: dict[type[errors.MemckptError], grpc.StatusCode] = {
     errors.NotFound: grpc.StatusCode.NOT_FOUND,
     errors.BudgetExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.StaleGeneration: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     errors.CorruptSnapshot: grpc.StatusCode.DATA_LOSS,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
 }
-_EXCEPTION = {code: exc for exc, code in STATUS.items() if exc is not errors.ConfigError}
+# back from a status code: FAILED_PRECONDITION stays StaleGeneration, which clients of the data path handle
+_EXCEPTION = {code: exc for exc, code in STATUS.items() if exc not in (errors.ConfigError, errors.FailedPrecondition)}
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -7,16 +7,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class AgentDescription(_message.Message):
-    __slots__ = ("node", "address", "capacity_bytes", "domain")
+    __slots__ = ("node", "address", "capacity_bytes", "domain", "draining")
     NODE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
     DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
     node: str
     address: str
     capacity_bytes: int
     domain: str
-    def __init__(self, node: _Optional[str] = ..., address: _Optional[str] = ..., capacity_bytes: _Optional[int] = ..., domain: _Optional[str] = ...) -> None: ...
+    draining: bool
+    def __init__(self, node: _Optional[str] = ..., address: _Optional[str] = ..., capacity_bytes: _Optional[int] = ..., domain: _Optional[str] = ..., draining: _Optional[bool] = ...) -> None: ...
 
 class HeldSnapshot(_message.Message):
     __slots__ = ("job", "rank", "step", "generation", "fragment_indices", "k", "m", "size_bytes", "protected")
@@ -41,12 +43,14 @@ class HeldSnapshot(_message.Message):
     def __init__(self, job: _Optional[str] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., generation: _Optional[int] = ..., fragment_indices: _Optional[_Iterable[int]] = ..., k: _Optional[int] = ..., m: _Optional[int] = ..., size_bytes: _Optional[int] = ..., protected: _Optional[bool] = ...) -> None: ...
 
 class RegisterAgentRequest(_message.Message):
-    __slots__ = ("agent", "held")
+    __slots__ = ("agent", "held", "instance_id")
     AGENT_FIELD_NUMBER: _ClassVar[int]
     HELD_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     agent: AgentDescription
     held: _containers.RepeatedCompositeFieldContainer[HeldSnapshot]
-    def __init__(self, agent: _Optional[_Union[AgentDescription, _Mapping]] = ..., held: _Optional[_Iterable[_Union[HeldSnapshot, _Mapping]]] = ...) -> None: ...
+    instance_id: int
+    def __init__(self, agent: _Optional[_Union[AgentDescription, _Mapping]] = ..., held: _Optional[_Iterable[_Union[HeldSnapshot, _Mapping]]] = ..., instance_id: _Optional[int] = ...) -> None: ...
 
 class RegisterAgentResponse(_message.Message):
     __slots__ = ("incarnation", "lease_s", "heartbeat_interval_s")
@@ -163,16 +167,18 @@ class GetClusterStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class AgentStatus(_message.Message):
-    __slots__ = ("agent", "alive", "group", "memory_used_bytes")
+    __slots__ = ("agent", "alive", "group", "memory_used_bytes", "drain")
     AGENT_FIELD_NUMBER: _ClassVar[int]
     ALIVE_FIELD_NUMBER: _ClassVar[int]
     GROUP_FIELD_NUMBER: _ClassVar[int]
     MEMORY_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DRAIN_FIELD_NUMBER: _ClassVar[int]
     agent: AgentDescription
     alive: bool
     group: int
     memory_used_bytes: int
-    def __init__(self, agent: _Optional[_Union[AgentDescription, _Mapping]] = ..., alive: _Optional[bool] = ..., group: _Optional[int] = ..., memory_used_bytes: _Optional[int] = ...) -> None: ...
+    drain: DrainStatus
+    def __init__(self, agent: _Optional[_Union[AgentDescription, _Mapping]] = ..., alive: _Optional[bool] = ..., group: _Optional[int] = ..., memory_used_bytes: _Optional[int] = ..., drain: _Optional[_Union[DrainStatus, _Mapping]] = ...) -> None: ...
 
 class JobRankStatus(_message.Message):
     __slots__ = ("rank", "committed_step", "protected_step")
@@ -239,3 +245,51 @@ class LocateSnapshotsResponse(_message.Message):
     locations: _containers.RepeatedCompositeFieldContainer[SnapshotLocation]
     lost_reason: str
     def __init__(self, locations: _Optional[_Iterable[_Union[SnapshotLocation, _Mapping]]] = ..., lost_reason: _Optional[str] = ...) -> None: ...
+
+class DrainAgentRequest(_message.Message):
+    __slots__ = ("node", "undo")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    UNDO_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    undo: bool
+    def __init__(self, node: _Optional[str] = ..., undo: _Optional[bool] = ...) -> None: ...
+
+class DrainAgentResponse(_message.Message):
+    __slots__ = ("status", "unchanged")
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    UNCHANGED_FIELD_NUMBER: _ClassVar[int]
+    status: DrainStatus
+    unchanged: bool
+    def __init__(self, status: _Optional[_Union[DrainStatus, _Mapping]] = ..., unchanged: _Optional[bool] = ...) -> None: ...
+
+class GetDrainStatusRequest(_message.Message):
+    __slots__ = ("node",)
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    def __init__(self, node: _Optional[str] = ...) -> None: ...
+
+class GetDrainStatusResponse(_message.Message):
+    __slots__ = ("status",)
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    status: DrainStatus
+    def __init__(self, status: _Optional[_Union[DrainStatus, _Mapping]] = ...) -> None: ...
+
+class DrainStatus(_message.Message):
+    __slots__ = ("node", "alive", "draining", "drained", "fragment_sets_held", "ranks_owned", "ranks_protected", "reason")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    ALIVE_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
+    DRAINED_FIELD_NUMBER: _ClassVar[int]
+    FRAGMENT_SETS_HELD_FIELD_NUMBER: _ClassVar[int]
+    RANKS_OWNED_FIELD_NUMBER: _ClassVar[int]
+    RANKS_PROTECTED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    alive: bool
+    draining: bool
+    drained: bool
+    fragment_sets_held: int
+    ranks_owned: int
+    ranks_protected: int
+    reason: str
+    def __init__(self, node: _Optional[str] = ..., alive: _Optional[bool] = ..., draining: _Optional[bool] = ..., drained: _Optional[bool] = ..., fragment_sets_held: _Optional[int] = ..., ranks_owned: _Optional[int] = ..., ranks_protected: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...

@@ -69,6 +69,16 @@ class CoordinatorServiceStub:
                 request_serializer=memckpt_dot_protos_dot_coordinator__pb2.GetClusterStatusRequest.SerializeToString,
                 response_deserializer=memckpt_dot_protos_dot_coordinator__pb2.GetClusterStatusResponse.FromString,
                 _registered_method=True)
+        self.DrainAgent = channel.unary_unary(
+                '/memckpt.v1.CoordinatorService/DrainAgent',
+                request_serializer=memckpt_dot_protos_dot_coordinator__pb2.DrainAgentRequest.SerializeToString,
+                response_deserializer=memckpt_dot_protos_dot_coordinator__pb2.DrainAgentResponse.FromString,
+                _registered_method=True)
+        self.GetDrainStatus = channel.unary_unary(
+                '/memckpt.v1.CoordinatorService/GetDrainStatus',
+                request_serializer=memckpt_dot_protos_dot_coordinator__pb2.GetDrainStatusRequest.SerializeToString,
+                response_deserializer=memckpt_dot_protos_dot_coordinator__pb2.GetDrainStatusResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServiceServicer:
@@ -127,6 +137,24 @@ class CoordinatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DrainAgent(self, request, context):
+        """Starts (or, with undo, ends) the drain of a node before maintenance: it stays a member and
+        its ranks stay protected, but it holds no fragments for others any more; their owners
+        protect their steps on other agents, and it drops what it held once that is done.
+        FAILED_PRECONDITION when the node has failed, or when too few other agents would remain
+        to form a protection group; NOT_FOUND for a node never registered.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetDrainStatus(self, request, context):
+        """How far the drain of a node is: what it still holds that others need.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -164,6 +192,16 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     servicer.GetClusterStatus,
                     request_deserializer=memckpt_dot_protos_dot_coordinator__pb2.GetClusterStatusRequest.FromString,
                     response_serializer=memckpt_dot_protos_dot_coordinator__pb2.GetClusterStatusResponse.SerializeToString,
+            ),
+            'DrainAgent': grpc.unary_unary_rpc_method_handler(
+                    servicer.DrainAgent,
+                    request_deserializer=memckpt_dot_protos_dot_coordinator__pb2.DrainAgentRequest.FromString,
+                    response_serializer=memckpt_dot_protos_dot_coordinator__pb2.DrainAgentResponse.SerializeToString,
+            ),
+            'GetDrainStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDrainStatus,
+                    request_deserializer=memckpt_dot_protos_dot_coordinator__pb2.GetDrainStatusRequest.FromString,
+                    response_serializer=memckpt_dot_protos_dot_coordinator__pb2.GetDrainStatusResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -355,6 +393,60 @@ class CoordinatorService:
             '/memckpt.v1.CoordinatorService/GetClusterStatus',
             memckpt_dot_protos_dot_coordinator__pb2.GetClusterStatusRequest.SerializeToString,
             memckpt_dot_protos_dot_coordinator__pb2.GetClusterStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DrainAgent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memckpt.v1.CoordinatorService/DrainAgent',
+            memckpt_dot_protos_dot_coordinator__pb2.DrainAgentRequest.SerializeToString,
+            memckpt_dot_protos_dot_coordinator__pb2.DrainAgentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDrainStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memckpt.v1.CoordinatorService/GetDrainStatus',
+            memckpt_dot_protos_dot_coordinator__pb2.GetDrainStatusRequest.SerializeToString,
+            memckpt_dot_protos_dot_coordinator__pb2.GetDrainStatusResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19memckpt/protos/peer.proto\x12\nmemckpt.v1\"\x93\x02\n\x0e\x46ragmentHeader\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x12\n\ngeneration\x18\x04 \x01(\x04\x12\x16\n\x0e\x66ragment_index\x18\x05 \x01(\x05\x12\t\n\x01k\x18\x06 \x01(\x05\x12\t\n\x01m\x18\x07 \x01(\x05\x12\x12\n\nsize_bytes\x18\x08 \x01(\x04\x12\x16\n\x0e\x66ragment_bytes\x18\t \x01(\x04\x12\x12\n\nowner_node\x18\n \x01(\t\x12\x17\n\x0f\x66ragment_crc32c\x18\x0b \x01(\r\x12\x0c\n\x04meta\x18\x0c \x01(\t\x12\x13\n\x0bmeta_crc32c\x18\r \x01(\r\x12\x1a\n\x12snapshot_checksums\x18\x0e \x03(\r\"1\n\x0c\x46ragmentData\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x13\n\x0b\x64\x61ta_crc32c\x18\x02 \x01(\r\"u\n\x12PutFragmentRequest\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.memckpt.v1.FragmentHeaderH\x00\x12)\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x18.memckpt.v1.FragmentDataH\x00\x42\x06\n\x04part\"+\n\x13PutFragmentResponse\x12\x14\n\x0cstored_bytes\x18\x01 \x01(\x04\"c\n\x12GetFragmentRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\x16\n\x0e\x66ragment_index\x18\x03 \x01(\x05\x12\x11\n\x04step\x18\x04 \x01(\x03H\x00\x88\x01\x01\x42\x07\n\x05_step\"p\n\rFragmentChunk\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.memckpt.v1.FragmentHeaderH\x00\x12)\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x18.memckpt.v1.FragmentDataH\x00\x42\x06\n\x04part2\xab\x01\n\x0bPeerService\x12P\n\x0bPutFragment\x12\x1e.memckpt.v1.PutFragmentRequest\x1a\x1f.memckpt.v1.PutFragmentResponse(\x01\x12J\n\x0bGetFragment\x12\x1e.memckpt.v1.GetFragmentRequest\x1a\x19.memckpt.v1.FragmentChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19memckpt/protos/peer.proto\x12\nmemckpt.v1\"\xbf\x02\n\x0e\x46ragmentHeader\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x12\n\ngeneration\x18\x04 \x01(\x04\x12\x16\n\x0e\x66ragment_index\x18\x05 \x01(\x05\x12\t\n\x01k\x18\x06 \x01(\x05\x12\t\n\x01m\x18\x07 \x01(\x05\x12\x12\n\nsize_bytes\x18\x08 \x01(\x04\x12\x16\n\x0e\x66ragment_bytes\x18\t \x01(\x04\x12\x12\n\nowner_node\x18\n \x01(\t\x12\x17\n\x0f\x66ragment_crc32c\x18\x0b \x01(\r\x12\x0c\n\x04meta\x18\x0c \x01(\t\x12\x13\n\x0bmeta_crc32c\x18\r \x01(\r\x12\x1a\n\x12snapshot_checksums\x18\x0e \x03(\r\x12\x11\n\tkept_step\x18\x0f \x01(\x03\x12\x17\n\x0fkept_generation\x18\x10 \x01(\x04\"1\n\x0c\x46ragmentData\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x13\n\x0b\x64\x61ta_crc32c\x18\x02 \x01(\r\"u\n\x12PutFragmentRequest\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.memckpt.v1.FragmentHeaderH\x00\x12)\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x18.memckpt.v1.FragmentDataH\x00\x42\x06\n\x04part\"+\n\x13PutFragmentResponse\x12\x14\n\x0cstored_bytes\x18\x01 \x01(\x04\"c\n\x12GetFragmentRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\x16\n\x0e\x66ragment_index\x18\x03 \x01(\x05\x12\x11\n\x04step\x18\x04 \x01(\x03H\x00\x88\x01\x01\x42\x07\n\x05_step\"p\n\rFragmentChunk\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.memckpt.v1.FragmentHeaderH\x00\x12)\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x18.memckpt.v1.FragmentDataH\x00\x42\x06\n\x04part2\xab\x01\n\x0bPeerService\x12P\n\x0bPutFragment\x12\x1e.memckpt.v1.PutFragmentRequest\x1a\x1f.memckpt.v1.PutFragmentResponse(\x01\x12J\n\x0bGetFragment\x12\x1e.memckpt.v1.GetFragmentRequest\x1a\x19.memckpt.v1.FragmentChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,17 +32,17 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'memckpt.protos.peer_pb2', _
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_FRAGMENTHEADER']._serialized_start=42
-  _globals['_FRAGMENTHEADER']._serialized_end=317
-  _globals['_FRAGMENTDATA']._serialized_start=319
-  _globals['_FRAGMENTDATA']._serialized_end=368
-  _globals['_PUTFRAGMENTREQUEST']._serialized_start=370
-  _globals['_PUTFRAGMENTREQUEST']._serialized_end=487
-  _globals['_PUTFRAGMENTRESPONSE']._serialized_start=489
-  _globals['_PUTFRAGMENTRESPONSE']._serialized_end=532
-  _globals['_GETFRAGMENTREQUEST']._serialized_start=534
-  _globals['_GETFRAGMENTREQUEST']._serialized_end=633
-  _globals['_FRAGMENTCHUNK']._serialized_start=635
-  _globals['_FRAGMENTCHUNK']._serialized_end=747
-  _globals['_PEERSERVICE']._serialized_start=750
-  _globals['_PEERSERVICE']._serialized_end=921
+  _globals['_FRAGMENTHEADER']._serialized_end=361
+  _globals['_FRAGMENTDATA']._serialized_start=363
+  _globals['_FRAGMENTDATA']._serialized_end=412
+  _globals['_PUTFRAGMENTREQUEST']._serialized_start=414
+  _globals['_PUTFRAGMENTREQUEST']._serialized_end=531
+  _globals['_PUTFRAGMENTRESPONSE']._serialized_start=533
+  _globals['_PUTFRAGMENTRESPONSE']._serialized_end=576
+  _globals['_GETFRAGMENTREQUEST']._serialized_start=578
+  _globals['_GETFRAGMENTREQUEST']._serialized_end=677
+  _globals['_FRAGMENTCHUNK']._serialized_start=679
+  _globals['_FRAGMENTCHUNK']._serialized_end=791
+  _globals['_PEERSERVICE']._serialized_start=794
+  _globals['_PEERSERVICE']._serialized_end=965
 # @@protoc_insertion_point(module_scope)

@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class FragmentHeader(_message.Message):
-    __slots__ = ("job", "rank", "step", "generation", "fragment_index", "k", "m", "size_bytes", "fragment_bytes", "owner_node", "fragment_crc32c", "meta", "meta_crc32c", "snapshot_checksums")
+    __slots__ = ("job", "rank", "step", "generation", "fragment_index", "k", "m", "size_bytes", "fragment_bytes", "owner_node", "fragment_crc32c", "meta", "meta_crc32c", "snapshot_checksums", "kept_step", "kept_generation")
     JOB_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -22,6 +22,8 @@ class FragmentHeader(_message.Message):
     META_FIELD_NUMBER: _ClassVar[int]
     META_CRC32C_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
+    KEPT_STEP_FIELD_NUMBER: _ClassVar[int]
+    KEPT_GENERATION_FIELD_NUMBER: _ClassVar[int]
     job: str
     rank: int
     step: int
@@ -36,7 +38,9 @@ class FragmentHeader(_message.Message):
     meta: str
     meta_crc32c: int
     snapshot_checksums: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, job: _Optional[str] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., generation: _Optional[int] = ..., fragment_index: _Optional[int] = ..., k: _Optional[int] = ..., m: _Optional[int] = ..., size_bytes: _Optional[int] = ..., fragment_bytes: _Optional[int] = ..., owner_node: _Optional[str] = ..., fragment_crc32c: _Optional[int] = ..., meta: _Optional[str] = ..., meta_crc32c: _Optional[int] = ..., snapshot_checksums: _Optional[_Iterable[int]] = ...) -> None: ...
+    kept_step: int
+    kept_generation: int
+    def __init__(self, job: _Optional[str] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., generation: _Optional[int] = ..., fragment_index: _Optional[int] = ..., k: _Optional[int] = ..., m: _Optional[int] = ..., size_bytes: _Optional[int] = ..., fragment_bytes: _Optional[int] = ..., owner_node: _Optional[str] = ..., fragment_crc32c: _Optional[int] = ..., meta: _Optional[str] = ..., meta_crc32c: _Optional[int] = ..., snapshot_checksums: _Optional[_Iterable[int]] = ..., kept_step: _Optional[int] = ..., kept_generation: _Optional[int] = ...) -> None: ...
 
 class FragmentData(_message.Message):
     __slots__ = ("data", "data_crc32c")

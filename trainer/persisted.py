@@ -80,9 +80,4 @@ def load_persisted(
 
 def _plain_twin(live: torch.Tensor, stored: torch.Tensor) -> bool:
     """Whether `live` can take `stored`'s bytes as they are: same dtype and shape, contiguous, in CPU memory."""
-    return (
-        live.device.type == "cpu"
-        and live.dtype == stored.dtype
-        and live.shape == stored.shape
-        and live.is_contiguous()
-    )
+    return live.device.type == "cpu" and live.dtype == stored.dtype and live.shape == stored.shape and live.is_contiguous()

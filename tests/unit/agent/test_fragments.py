@@ -100,6 +100,19 @@ def test_placement_accepts_only_the_holder_the_coordinator_rotation_names() -> N
         check_placement(header(index=0), "b", ("a", "b", "c"))  # a group of 3 cannot hold k+m = 3
 
 
+def test_placement_skips_draining_members_and_keeps_everyone_elses_index() -> None:
+    group = ("a", "b", "c", "d", "e")  # owner a: fragments 0, 1, 2 on b, c, d; with c drained: b, e, d
+    for index, node in enumerate(("b", "e", "d")):
+        check_placement(header(index=index), node, group, frozenset({"c"}))
+    with pytest.raises(PermissionDenied, match="c is being drained and holds no fragments"):
+        check_placement(header(index=1), "c", group, frozenset({"c"}))
+    with pytest.raises(PermissionDenied, match="puts it on c, not on e"):
+        check_placement(header(index=1), "e", group)  # a sender that does not know of the drain yet
+    with pytest.raises(PermissionDenied, match="does not place it"):
+        check_placement(header(index=0), "b", group, frozenset({"c", "d"}))  # 2 holders left for k+m = 3
+    check_placement(header(index=0, owner="c"), "d", group, frozenset({"c"}))  # a draining owner's fragments are taken
+
+
 def test_placement_outside_the_current_group_is_stale() -> None:
     for node, group in (("b", ("b", "c", "d", "e")), ("e", GROUP), ("b", ())):
         with pytest.raises(StaleGeneration):
@@ -130,6 +143,8 @@ def test_fragment_manifest_round_trips_and_rejects_a_torn_one() -> None:
     for bad in (encoded[:-3], b"junk", encoded.replace(b'"step": 5', b'"step": 6')):
         with pytest.raises(CorruptSnapshot):
             decode_fragment_manifest(bad)
+    hinted = (StoredFragment(header=header(index=0, kept_step=4, kept_generation=1), segment="t-frag.j.r0.f0.s5.g1.ab"),)
+    assert encode_fragment_manifest(hinted) == encoded, "the kept step a sender knew is not the fragment's: not stored"
 
 
 def test_header_proto_round_trip() -> None:
@@ -235,6 +250,14 @@ def test_versions_kept_are_the_newest_and_the_coordinators_or_else_the_one_befor
     assert versions_to_keep([], (1, 5)) == set()
 
 
+def test_a_draining_node_keeps_only_versions_newer_than_the_kept_one() -> None:
+    versions = [(1, 5), (1, 7), (1, 6)]
+    assert versions_to_keep(versions, None, draining=True) == set(versions), "no word yet: all may be needed"
+    assert versions_to_keep(versions, (1, 6), draining=True) == {(1, 7)}
+    assert versions_to_keep(versions, (1, 7), draining=True) == set(), "the kept step is held without it"
+    assert versions_to_keep(versions, (2, 1), draining=True) == set(), "a newer attempt's kept step supersedes them all"
+
+
 def test_newer_steps_keep_two_versions_and_an_older_one_is_refused(shm: ShmDir) -> None:
     budget = MemoryBudget(limit_bytes=1 << 20)
     store = make_store(shm, budget)
@@ -267,6 +290,48 @@ def test_the_version_every_rank_is_protected_at_stays_until_the_coordinator_move
     assert store.prune() == 1 and [h.step for h in store.held()] == [7]
     restarted = make_store(shm)
     assert restarted.adopt() == 1 and read_back(restarted) == fragments_of(datas[7])[0], "the manifest follows the prune"
+
+
+def test_a_drained_store_takes_nothing_and_forgets_each_rank_once_its_kept_step_is_held_elsewhere(shm: ShmDir) -> None:
+    kept: dict[str, tuple[int, int] | None] = {"j": (1, 5)}
+    draining: set[str] = set()
+    budget = MemoryBudget(limit_bytes=1 << 20)
+    store = FragmentStore(
+        shm=shm,
+        prefix=PREFIX,
+        budget=budget,
+        node="b",
+        group=lambda: GROUP,
+        kept_version=kept.get,
+        draining=lambda: frozenset(draining),
+    )
+    datas = {step: bytes([step]) * len(DATA) for step in (5, 6)}
+    for step, data in datas.items():
+        store.put(header(data, step=step), chunks(fragments_of(data)[0], 1000))
+    draining.add("b")
+    with pytest.raises(PermissionDenied, match="being drained"):
+        store.put(header(DATA, step=7), chunks(fragments_of(DATA)[0], 1000))
+    assert store.prune() == 1 and [h.step for h in store.held()] == [6], "5 is held by others: the job's kept step"
+    kept["j"] = (1, 6)
+    assert store.prune() == 1 and store.held() == ()
+    assert shm.list_names(PREFIX) == [] and budget.used_bytes == 0, "nothing of the rank is left, not even its manifest"
+
+
+def test_a_fragment_carries_the_kept_step_its_owner_heard_of_before_the_holder_did(shm: ShmDir) -> None:
+    kept: dict[str, tuple[int, int] | None] = {"j": (1, 5)}  # the coordinator has moved to 6: this holder lags
+    store = FragmentStore(
+        shm=shm, prefix=PREFIX, budget=MemoryBudget(limit_bytes=1 << 20), node="b", group=lambda: GROUP, kept_version=kept.get
+    )
+    datas = {step: bytes([step]) * len(DATA) for step in (5, 6, 7)}
+    for step in (5, 6):
+        store.put(header(datas[step], step=step), chunks(fragments_of(datas[step])[0], 1000))
+    store.put(header(datas[7], step=7, kept_step=6, kept_generation=1), chunks(fragments_of(datas[7])[0], 1000))
+    assert sorted(h.step for h in store.held()) == [6, 7], "6, the job's kept step, stays; without the hint 5 would"
+    assert header(step=7, kept_step=6, kept_generation=1).kept == (1, 6) and header().kept is None
+    assert header_from_proto(header_to_proto(header(kept_step=6, kept_generation=1))).kept == (1, 6)
+    kept["j"] = (1, 4)  # an owner's older word never overrides the coordinator's newer one here
+    store.put(header(DATA, step=8, kept_step=2, kept_generation=1), chunks(fragments_of(DATA)[0], 1000))
+    assert sorted(h.step for h in store.held()) == [7, 8]
 
 
 def test_a_newer_upload_supersedes_the_one_in_flight(shm: ShmDir) -> None:

@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+import json
+import zlib
+
 import pytest
 
-from memckpt.agent.manifest import decode_manifest, encode_manifest
+from memckpt.agent.manifest import MAGIC, decode_manifest, encode_manifest
 from memckpt.agent.slots import RankKey, new_rank_slots
 from memckpt.errors import CorruptSnapshot
 
@@ -12,6 +15,7 @@ def sample():  # noqa: ANN201
     slot, _ = slots.begin(7, 1 << 20)
     slots.commit(slot.index, 7, 1000, b'{"tree": 1}')
     slots.set_checksums(slot.index, slots.slots[slot.index].commit_id, (11, 22))
+    slots.set_protected(slot.index, slots.slots[slot.index].commit_id, ("node1", "node2", "node3"))
     slots.begin(8, 2 << 20)
     return slots
 
@@ -28,3 +32,13 @@ def test_manifest_round_trips() -> None:
 def test_damaged_manifest_is_rejected(damage) -> None:  # noqa: ANN001
     with pytest.raises(CorruptSnapshot):
         decode_manifest(damage(encode_manifest(sample())))
+
+
+def test_a_manifest_of_an_older_agent_reads_with_holders_not_known() -> None:
+    data = encode_manifest(sample())
+    body = json.loads(data[len(MAGIC) :].rpartition(b"\n")[0])
+    for slot in body["slots"]:
+        del slot["protected_by"]
+    raw = json.dumps(body, sort_keys=True).encode()
+    back = decode_manifest(MAGIC + raw + b"\n" + f"{zlib.crc32(raw):08x}".encode())
+    assert [s.protected_by for s in back.slots] == [(), ()] and any(s.protected for s in back.slots)

@@ -1,5 +1,6 @@
 """The replicator's sending logic over fakes: puts go out in parallel, a new group cancels them and
-unpins the slot at once, a failing holder is logged once and only its fragment is sent again."""
+unpins the slot at once, a failing holder is logged once and only its fragment is sent again, and
+a commit protected with a holder that is now drained is protected again without it."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from memckpt.agent.coordination import CoordinatorLink
 from memckpt.agent.fragments import FragmentHeader
 from memckpt.agent.peers import PUT_BASE_S, PUT_TIMEOUT_S, PeerClient, put_timeout_s
 from memckpt.agent.replicate import Replicator
-from memckpt.agent.slots import RankKey
+from memckpt.agent.slots import RankKey, Slot
 from memckpt.agent.store import ProtectionWork, SlotStore
 from memckpt.coordinator.groups import choose_fragment_holders
 from memckpt.coordinator.membership import AgentInfo
@@ -41,11 +42,13 @@ def group_of(*nodes: str) -> tuple[AgentInfo, ...]:
 
 @dataclass
 class FakeStore:
-    """One commit to protect until it is marked protected; records pins."""
+    """One commit to protect until it is marked protected; records pins and who protected it."""
 
     pinned: int = 0
     unpinned_at: list[float] = field(default_factory=list)
     protected: threading.Event = field(default_factory=threading.Event)
+    protected_by: tuple[str, ...] = ()
+    protections: list[tuple[str, ...]] = field(default_factory=list)
 
     def protection_work(self, targets: Callable[[str, int], int | None]) -> list[ProtectionWork]:
         return [] if self.protected.is_set() else [WORK]
@@ -58,9 +61,19 @@ class FakeStore:
         self.pinned -= 1
         self.unpinned_at.append(time.monotonic())
 
-    def mark_protected(self, work: ProtectionWork) -> bool:
+    def mark_protected(self, work: ProtectionWork, holders: tuple[str, ...] = ()) -> bool:
+        self.protected_by = holders
+        self.protections.append(holders)
         self.protected.set()
         return True
+
+    def unprotect_unless_held_by(self, valid: frozenset[str]) -> list[tuple[RankKey, Slot]]:
+        if not self.protected.is_set() or valid.issuperset(self.protected_by):
+            return []
+        was = Slot(index=0, version=0, size_bytes=len(SNAPSHOT), step=WORK.step, protected=True, protected_by=self.protected_by)
+        self.protected_by = ()
+        self.protected.clear()
+        return [(WORK.key, was)]
 
 
 @dataclass
@@ -68,9 +81,13 @@ class FakeLink:
     group: tuple[AgentInfo, ...]
     k: int = 2
     m: int = 1
+    draining: frozenset[str] = frozenset()
 
     def target(self, job: str, generation: int) -> int | None:
         return None
+
+    def kept_version(self, job: str) -> tuple[int, int] | None:
+        return (1, 6)
 
 
 class FakeCall:
@@ -174,6 +191,35 @@ def test_puts_go_out_together_and_a_new_group_cancels_them_and_unpins_the_slot()
         assert {c.header.index: c.address for c in resent} == {i: f"{h}:1" for i, h in enumerate(holders)}
     finally:
         rep.stop()
+
+
+def test_a_commit_protected_on_a_node_now_drained_is_protected_again_without_it() -> None:
+    store, link = FakeStore(), FakeLink(group=group_of("a", "b", "c", "d", "e"))
+    peers = FakePeers()
+    rep = replicator(store, link, peers)
+    rep.start()
+    try:
+        wait = lambda count: wait_for(lambda: len(store.protections) >= count)  # noqa: E731
+        wait(1)
+        assert store.protections == [("b", "c", "d")]
+        link.draining = frozenset({"c"})  # the job stands still: the same commit is sent again
+        wait(2)
+        assert store.protections[1] == ("b", "e", "d"), "only c's fragment moves; b and d keep their indices"
+        resent = peers.calls[3:]
+        assert {c.header.index: c.address for c in resent} == {0: "b:1", 1: "e:1", 2: "d:1"}
+        assert all(c.header.kept == (1, 6) for c in resent), "holders hear the job's kept step with each fragment"
+        link.draining = frozenset({"a"})  # the owner itself drained: its holders stay valid, nothing is sent
+        time.sleep(0.5)
+        assert len(store.protections) == 2 and len(peers.calls) == 6
+    finally:
+        rep.stop()
+
+
+def wait_for(predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
 
 
 def test_a_refusing_holder_is_logged_once_and_only_its_fragment_is_sent_again(caplog: pytest.LogCaptureFixture) -> None:

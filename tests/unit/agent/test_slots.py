@@ -178,3 +178,23 @@ def test_to_protect_follows_the_coordinators_target_and_skips_what_is_not_ready(
     assert slots.to_protect(-1) is None, "the coordinator says: nothing now"
     slots.set_protected(older.index, older.commit_id)
     assert slots.to_protect(5) is None, "already protected"
+
+
+def test_a_commit_protected_on_a_peer_that_may_hold_nothing_now_is_unprotected() -> None:
+    slots = new_rank_slots(KEY, 1, 100)
+    older, newer = committed(slots, 1), committed(slots, 2)
+    assert slots.set_checksums(older.index, older.commit_id, (1,))
+    assert slots.set_protected(older.index, older.commit_id, ("b", "c", "d"))
+    assert slots.set_protected(newer.index, newer.commit_id, ("b", "e", "d"))
+    assert slots.unprotect_unless_held_by(frozenset("bcde")) == [], "every holder may still hold it"
+    (was,) = slots.unprotect_unless_held_by(frozenset("bde"))  # c drained, or gone from the group
+    assert was.step == 1 and was.protected_by == ("b", "c", "d")
+    assert not slots.committed_at(1).protected and slots.committed_at(1).protected_by == ()
+    assert slots.committed_at(2).protected
+    assert slots.to_protect(1) == slots.committed_at(1), "protected again at the coordinator's word"
+    slot, _ = slots.begin(3, 100)
+    assert slot.protected_by == (), "a rewritten slot forgets its holders"
+    unknown = new_rank_slots(KEY, 1, 100)
+    first = committed(unknown, 1)
+    unknown.set_protected(first.index, first.commit_id)  # holders not recorded (an older agent's manifest)
+    assert unknown.unprotect_unless_held_by(frozenset()) == [] and unknown.latest_committed().protected
