@@ -83,7 +83,8 @@ def claim(directory: Path, attempt: str) -> None:
                 return
             stale = True
         except FileNotFoundError:
-            stale = directory.is_dir() and any(directory.iterdir())
+            # files other than claims in progress (another agent's marker about to be linked)
+            stale = directory.is_dir() and any(not _is_claim(p.name) for p in directory.iterdir())
         if stale:
             doomed = directory.with_name(f"{directory.name}.stale-{uuid.uuid4().hex[:8]}")
             try:
@@ -92,17 +93,23 @@ def claim(directory: Path, attempt: str) -> None:
                 pass  # another agent moved it first
             else:
                 shutil.rmtree(doomed, ignore_errors=True)
-        directory.mkdir(parents=True, exist_ok=True)
         written = directory / f"{ATTEMPT}.{uuid.uuid4().hex[:8]}.tmp"
-        written.write_text(attempt)
         try:
+            directory.mkdir(parents=True, exist_ok=True)
+            written.write_text(attempt)
             os.link(written, marker)  # appears whole, and only if no other agent's came first
             return
         except FileExistsError:
             continue  # another agent claimed it meanwhile: read whose it is
+        except FileNotFoundError:
+            continue  # another agent moved the directory away meanwhile: look again
         finally:
             written.unlink(missing_ok=True)
     raise OSError(f"cannot claim checkpoint directory {directory} for attempt {attempt}: it keeps changing")
+
+
+def _is_claim(name: str) -> bool:
+    return name.startswith(f"{ATTEMPT}.") and name.endswith(".tmp")
 
 
 def describe(checkpoint: Checkpoint) -> tuple[int, float]:

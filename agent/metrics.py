@@ -143,6 +143,18 @@ _PER_JOB = (
 )
 
 
+RESTORE_SOURCES = ("local", "fragments")
+
+
+def job_seen(job: str) -> None:
+    """Creates the job's counters at 0 when a rank of it registers, so that the first event
+    shows as an increase (Prometheus' rate() and increase() cannot see a series born at 1)."""
+    for counter in (SNAPSHOTS, SNAPSHOT_BYTES, SKIPPED, PROTECTIONS, PERSIST_BYTES, PERSIST_FAILURES, RANK_DEATHS):
+        counter.labels(job)
+    for source in RESTORE_SOURCES:
+        RESTORES.labels(job, source)
+
+
 def forget(job: str) -> None:
     """The job was released here: its label sets go."""
     forget_job(job, _PER_JOB)

@@ -176,20 +176,39 @@ class Persister:
     def _loop(self) -> None:
         _lower_io_priority()
         while not self._stop.is_set():
-            self._wake.clear()
-            # Every waiting slot is copied out before any file is written: a kept slot makes its
-            # rank skip snapshots, and ranks that skip different steps leave a step incomplete.
-            staged = [(work, attempt, *self._copy_out(work)) for work, attempt in self._store.persist_work()]
-            for work, attempt, data, own in staged:
-                if data is None:
-                    continue
+            try:
+                self._round()
+            except Exception:  # a bug, or an error nobody foresaw: the persister must outlive it
+                log.exception("persister round failed; persistence goes on with the next round")
+                self._stop.wait(IDLE_S)
+
+    def _round(self) -> None:
+        """Copies out every slot waiting for the filesystem, writes them, finalizes what is whole.
+
+        Every waiting slot is copied out before any file is written: a kept slot makes its rank
+        skip snapshots, and ranks that skip different steps leave a step incomplete. Whatever
+        happens, what was copied out or pinned is let go of.
+        """
+        self._wake.clear()
+        pending: list[tuple[ProtectionWork, Attempt, memoryview, bool]] = []
+        try:
+            for work, attempt in self._store.persist_work():
+                data, staged = self._copy_out(work)
+                if data is not None:
+                    pending.append((work, attempt, data, staged))
+            waited = bool(pending)
+            while pending:
+                work, attempt, data, staged = pending.pop(0)
                 if self._stop.is_set():
-                    self._drop(work, data, own)
-                    continue
-                self._persist(work, attempt, data, own)
-            self._finalize_ready()
-            if not staged:
-                self._wake.wait(IDLE_S)
+                    self._drop(work, data, staged)
+                else:
+                    self._persist(work, attempt, data, staged)
+        finally:
+            for work, _, data, staged in pending:
+                self._drop(work, data, staged)
+        self._finalize_ready()
+        if not waited:
+            self._wake.wait(IDLE_S)
 
     # -- one rank's files ------------------------------------------------------------
 
@@ -198,8 +217,10 @@ class Persister:
         job, rank, step = work.key.job, work.key.rank, work.step
         directory = checkpoints.step_dir(self._root, job, step)
         status = self.status.setdefault(job, JobStatus())
-        if dcp.is_complete(directory):
-            self._drop(work, data, staged)  # done already (by this agent before a restart)
+        if dcp.is_complete(directory) or rank in self._written.get((job, step), ()):
+            # done already (by this agent before a restart), or asked twice (its rank died while
+            # the step was kept anyway): a second write could truncate a file being finalized
+            self._drop(work, data, staged)
             return
         status.writing_step = step
         started = time.perf_counter()
@@ -271,7 +292,10 @@ class Persister:
         log.log(level, "persisting %s step=%d to %s failed: %s; training goes on", work.key, work.step, directory, exc)
         self._store.release_persist(work)
         for name in (dcp.rank_file_name(work.key.rank), dcp.rank_result_name(work.key.rank)):
-            (directory / name).unlink(missing_ok=True)
+            try:
+                (directory / name).unlink(missing_ok=True)
+            except OSError as cleanup:  # e.g. the directory is not one (a file sits there)
+                log.warning("cannot remove %s after the failed write: %s", directory / name, cleanup)
 
     # -- the whole checkpoint --------------------------------------------------------
 

@@ -57,6 +57,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
     @map_errors
     def RegisterRank(self, request: pb.RegisterRankRequest, context: Any) -> pb.RegisterRankResponse:
         slots = self._store.register(request.job, request.rank, request.world_size, request.slot_size_bytes, _attempt(request))
+        metrics.job_seen(request.job)
         latest = slots.latest_committed()
         return pb.RegisterRankResponse(
             slot_size_bytes=request.slot_size_bytes,

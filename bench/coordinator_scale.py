@@ -419,6 +419,14 @@ async def restore_storm(address: str, shape: Shape) -> tuple[float, float, int, 
             request_serializer=pb.LocateSnapshotsRequest.SerializeToString,
             response_deserializer=pb.LocateSnapshotsResponse.FromString,
         )
+        while True:  # a fresh coordinator answers locations and plans one lease after its start
+            try:
+                await locate(pb.LocateSnapshotsRequest(job=JOB, rank=0), timeout=60)
+                break
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() is not grpc.StatusCode.UNAVAILABLE:
+                    raise
+                await asyncio.sleep(0.2)
         generation = (
             await start(pb.StartGenerationRequest(job=JOB, world_size=shape.ranks, previous_generation=1), timeout=60)
         ).generation

@@ -357,6 +357,8 @@ class Cluster:
         last = self._newest.get(job, newest)
         self._newest[job] = newest
         # the steps committed while word of a target travels, with margin; 0: the job stands still
+        # since the last look, and then the target is the newest step every rank holds: a job
+        # slower than the refreshes protects the step all its ranks hold, at once
         lead = min(1000, 4 * (newest - last)) if newest > last else 0
         decided = job_protection(record.generation, record.world_size, ranks, current, lead)
         if current > decided.keep and decided.target != current:

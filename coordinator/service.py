@@ -24,7 +24,7 @@ from memckpt.coordinator.cluster import Cluster
 from memckpt.coordinator.groups import Groups
 from memckpt.coordinator.membership import AgentInfo, Change
 from memckpt.coordinator.protection import JobProtection
-from memckpt.errors import MemckptError
+from memckpt.errors import MemckptError, Unavailable
 from memckpt.names import check_name
 from memckpt.protos import coordinator_pb2 as pb
 from memckpt.protos import coordinator_pb2_grpc as pb_grpc
@@ -78,9 +78,15 @@ async def _abort(name: str, exc: Exception, context: Any) -> None:
 
 
 class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
-    def __init__(self, cluster: Cluster, heartbeat_interval_s: float) -> None:
+    def __init__(self, cluster: Cluster, heartbeat_interval_s: float, warmup_s: float | None = None) -> None:
+        """`warmup_s` (default: the lease): how long after start plans and locations are refused
+        as UNAVAILABLE. The tables are soft state: a restarted coordinator knows what agents hold
+        only once they have registered again, and within a lease every live one has; before
+        that an empty answer would read as "nothing held" and start a rank fresh."""
         self._cluster = cluster
         self._interval_s = heartbeat_interval_s
+        self._started = time.monotonic()
+        self._ready_at = self._started + (cluster.lease_s if warmup_s is None else warmup_s)
         self._lock = threading.Lock()
         self._logged_groups: Groups | None = None
         # each group's members as protobuf, for heartbeat replies; dropped when groups (or who drains) change
@@ -230,6 +236,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
     @map_errors
     async def GetRecoveryPlan(self, request: pb.GetRecoveryPlanRequest, context: Any) -> pb.GetRecoveryPlanResponse:
         check_name(request.job, "job")
+        self._check_warm()
         with self._lock:
             decision = self._cluster.recovery_plan(request.job, request.generation)
             addresses = self._cluster.membership.addresses()
@@ -240,6 +247,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
     @map_errors
     async def LocateSnapshots(self, request: pb.LocateSnapshotsRequest, context: Any) -> pb.LocateSnapshotsResponse:
         check_name(request.job, "job")
+        self._check_warm()
         with self._lock:
             found, lost = self._cluster.locate(request.job, request.rank)
             addresses = self._cluster.membership.addresses()
@@ -250,6 +258,14 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
     async def GetClusterStatus(self, request: pb.GetClusterStatusRequest, context: Any) -> pb.GetClusterStatusResponse:
         with self._lock:
             return self._status()
+
+    def _check_warm(self) -> None:
+        now = time.monotonic()
+        if now < self._ready_at:
+            raise Unavailable(
+                f"the coordinator started {now - self._started:.1f} s ago and learns what agents hold "
+                f"for {self._ready_at - now:.1f} s more (until every live agent has registered again); ask again"
+            )
 
     def metrics_view(self) -> metrics.ClusterView:
         """The cluster's state for a Prometheus scrape (from the HTTP server's thread)."""

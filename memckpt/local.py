@@ -276,7 +276,22 @@ class LocalCluster:
         for host in range(len(self.hosts)):
             self._start_agent(host, timeout_s)
         wait_until(lambda: len(self.grouped_nodes()) == len(self.hosts), timeout_s, "every agent in a protection group")
+        wait_until(self.coordinator_warm, timeout_s, "the coordinator to answer where snapshots are (one lease after start)")
         return self
+
+    def coordinator_warm(self) -> bool:
+        """Whether the coordinator answers LocateSnapshots yet (it refuses for a lease after its start)."""
+        with grpc.insecure_channel(self.coordinator.address) as channel:
+            stub = cpb_grpc.CoordinatorServiceStub(channel)  # type: ignore[no-untyped-call]
+            try:
+                stub.LocateSnapshots(
+                    cpb.LocateSnapshotsRequest(job="warm-up-probe", rank=0), metadata=token_metadata(self.token), timeout=10
+                )
+            except grpc.RpcError as exc:
+                if exc.code() is grpc.StatusCode.UNAVAILABLE:
+                    return False
+                raise
+            return True
 
     def lose_node(self, host: int) -> str:
         """SIGKILL of the host's agent and removal of its shared memory; returns the node's name."""

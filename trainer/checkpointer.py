@@ -154,6 +154,7 @@ class Checkpointer:
         self._warned: set[str] = set()
         self.restored_from = ""  # after a restore: "local", "fragments" (rebuilt from peers) or "filesystem"
         self._labels = (self.job, str(self.rank))
+        trainer_metrics.rank_seen(*self._labels)
         listen = trainer_metrics.listen_from_env() if metrics_listen is None else metrics_listen
         self.metrics_address = ""
         if listen:

@@ -56,6 +56,15 @@ RESTORE_SECONDS = Histogram(
     registry=REGISTRY,
 )
 
+
+def rank_seen(job: str, rank: str) -> None:
+    """Creates this rank's counters at 0, so that Prometheus sees their first event as an increase."""
+    COMMITTED.labels(job, rank)
+    FAILURES.labels(job, rank, "Unavailable")  # the common kind: a snapshot skipped
+    for source in ("local", "fragments", "filesystem"):
+        RESTORES.labels(job, rank, source)
+
+
 _server: MetricsServer | None = None
 _lock = threading.Lock()
 

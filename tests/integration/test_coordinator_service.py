@@ -224,3 +224,32 @@ def test_memckpt_status_shows_the_cluster(coordinator: CoordinatorProcess, agent
     assert n0["memory_used_bytes"] > 0 and n0["memory_budget_bytes"] == 1 << 30
     table = subprocess.run(command[:-1], capture_output=True, text=True, timeout=30, check=True).stdout
     assert "n3" in table and "cj" in table
+
+
+def test_a_fresh_coordinator_answers_locations_and_plans_only_after_a_lease(tmp_path: Path) -> None:
+    """Its tables are soft: until every live agent can have registered again (one lease), an
+    empty answer would read as "nothing held" and start a replacement rank fresh."""
+    process = CoordinatorProcess(workdir=tmp_path, extra_args=["--lease-s", "3", "--heartbeat-interval-s", "0.5"])
+    process.start()
+    try:
+        with grpc.insecure_channel(process.address) as channel:
+            stub = pb_grpc.CoordinatorServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.LocateSnapshots(pb.LocateSnapshotsRequest(job="j", rank=0), timeout=10)
+            assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
+            assert "learns what agents hold" in str(refused.value.details())
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.GetRecoveryPlan(pb.GetRecoveryPlanRequest(job="j", generation=1), timeout=10)
+            assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
+
+            def answers() -> bool:
+                try:
+                    stub.LocateSnapshots(pb.LocateSnapshotsRequest(job="j", rank=0), timeout=10)
+                except grpc.RpcError as exc:
+                    assert exc.code() is grpc.StatusCode.UNAVAILABLE, exc
+                    return False
+                return True
+
+            wait_until(answers, 15, "the coordinator to answer after its lease", interval_s=0.2)
+    finally:
+        assert process.stop() == 0, f"see {process.log_path}"

@@ -238,10 +238,16 @@ class Cluster:
         return -1
 
     def locate(self, job: str) -> list[cpb.SnapshotLocation]:
+        """Where rank 0's snapshots are; none while the coordinator is within its first lease."""
         with grpc.insecure_channel(self.address) as channel:
-            reply = self._stub(channel).LocateSnapshots(
-                cpb.LocateSnapshotsRequest(job=job, rank=0), metadata=token_metadata(TOKEN), timeout=10
-            )
+            try:
+                reply = self._stub(channel).LocateSnapshots(
+                    cpb.LocateSnapshotsRequest(job=job, rank=0), metadata=token_metadata(TOKEN), timeout=10
+                )
+            except grpc.RpcError as exc:
+                if exc.code() is grpc.StatusCode.UNAVAILABLE:
+                    return []
+                raise
         return list(reply.locations)
 
     def fragments_of(self, job: str, step: int, generation: int) -> dict[int, str]:

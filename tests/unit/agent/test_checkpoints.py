@@ -4,7 +4,17 @@ from pathlib import Path
 
 import pytest
 
-from memckpt.agent.checkpoints import METADATA, Checkpoint, list_checkpoints, newest_complete, remove, step_dir, to_delete
+from memckpt.agent.checkpoints import (
+    ATTEMPT,
+    METADATA,
+    Checkpoint,
+    claim,
+    list_checkpoints,
+    newest_complete,
+    remove,
+    step_dir,
+    to_delete,
+)
 from memckpt.errors import InvalidRequest
 
 
@@ -82,3 +92,14 @@ def test_claim_treats_files_without_a_marker_as_stale(tmp_path: Path) -> None:
     (path / "__1_0.distcp").write_bytes(b"left by a crash")
     claim(path, "run-a/2")
     assert not (path / "__1_0.distcp").exists()
+
+
+def test_another_agents_claim_in_progress_is_not_taken_for_a_stale_directory(tmp_path: Path) -> None:
+    directory = step_dir(tmp_path, "j", 30)
+    directory.mkdir(parents=True)
+    in_progress = directory / f"{ATTEMPT}.0badc0de.tmp"  # another agent's marker, about to be linked
+    in_progress.write_text("run/1")
+    claim(directory, "run/1")
+    assert in_progress.exists(), "the directory was not moved away under the other agent"
+    assert (directory / ATTEMPT).read_text() == "run/1"
+    assert sorted(p.name for p in tmp_path.joinpath("j").iterdir()) == [directory.name]
