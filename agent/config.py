@@ -18,6 +18,7 @@ from memckpt.sizes import format_size
 DEFAULT_MEMORY_FRACTION = 0.5
 DEFAULT_PROTECT_CPU = 1.0  # cores: protection takes at most one core of the node on average
 SOCKET_ENV = "MEMCKPT_SOCKET"
+SHM_DIR_ENV = "MEMCKPT_SHM_DIR"  # the agent's shm_dir setting; ranks map their slots from the same directory
 
 
 def default_socket() -> Path:

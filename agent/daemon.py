@@ -52,6 +52,7 @@ RPC_THREADS = MAX_SESSIONS + 32  # rank sessions hold one thread each while they
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,  # a flag added later must not change what an abbreviation meant
         prog="memckpt-agent",
         description=(
             "The memckpt node agent: holds the in-memory snapshots of this node's trainer ranks in "

@@ -34,6 +34,7 @@ GRACE_S = 3.0
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,  # a flag added later must not change what an abbreviation meant
         prog="memckpt-coordinator",
         description=(
             "The memckpt coordinator: agent membership and leases, protection groups, job generations "

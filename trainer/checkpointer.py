@@ -20,8 +20,8 @@ import torch
 import torch.distributed as dist
 
 from memckpt.agent.checkpoints import step_dir_in
-from memckpt.agent.config import SOCKET_ENV, default_socket
-from memckpt.agent.shm import ShmDir
+from memckpt.agent.config import SHM_DIR_ENV, SOCKET_ENV, default_socket
+from memckpt.agent.shm import DEFAULT_ROOT, ShmDir
 from memckpt.agent.slots import Attempt
 from memckpt.agent.store import SlotGrant
 from memckpt.errors import CorruptSnapshot, InvalidRequest, MemckptError, NotFound, Unavailable
@@ -144,7 +144,8 @@ class Checkpointer:
             run_id=os.environ.get("TORCHELASTIC_RUN_ID", "") if run_id is None else run_id, generation=generation
         )
         self._client = AgentClient(self.socket_path, self.job, self.rank, self.attempt)
-        self._shm = ShmDir()
+        # the agent's shm_dir: ranks take it from the same MEMCKPT_SHM_DIR an agent reads
+        self._shm = ShmDir(Path(os.environ.get(SHM_DIR_ENV) or DEFAULT_ROOT))
         self._copier = Copier(copy_threads or default_copy_threads())
         self._slots: dict[str, MappedSlot] = {}
         self._slot_names: dict[int, str] = {}
