@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,8 +36,9 @@ class VerifyReport:
         return self.complete and not self.problems
 
 
-def verify(directory: Path, *, checksums: bool = True) -> VerifyReport:
-    """Checks `directory`; `checksums=False` skips reading the data (sizes and structure only)."""
+def verify(directory: Path, *, checksums: bool = True, progress: Callable[[int, int], None] | None = None) -> VerifyReport:
+    """Checks `directory`; `checksums=False` skips reading the data (sizes and structure only).
+    `progress(checked_bytes, total_bytes)` hears of each item read."""
     if not (directory / METADATA).is_file():
         present = sorted(p.name for p in directory.glob("__*")) if directory.is_dir() else []
         what = f"no {METADATA} (the checkpoint was never finalized); files present: {', '.join(present) or 'none'}"
@@ -58,10 +59,13 @@ def verify(directory: Path, *, checksums: bool = True) -> VerifyReport:
         problems.append(f"{CHECKSUMS} is unusable or disagrees with {METADATA}: {exc}")
         return VerifyReport(directory=directory, complete=True, problems=tuple(problems))
     checked = 0
+    total = sum(f.size_bytes for result in results for f in result.files) if checksums else 0
     for result in results:
         for found in _file_problems(directory, result, checksums):
             if isinstance(found, int):
                 checked += found
+                if progress is not None:
+                    progress(checked, total)
             else:
                 problems.append(found)
     return VerifyReport(directory=directory, complete=True, problems=tuple(problems), checked_bytes=checked)

@@ -17,7 +17,7 @@ from memckpt import __version__
 from memckpt.agent import checkpoints, metrics, wire
 from memckpt.agent.recover import RemoteRestore
 from memckpt.agent.sessions import Sessions
-from memckpt.agent.slots import Attempt, RankKey
+from memckpt.agent.slots import Attempt, RankKey, RankSlots
 from memckpt.agent.store import SlotStore
 from memckpt.errors import CorruptSnapshot, InvalidRequest, NotFound, Unavailable
 from memckpt.names import check_name
@@ -53,6 +53,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         self.on_rank_died: Callable[[RankKey, Attempt], None] = lambda key, attempt: None
         self.metrics_address = ""  # where Prometheus scrapes this agent, if it serves metrics
         self._begun: dict[RankKey, float] = {}  # when each rank's snapshot in flight began (commit latency)
+        self._restored: dict[RankKey, tuple[str, int]] = {}  # each rank's last restore: (source, step)
 
     @map_errors
     def RegisterRank(self, request: pb.RegisterRankRequest, context: Any) -> pb.RegisterRankResponse:
@@ -158,6 +159,8 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
     def ReleaseJob(self, request: pb.ReleaseJobRequest, context: Any) -> pb.ReleaseJobResponse:
         ranks, freed = self._store.release_job(request.job)
         metrics.forget(request.job)
+        for key in [k for k in self._restored if k.job == request.job]:
+            self._restored.pop(key, None)
         for key in [k for k in self._begun if k.job == request.job]:
             self._begun.pop(key, None)
         return pb.ReleaseJobResponse(ranks_released=ranks, bytes_released=freed)
@@ -171,7 +174,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
             memory_limit_bytes=limit,
             version=__version__,
             pid=os.getpid(),
-            ranks=[wire.rank_status(r, self._store.slot_names(r)) for r in ranks],
+            ranks=[self._rank_status(r) for r in ranks],
             persistence=[
                 pb.PersistStatus(
                     job=job,
@@ -187,6 +190,11 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
             metrics_address=self.metrics_address,
         )
 
+    def _rank_status(self, slots: RankSlots) -> pb.RankStatus:
+        status = wire.rank_status(slots, self._store.slot_names(slots))
+        status.restored_from, status.restored_step = self._restored.get(slots.key, ("", -1))
+        return status
+
     def Attach(self, request: pb.AttachRequest, context: Any) -> Iterator[pb.AttachEvent]:
         """Held open while the rank trains (one server thread each); see `Sessions`."""
         try:
@@ -194,6 +202,10 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         except InvalidRequest as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         session = self.sessions.open(key, _attempt(request))
+        if request.restored_from:
+            if self._restored.get(key) != (request.restored_from, request.restored_step):
+                log.info("%s restored step %d from %s", key, request.restored_step, request.restored_from)
+            self._restored[key] = (request.restored_from, request.restored_step)
         if session is None:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{MAX_SESSIONS} rank sessions are open on this agent")
             return

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,6 +28,7 @@ from memckpt import drain_cli
 from memckpt.agent.config import SOCKET_ENV, default_socket
 from memckpt.agent.wire import STATE_NAMES
 from memckpt.errors import MemckptError
+from memckpt.progress import Progress
 from memckpt.protos import agent_pb2 as pb
 from memckpt.protos import agent_pb2_grpc as pb_grpc
 from memckpt.protos import coordinator_pb2, coordinator_pb2_grpc
@@ -145,7 +147,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"memory {format_size(reply.memory_used_bytes)} used of {format_size(reply.memory_limit_bytes)} budget")
     if reply.metrics_address:
         print(f"metrics on {reply.metrics_address} (/metrics, /healthz)")
-    rows = [("JOB", "RANK", "WORLD", "COMMITTED", "SLOTS")]
+    rows = [("JOB", "RANK", "WORLD", "COMMITTED", "RESTORED", "SLOTS")]
     for r in reply.ranks:
         slots = "  ".join(
             f"s{s.index}:{STATE_NAMES.get(s.state, '?')}"
@@ -154,7 +156,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             + ("" if s.checksum_ready or s.state != pb.SLOT_STATE_COMMITTED else " (checksumming)")
             for s in r.slots
         )
-        rows.append((r.job, str(r.rank), str(r.world_size), str(r.committed_step) if r.has_committed else "-", slots))
+        committed = str(r.committed_step) if r.has_committed else "-"
+        restored = f"{r.restored_step} from {r.restored_from}" if r.restored_from else "-"
+        rows.append((r.job, str(r.rank), str(r.world_size), committed, restored, slots))
     _print_table(rows)
     if reply.persist_root:
         print(f"persisting to {reply.persist_root}")
@@ -187,6 +191,8 @@ def status_to_json(reply: pb.GetStatusResponse) -> dict[str, Any]:
                 "rank": r.rank,
                 "world_size": r.world_size,
                 "committed_step": r.committed_step if r.has_committed else None,
+                "restored_from": r.restored_from or None,
+                "restored_step": r.restored_step if r.restored_from else None,
                 "slots": [
                     {
                         "index": s.index,
@@ -380,7 +386,9 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from memckpt.agent.dcp_verify import verify
 
-    report = verify(args.path, checksums=not args.no_checksums)
+    progress = Progress(f"verifying {args.path}", 0)
+    report = verify(args.path, checksums=not args.no_checksums, progress=lambda done, total: _show(progress, done, total))
+    progress.end()
     if args.json:
         print(
             json.dumps(
@@ -418,14 +426,32 @@ def cmd_export(args: argparse.Namespace) -> int:
     tmp = args.out.with_name(f".{args.out.name}.{os.getpid()}.tmp")
     print(f"exporting {args.path} to {args.out} ...", flush=True)
     started = time.perf_counter()
+    # the output grows as torch.save writes it: about the size of the checkpoint's data files
+    progress = Progress("exporting", sum(p.stat().st_size for p in args.path.glob("__*_*.distcp")))
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(0.5):
+            progress.update(tmp.stat().st_size if tmp.exists() else 0)
+
+    watcher = threading.Thread(target=watch, name="export-progress", daemon=True)
+    watcher.start()
     try:
         dcp_to_torch_save(args.path, tmp)
         os.replace(tmp, args.out)
     finally:
+        done.set()
+        watcher.join()
+        progress.end()
         tmp.unlink(missing_ok=True)
     size = args.out.stat().st_size
     print(f"wrote {args.out} ({format_size(size)}) in {time.perf_counter() - started:.1f} s; load it with torch.load")
     return 0
+
+
+def _show(progress: Progress, done: int, total: int) -> None:
+    progress.total_bytes = total
+    progress.update(done)
 
 
 def _print_table(rows: Sequence[Sequence[str]]) -> None:

@@ -183,20 +183,24 @@ class SlotStatus(_message.Message):
     def __init__(self, index: _Optional[int] = ..., name: _Optional[str] = ..., state: _Optional[_Union[SlotState, str]] = ..., step: _Optional[int] = ..., size_bytes: _Optional[int] = ..., data_size_bytes: _Optional[int] = ..., checksum_ready: _Optional[bool] = ...) -> None: ...
 
 class RankStatus(_message.Message):
-    __slots__ = ("job", "rank", "world_size", "has_committed", "committed_step", "slots")
+    __slots__ = ("job", "rank", "world_size", "has_committed", "committed_step", "slots", "restored_from", "restored_step")
     JOB_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     HAS_COMMITTED_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_STEP_FIELD_NUMBER: _ClassVar[int]
     SLOTS_FIELD_NUMBER: _ClassVar[int]
+    RESTORED_FROM_FIELD_NUMBER: _ClassVar[int]
+    RESTORED_STEP_FIELD_NUMBER: _ClassVar[int]
     job: str
     rank: int
     world_size: int
     has_committed: bool
     committed_step: int
     slots: _containers.RepeatedCompositeFieldContainer[SlotStatus]
-    def __init__(self, job: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., has_committed: _Optional[bool] = ..., committed_step: _Optional[int] = ..., slots: _Optional[_Iterable[_Union[SlotStatus, _Mapping]]] = ...) -> None: ...
+    restored_from: str
+    restored_step: int
+    def __init__(self, job: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., has_committed: _Optional[bool] = ..., committed_step: _Optional[int] = ..., slots: _Optional[_Iterable[_Union[SlotStatus, _Mapping]]] = ..., restored_from: _Optional[str] = ..., restored_step: _Optional[int] = ...) -> None: ...
 
 class PersistStatus(_message.Message):
     __slots__ = ("job", "complete_step", "writing_step", "written_bytes", "failures", "last_error")
@@ -237,16 +241,20 @@ class GetStatusResponse(_message.Message):
     def __init__(self, node: _Optional[str] = ..., memory_used_bytes: _Optional[int] = ..., memory_limit_bytes: _Optional[int] = ..., ranks: _Optional[_Iterable[_Union[RankStatus, _Mapping]]] = ..., version: _Optional[str] = ..., pid: _Optional[int] = ..., persistence: _Optional[_Iterable[_Union[PersistStatus, _Mapping]]] = ..., persist_root: _Optional[str] = ..., metrics_address: _Optional[str] = ...) -> None: ...
 
 class AttachRequest(_message.Message):
-    __slots__ = ("job", "rank", "generation", "run_id")
+    __slots__ = ("job", "rank", "generation", "run_id", "restored_from", "restored_step")
     JOB_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    RESTORED_FROM_FIELD_NUMBER: _ClassVar[int]
+    RESTORED_STEP_FIELD_NUMBER: _ClassVar[int]
     job: str
     rank: int
     generation: int
     run_id: str
-    def __init__(self, job: _Optional[str] = ..., rank: _Optional[int] = ..., generation: _Optional[int] = ..., run_id: _Optional[str] = ...) -> None: ...
+    restored_from: str
+    restored_step: int
+    def __init__(self, job: _Optional[str] = ..., rank: _Optional[int] = ..., generation: _Optional[int] = ..., run_id: _Optional[str] = ..., restored_from: _Optional[str] = ..., restored_step: _Optional[int] = ...) -> None: ...
 
 class AttachEvent(_message.Message):
     __slots__ = ("attached",)

@@ -154,6 +154,7 @@ class Checkpointer:
         self._inflight: SnapshotHandle | None = None
         self._warned: set[str] = set()
         self.restored_from = ""  # after a restore: "local", "fragments" (rebuilt from peers) or "filesystem"
+        self.restored_step = -1
         self._labels = (self.job, str(self.rank))
         trainer_metrics.rank_seen(*self._labels)
         listen = trainer_metrics.listen_from_env() if metrics_listen is None else metrics_listen
@@ -255,7 +256,7 @@ class Checkpointer:
             for name in {source.name, known} - set(self._slot_names.values()) - {""}:
                 if name in self._slots:
                     self._slots.pop(name).close()  # fill copied everything out of it
-        self.restored_from = source.source
+        self.restored_from, self.restored_step = source.source, source.step
         self._count_restore(source.source, start)
         log.info(
             "restored job=%s rank=%d step=%d from=%s bytes=%d s=%.3f",
@@ -283,7 +284,7 @@ class Checkpointer:
             raise CorruptSnapshot(
                 f"job {self.job!r} rank {self.rank}: cannot load persisted step {step} from {path}: {exc}"
             ) from exc
-        self.restored_from = "filesystem"
+        self.restored_from, self.restored_step = "filesystem", step
         self._count_restore("filesystem", start)
         log.info(
             "restored job=%s rank=%d step=%d from=filesystem (%s) path=%s s=%.3f",
@@ -372,7 +373,8 @@ class Checkpointer:
         if size_bytes > self._registered_bytes:
             self._client.register(self.world_size, size_bytes)
             self._registered_bytes = size_bytes
-        self._client.attach()  # (again, after an agent restart) so the agent hears if this process dies
+        # (again, after an agent restart) so the agent hears if this process dies
+        self._client.attach(self.restored_from, self.restored_step)
         try:
             return self._client.begin(step, size_bytes)
         except NotFound:  # a fresh agent that never saw this rank: register again

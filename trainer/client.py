@@ -124,12 +124,20 @@ class AgentClient:
             request.step = step
         return restore_from_proto(self._call("OpenRestore", request, REGISTER_TIMEOUT_S, wait_for_ready=True))
 
-    def attach(self) -> None:
+    def attach(self, restored_from: str = "", restored_step: int = -1) -> None:
         """Opens the rank's session with the agent unless one is open: when it ends without
-        `detach` (the process died), the agent persists the rank's newest snapshots at once."""
+        `detach` (the process died), the agent persists the rank's newest snapshots at once.
+        It also tells the agent where this process restored the rank from, for status."""
         if self._session is not None and self._session.is_active():  # type: ignore[attr-defined]
             return
-        request = pb.AttachRequest(job=self.job, rank=self.rank, generation=self.attempt.generation, run_id=self.attempt.run_id)
+        request = pb.AttachRequest(
+            job=self.job,
+            rank=self.rank,
+            generation=self.attempt.generation,
+            run_id=self.attempt.run_id,
+            restored_from=restored_from,
+            restored_step=restored_step,
+        )
         self._session = self._stub.Attach(request)
 
     def detach(self) -> None:

@@ -113,6 +113,7 @@ def check_cli_on(root: Path, job: str, steps: list[int], tmp_path: Path) -> None
     assert header.split()[:4] == ["JOB", "STEP", "STATE", "SIZE"] and len(lines) == 2 and "complete" in lines[1]
     verified = memckpt("verify", str(checkpoint))
     assert verified.returncode == 0 and verified.stdout.startswith("OK"), verified.stdout + verified.stderr
+    assert f"verifying {checkpoint} [" in verified.stderr, "progress goes to stderr (a line when not at a terminal)"
     damaged = tmp_path / "damaged"
     shutil.copytree(checkpoint, damaged)
     data = damaged / "__1_0.distcp"
@@ -149,6 +150,10 @@ def test_job_resumes_from_the_filesystem_when_memory_is_lost_bit_exact(tmp_path:
     agent = start_agent(tmp_path, shm_prefix, root, "agent2", "--persist-every", "4")
     try:
         events = train(tmp_path, "fs", agent.socket_path, 14, "second")
+        ranks = agent_status(agent)["ranks"]
+        assert sorted((r["rank"], r["restored_from"], r["restored_step"]) for r in ranks) == [
+            (r, "filesystem", 8) for r in range(RANKS)
+        ], "memckpt status says where each rank's state came from"
     finally:
         agent.stop()
     restores = [e for e in events if e["event"] == "restore"]
