@@ -33,11 +33,10 @@ from memckpt.agent.slots import MemoryBudget
 from memckpt.agent.store import SlotStore
 from memckpt.coordinator.membership import AgentInfo
 from memckpt.errors import ConfigError
-from memckpt.metrics import MetricsServer
-from memckpt.metrics import serve as serve_metrics
+from memckpt.metrics import MetricsServer, serve_daemon
 from memckpt.process import run_daemon
 from memckpt.protos import agent_pb2_grpc as pb_grpc
-from memckpt.security import TlsFiles, TokenInterceptor, describe_security, server_credentials
+from memckpt.security import TokenInterceptor, describe_security, server_credentials
 from memckpt.sizes import format_size
 
 if TYPE_CHECKING:
@@ -269,9 +268,8 @@ def start_metrics(
     persister: Persister | None,
     serving: threading.Event,
 ) -> MetricsServer | None:
-    """The Prometheus endpoint (`metrics_listen`), healthy while `serving` is set; None when off.
-    With TLS configured it is HTTPS with the agent's certificate, without asking clients for
-    theirs: it exports no secrets, and Kubernetes probes cannot present a certificate."""
+    """The Prometheus endpoint (`metrics_listen`, see `memckpt.metrics.serve_daemon`), healthy
+    while `serving` is set; None when off."""
     if not config.metrics_listen:
         return None
     metrics.REGISTRY.register(
@@ -285,11 +283,7 @@ def start_metrics(
             sessions=servicer.sessions.count,
         )
     )
-    tls = TlsFiles(cert=config.tls_cert, key=config.tls_key) if config.tls.enabled else None
-    try:
-        server = serve_metrics(config.metrics_listen, metrics.REGISTRY, ready=serving.is_set, tls=tls)
-    except OSError as exc:
-        raise ConfigError(f"cannot listen on metrics_listen {config.metrics_listen}: {exc}") from exc
+    server = serve_daemon(config.metrics_listen, metrics.REGISTRY, ready=serving.is_set, tls=config.tls)
     servicer.metrics_address = server.address
     return server
 

@@ -21,11 +21,10 @@ from memckpt.coordinator.cluster import Cluster
 from memckpt.coordinator.config import CoordinatorConfig
 from memckpt.coordinator.service import CoordinatorServicer
 from memckpt.errors import ConfigError
-from memckpt.metrics import MetricsServer
-from memckpt.metrics import serve as serve_metrics
+from memckpt.metrics import MetricsServer, serve_daemon
 from memckpt.process import run_daemon
 from memckpt.protos import coordinator_pb2_grpc as pb_grpc
-from memckpt.security import HEALTH_METHOD_PREFIX, TlsFiles, describe_security, server_credentials
+from memckpt.security import HEALTH_METHOD_PREFIX, describe_security, server_credentials
 
 log = logging.getLogger("memckpt.coordinator")
 
@@ -96,17 +95,12 @@ async def serve_async(config: CoordinatorConfig, stop: threading.Event) -> int:
 
 
 def start_metrics(config: CoordinatorConfig, servicer: CoordinatorServicer, serving: threading.Event) -> MetricsServer | None:
-    """The Prometheus endpoint (`metrics_listen`), healthy while `serving` is set; None when off.
-    HTTPS with the coordinator's certificate when TLS is configured, without client certificates
-    (see the agent's `start_metrics`)."""
+    """The Prometheus endpoint (`metrics_listen`, see `memckpt.metrics.serve_daemon`), healthy
+    while `serving` is set; None when off."""
     if not config.metrics_listen:
         return None
     metrics.REGISTRY.register(metrics.StateCollector(servicer.metrics_view))
-    tls = TlsFiles(cert=config.tls_cert, key=config.tls_key) if config.tls.enabled else None
-    try:
-        server = serve_metrics(config.metrics_listen, metrics.REGISTRY, ready=serving.is_set, tls=tls)
-    except OSError as exc:
-        raise ConfigError(f"cannot listen on metrics_listen {config.metrics_listen}: {exc}") from exc
+    server = serve_daemon(config.metrics_listen, metrics.REGISTRY, ready=serving.is_set, tls=config.tls)
     servicer.metrics_address = server.address
     return server
 

@@ -22,6 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.metrics import MetricWrapperBase
 
 from memckpt.config import split_host_port
+from memckpt.errors import ConfigError
 from memckpt.security import TlsFiles
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,17 @@ def serve(listen: str, registry: CollectorRegistry, ready: Callable[[], bool], t
     address = f"[{host}]:{bound}" if ":" in host else f"{host}:{bound}"
     log.info("metrics on %s://%s/metrics (probes: /healthz)", scheme, address)
     return MetricsServer(address=address, _server=server, _thread=thread)
+
+
+def serve_daemon(listen: str, registry: CollectorRegistry, ready: Callable[[], bool], tls: TlsFiles) -> MetricsServer:
+    """`serve` for a daemon's `metrics_listen`: HTTPS with the daemon's own certificate when it
+    has one, without asking clients for theirs (metrics hold no secrets, and Kubernetes probes
+    cannot present a certificate); a port that cannot be bound is a ConfigError."""
+    server_tls = TlsFiles(cert=tls.cert, key=tls.key) if tls.enabled else None
+    try:
+        return serve(listen, registry, ready=ready, tls=server_tls)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on metrics_listen {listen}: {exc}") from exc
 
 
 class _V6Server(ThreadingHTTPServer):

@@ -158,6 +158,14 @@ def test_sbatch_example_job_requeued_after_a_node_failure_resumes_from_memory(tm
         wait_until(lambda: job_info(job_id).get("Restarts") == "1", 60, f"Slurm to requeue job {job_id}")
         ensure_node_up(node)
 
+        def old_instance_gone() -> bool:
+            """Nothing of the failed instance left on the node: starting the requeued one earlier
+            makes slurmd refuse it ("already running") and Slurm requeue and hold it again."""
+            steps = subprocess.run(["pgrep", "-f", rf"slurmstepd: \[{job_id}\."], capture_output=True, timeout=30)
+            return steps.returncode != 0 and node_state(node) == "idle" and job_info(job_id).get("JobState") == "PENDING"
+
+        wait_until(old_instance_gone, 120, f"the failed instance of job {job_id} to be gone", 0.5)
+
         def start_now() -> bool:
             """A requeued job is held back (BeginTime) for two minutes; an operator may start it at once."""
             done = subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], capture_output=True, timeout=30)
