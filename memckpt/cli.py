@@ -33,7 +33,7 @@ from memckpt.protos import agent_pb2 as pb
 from memckpt.protos import agent_pb2_grpc as pb_grpc
 from memckpt.protos import coordinator_pb2, coordinator_pb2_grpc
 from memckpt.rpc import error_from_rpc
-from memckpt.security import TlsFiles, channel_credentials, token_metadata
+from memckpt.security import add_client_tls_flags, channel_credentials, client_tls, token_metadata
 from memckpt.sizes import format_size
 
 
@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument(
         "--token", default=os.environ.get("MEMCKPT_TOKEN", ""), help="the cluster token (default: $MEMCKPT_TOKEN)"
     )
-    status.add_argument("--tls-ca", type=Path, help="CA of the coordinator's certificate (TLS)")
+    add_client_tls_flags(status)
     status.add_argument("--json", action="store_true", help="print JSON for scripts")
 
     release = sub.add_parser("release", help="drop a finished job's snapshots from the local agent")
@@ -225,7 +225,7 @@ def status_to_json(reply: pb.GetStatusResponse) -> dict[str, Any]:
 
 
 def cmd_cluster_status(args: argparse.Namespace) -> int:
-    credentials = channel_credentials(TlsFiles(ca=args.tls_ca))
+    credentials = channel_credentials(client_tls(args))
     channel = grpc.secure_channel(args.coordinator, credentials) if credentials else grpc.insecure_channel(args.coordinator)
     with channel:
         try:

@@ -13,7 +13,6 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, TextIO
 
 import grpc
@@ -24,7 +23,7 @@ from memckpt.errors import MemckptError
 from memckpt.protos import coordinator_pb2 as pb
 from memckpt.protos import coordinator_pb2_grpc as pb_grpc
 from memckpt.rpc import error_from_rpc
-from memckpt.security import TlsFiles, channel_credentials, token_metadata
+from memckpt.security import add_client_tls_flags, channel_credentials, client_tls, token_metadata
 
 POLL_S = 0.5
 LINE_EVERY_S = 5.0  # without a terminal: a line at least this often, and at every change
@@ -64,7 +63,7 @@ def add_parser(sub: Any) -> None:
     drain.add_argument(
         "--token", default=os.environ.get("MEMCKPT_TOKEN", ""), metavar="T", help="the cluster token (default: $MEMCKPT_TOKEN)"
     )
-    drain.add_argument("--tls-ca", type=Path, metavar="CA", help="CA of the coordinator's certificate (TLS)")
+    add_client_tls_flags(drain)
     drain.add_argument(
         "--timeout-s", type=float, default=600.0, metavar="S", help="give up waiting after S seconds (default: 600)"
     )
@@ -197,7 +196,7 @@ class ProgressLine:
 
 
 def cmd_drain(args: argparse.Namespace) -> int:
-    credentials = channel_credentials(TlsFiles(ca=args.tls_ca))
+    credentials = channel_credentials(client_tls(args))
     channel = grpc.secure_channel(args.coordinator, credentials) if credentials else grpc.insecure_channel(args.coordinator)
     metadata = token_metadata(args.token)
     where = f"coordinator at {args.coordinator}"

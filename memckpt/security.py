@@ -8,8 +8,10 @@ runs unauthenticated. Unix sockets are protected by file permissions instead.
 
 from __future__ import annotations
 
+import argparse
 import hmac
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +63,32 @@ def channel_credentials(tls: TlsFiles) -> grpc.ChannelCredentials | None:
         private_key=tls.key.read_bytes() if tls.key else None,
         certificate_chain=tls.cert.read_bytes() if tls.cert else None,
     )
+
+
+def add_client_tls_flags(parser: argparse.ArgumentParser) -> None:
+    """--tls-ca, --tls-cert, --tls-key for a CLI command that calls a TLS service (defaults: the
+    MEMCKPT_TLS_* variables the daemons read, so a node's own settings work as they are)."""
+    for name, what in (
+        ("ca", "CA of the service's certificate: turns TLS on"),
+        ("cert", "this client's certificate, for a service that asks for one (mutual TLS)"),
+        ("key", "the private key of --tls-cert"),
+    ):
+        env = f"MEMCKPT_TLS_{name.upper()}"
+        default = os.environ.get(env)
+        parser.add_argument(
+            f"--tls-{name}",
+            type=Path,
+            default=Path(default) if default else None,
+            metavar=name.upper(),
+            help=f"{what} (default: ${env})",
+        )
+
+
+def client_tls(args: argparse.Namespace) -> TlsFiles:
+    """The TLS files `add_client_tls_flags` parsed; a certificate without its key (or the other way) is a ConfigError."""
+    tls = TlsFiles(cert=args.tls_cert, key=args.tls_key, ca=args.tls_ca)
+    tls.check()
+    return tls
 
 
 def token_metadata(token: str) -> tuple[tuple[str, str], ...]:

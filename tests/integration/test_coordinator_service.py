@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -13,7 +17,8 @@ from memckpt.agent.coordination import HeartbeatStream
 from memckpt.local import CoordinatorProcess, wait_until
 from memckpt.protos import coordinator_pb2 as pb
 from memckpt.protos import coordinator_pb2_grpc as pb_grpc
-from memckpt.security import token_metadata
+from memckpt.security import TlsFiles, token_metadata
+from tests.conftest import AgentFactory
 
 pytestmark = pytest.mark.integration
 TOKEN = "s3cret-token"
@@ -251,5 +256,39 @@ def test_a_fresh_coordinator_answers_locations_and_plans_only_after_a_lease(tmp_
                 return True
 
             wait_until(answers, 15, "the coordinator to answer after its lease", interval_s=0.2)
+    finally:
+        assert process.stop() == 0, f"see {process.log_path}"
+
+
+def test_mutual_tls_an_agent_joins_and_the_cli_needs_a_certificate(
+    tmp_path: Path, tls_files: TlsFiles, agent_factory: AgentFactory
+) -> None:
+    """Coordinator and agent with mutual TLS and the token: the agent registers over TLS, and
+    `memckpt status --coordinator` works with the CA and a client certificate, not without."""
+    tls_flags = ("--tls-cert", str(tls_files.cert), "--tls-key", str(tls_files.key), "--tls-ca", str(tls_files.ca))
+    process = CoordinatorProcess(
+        workdir=tmp_path, extra_args=["--lease-s", "2", "--heartbeat-interval-s", "0.3", "--token", TOKEN, *tls_flags]
+    )
+    process.start()
+    try:
+        agent_factory(extra_args=(*agent_args("tls-node", "rack0", process), *tls_flags))
+
+        def status(*flags: str) -> subprocess.CompletedProcess[str]:
+            command = [sys.executable, "-m", "memckpt.cli", "status", "--coordinator", process.address, "--json", *flags]
+            return subprocess.run(command, capture_output=True, text=True, timeout=60, env={**os.environ, "MEMCKPT_TOKEN": TOKEN})
+
+        def joined() -> bool:
+            done = status(*tls_flags)
+            assert done.returncode == 0, done.stderr
+            return [a["node"] for a in json.loads(done.stdout)["agents"] if a["alive"]] == ["tls-node"]
+
+        wait_until(joined, 30, "the agent to register over mutual TLS")
+        without_certificate = status("--tls-ca", str(tls_files.ca))
+        assert without_certificate.returncode != 0, "the coordinator asks for a client certificate"
+        plaintext = status()
+        assert plaintext.returncode != 0, "no plaintext calls to a TLS coordinator"
+        assert "coordinator at" in plaintext.stderr, plaintext.stderr
+        for refused in (without_certificate, plaintext):
+            assert "Traceback" not in refused.stderr, refused.stderr  # a precise error, not a crash
     finally:
         assert process.stop() == 0, f"see {process.log_path}"
