@@ -356,8 +356,6 @@ class Cluster:
         newest = max((max(p.committed, default=NONE) for p in ranks.values()), default=NONE)
         last = self._newest.get(job, newest)
         self._newest[job] = newest
-        if not self.groups.groups:  # too few agents to protect anything: no target to chase (or give up)
-            return replace(job_protection(record.generation, record.world_size, ranks, NONE, 0), target=NONE)
         # the steps committed while word of a target travels, with margin; 0: the job stands still
         # since the last look, and then the target is the newest step every rank holds: a job
         # slower than the refreshes protects the step all its ranks hold, at once

@@ -147,11 +147,3 @@ def test_progress_kept_per_changed_rank_matches_a_cluster_built_from_scratch(rep
     ours, theirs = cluster.refresh_protection().get("j"), fresh.refresh_protection().get("j")
     assert (ours.keep if ours else -1) == (theirs.keep if theirs else -1)
     assert cluster.rank_steps("j") == fresh.rank_steps("j")
-
-
-def test_without_a_protection_group_no_target_is_set_but_the_kept_step_is_known() -> None:
-    cluster = Cluster(k=2, m=1, lease_s=3.0)
-    cluster.register_agent(info("a"), (own("j", 0, 9), own("j", 0, 10)), now=0.0)  # one agent: no group
-    assert cluster.groups.groups == ()
-    for _ in range(5):  # nothing to chase, nothing to give up (and log) again and again
-        assert cluster.refresh_protection()["j"] == JobProtection(generation=1, target=-1, keep=-1)
