@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import grpc
 import torch
@@ -37,3 +38,8 @@ def assert_state_equal(got: dict, want: dict) -> None:
     for part in ("model", "optim"):
         for key, value in want[part].items():
             assert torch.equal(got[part][key], value), f"{part}/{key} differs"
+
+
+def losses(events: list[dict[str, Any]]) -> dict[int, str]:
+    """step -> rank 0's loss as hex, from a trainer's events (bit-exact comparisons)."""
+    return {e["step"]: e["loss_hex"] for e in events if e["event"] == "step" and e["rank"] == 0}

@@ -19,6 +19,7 @@ import torch
 from memckpt.agent.checkpoints import list_checkpoints
 from memckpt.agent.dcp_verify import verify
 from memckpt.local import AgentProcess, read_events, start_torchrun, stop_process, torchrun_command, wait_until
+from tests.integration.helpers import losses
 
 pytestmark = pytest.mark.integration
 
@@ -51,10 +52,6 @@ def train(
     finally:
         stop_process(process)
     return read_events(events)
-
-
-def losses(events: list[dict]) -> dict[int, str]:
-    return {e["step"]: e["loss_hex"] for e in events if e["event"] == "step" and e["rank"] == 0}
 
 
 def test_stock_dcp_loads_the_persisted_checkpoint_bit_exact_and_retention_keeps_the_newest(

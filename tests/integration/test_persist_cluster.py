@@ -18,6 +18,7 @@ import pytest
 from memckpt.agent.checkpoints import list_checkpoints
 from memckpt.coordinator.groups import choose_fragment_holders
 from memckpt.local import LocalCluster, read_events, start_torchrun, stop_process, torchrun_command, wait_until
+from tests.integration.helpers import losses
 
 pytestmark = pytest.mark.integration
 RANKS = 2
@@ -34,10 +35,6 @@ def train(tmp_path: Path, socket: Path | None, steps: int, name: str) -> list[di
     finally:
         stop_process(process)
     return read_events(events)
-
-
-def losses(events: list[dict]) -> dict[int, str]:
-    return {e["step"]: e["loss_hex"] for e in events if e["event"] == "step" and e["rank"] == 0}
 
 
 def test_losing_more_nodes_than_parity_covers_resumes_from_the_persisted_checkpoint(tmp_path: Path, shm_prefix: str) -> None:

@@ -21,6 +21,7 @@ import pytest
 
 from memckpt.agent.shm import DEFAULT_ROOT
 from memckpt.local import read_events, start_torchrun, stop_process, torchrun_command, wait_until
+from tests.integration.helpers import losses
 
 pytestmark = pytest.mark.integration
 
@@ -83,11 +84,6 @@ def ensure_node_up(node: str, timeout_s: float = 60) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"node {node} still {state!r} after {timeout_s:.0f}s")
         time.sleep(0.5)
-
-
-def losses(events: list[dict[str, Any]]) -> dict[int, str]:
-    """step -> rank 0's mean loss, as hex (bit-exact comparisons)."""
-    return {e["step"]: e["loss_hex"] for e in events if e["event"] == "step" and e["rank"] == 0}
 
 
 def step_reached(events: list[dict[str, Any]]) -> int:
