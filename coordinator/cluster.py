@@ -118,9 +118,20 @@ class Cluster:
         return member.incarnation, change
 
     def heartbeat(self, node: str, incarnation: int, held: tuple[Held, ...], now: float, memory_used_bytes: int = 0) -> bool:
-        """Renews the lease and files the inventory: only the ranks whose entries changed since
-        the node's last report are indexed again (entries equal to the last ones cost nothing)."""
-        if not self.membership.heartbeat(node, incarnation, now):
+        """Renews the lease and files the inventory (`renew`, then `file_inventory`)."""
+        return self.renew(node, incarnation, now) and self.file_inventory(node, incarnation, held, memory_used_bytes)
+
+    def renew(self, node: str, incarnation: int, now: float) -> bool:
+        """Renews a live member's lease; False tells the agent to register again."""
+        return self.membership.heartbeat(node, incarnation, now)
+
+    def file_inventory(self, node: str, incarnation: int, held: tuple[Held, ...], memory_used_bytes: int = 0) -> bool:
+        """Files what a live member reported holding: only the ranks whose entries changed since
+        its last report are indexed again (entries equal to the last ones cost nothing). A report
+        of another incarnation (made before the agent registered again) or of a failed member
+        is dropped: False."""
+        member = self.membership.members.get(node)
+        if member is None or not member.alive or member.incarnation != incarnation:
             return False
         self._set_held(node, held)
         self.memory_used[node] = memory_used_bytes

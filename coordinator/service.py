@@ -33,6 +33,12 @@ from memckpt.rpc import STATUS
 log = logging.getLogger(__name__)
 
 R = TypeVar("R")
+FILE_NODES_PER_STEP = 50  # heartbeats' inventories filed between two yields to the event loop (a few ms)
+# How long a slice of the tick sleeps between slices. Not 0: grpc.aio's I/O completes on its
+# poller thread and reaches the loop only while the loop waits in select(); a loop that only
+# ever yields with sleep(0) never waits, and every call's reply stalled for the whole tick
+# (bench/coordinator_scale.py, 2,000 agents: heartbeat p99 513 ms with sleep(0), 32 ms with this).
+YIELD_S = 0.002
 GroupView = tuple[Groups, frozenset[str]]  # the groups, and the draining members heartbeats name
 Method = Callable[[Any, Any, Any], Awaitable[R]]
 StreamMethod = Callable[[Any, Any, Any], AsyncIterator[R]]
@@ -93,6 +99,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         self._group_protos: tuple[GroupView | None, dict[tuple[AgentInfo, ...], list[pb.AgentDescription]]] = (None, {})
         self._protection: list[pb.JobProtection] = []  # every job's, for heartbeat replies; rebuilt each tick
         self._decoder = wire.InventoryDecoder()
+        # node -> (incarnation, inventory, memory used) of its newest heartbeat not yet filed:
+        # heartbeats are answered at once and their inventories filed by the next tick, in
+        # slices between other calls, so no heartbeat waits behind another's inventory
+        self._pending: dict[str, tuple[int, Any, int]] = {}
         self._drained: dict[str, bool] = {}  # draining node -> whether it was drained at the last tick (logged on change)
         self.metrics_address = ""  # where Prometheus scrapes the coordinator, if it serves metrics
 
@@ -101,23 +111,40 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         logs the groups once whenever they were rebuilt (not once per registration: thousands
         of agents register at once after a restart)."""
         with self._lock:
+            self._file(self._take_pending())
             change = self._cluster.tick(time.monotonic())
             protection = self._cluster.refresh_protection()
         self._publish(change, protection)
         return change
 
     async def tick_async(self) -> Change:
-        """`tick` on the server's event loop, yielding to it between steps of the refresh."""
+        """`tick` on the server's event loop, yielding to it between slices of the filing of
+        inventories and steps of the refresh."""
+        with self._lock:
+            reports = self._take_pending()
+        for start in range(0, len(reports), FILE_NODES_PER_STEP):
+            with self._lock:
+                self._file(reports[start : start + FILE_NODES_PER_STEP])
+            await asyncio.sleep(YIELD_S)
         with self._lock:
             change = self._cluster.tick(time.monotonic())
         steps = self._cluster.refresh_protection_in_steps()
         done = False
         while not done:
-            await asyncio.sleep(0)
+            await asyncio.sleep(YIELD_S)
             with self._lock:
                 done = next(steps, None) is None
         self._publish(change, self._cluster.protection)
         return change
+
+    def _take_pending(self) -> list[tuple[str, tuple[int, Any, int]]]:
+        """The unfiled heartbeats' inventories; those that arrive from here on wait for the next tick."""
+        reports, self._pending = self._pending, {}
+        return list(reports.items())
+
+    def _file(self, reports: list[tuple[str, tuple[int, Any, int]]]) -> None:
+        for node, (incarnation, messages, memory_used) in reports:
+            self._cluster.file_inventory(node, incarnation, self._decoder.decode(node, messages), memory_used)
 
     def _publish(self, change: Change, protection: dict[str, JobProtection]) -> None:
         metrics.AGENT_FAILURES.inc(len(change.failed))
@@ -153,6 +180,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         info = wire.agent_from_proto(request.agent)
         held = self._decoder.decode(info.node, request.held)
         with self._lock:
+            self._pending.pop(info.node, None)  # an older incarnation's
             incarnation, change = self._cluster.register_agent(info, held, time.monotonic(), request.instance_id)
         metrics.AGENT_JOINS.inc(len(change.joined))
         log.info("membership: %s", change.reason)
@@ -178,10 +206,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         started = time.perf_counter()
         check_name(request.node, "node")
         with self._lock:
-            held = self._decoder.decode(request.node, request.held)
-            accepted = self._cluster.heartbeat(
-                request.node, request.incarnation, held, time.monotonic(), request.memory_used_bytes
-            )
+            accepted = self._cluster.renew(request.node, request.incarnation, time.monotonic())
+            if accepted:
+                self._pending[request.node] = (request.incarnation, request.held, request.memory_used_bytes)
             group = self._group_proto(request.node) if accepted else []
         metrics.HEARTBEATS.inc()
         metrics.HEARTBEAT_SECONDS.observe(time.perf_counter() - started)

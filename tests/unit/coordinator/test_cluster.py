@@ -147,3 +147,21 @@ def test_progress_kept_per_changed_rank_matches_a_cluster_built_from_scratch(rep
     ours, theirs = cluster.refresh_protection().get("j"), fresh.refresh_protection().get("j")
     assert (ours.keep if ours else -1) == (theirs.keep if theirs else -1)
     assert cluster.rank_steps("j") == fresh.rank_steps("j")
+
+
+def test_an_inventory_filed_late_is_dropped_when_its_agent_registered_again_or_failed() -> None:
+    """The coordinator answers a heartbeat at once and files its inventory at the next tick: a
+    report made by an earlier incarnation, or by an agent that failed meanwhile, must not
+    overwrite what the agent holds now."""
+    cluster = cluster_of_four()
+    old = cluster.membership.members["a"].incarnation
+    assert cluster.renew("a", old, now=1.0)
+    incarnation, _ = cluster.register_agent(info("a"), (own("j", 0, 12),), now=1.5)
+    assert incarnation != old
+    assert not cluster.file_inventory("a", old, (own("j", 0, 10),))
+    assert cluster.held["a"] == (own("j", 0, 12),)
+    assert cluster.file_inventory("a", incarnation, (own("j", 0, 13),), memory_used_bytes=7)
+    assert cluster.held["a"] == (own("j", 0, 13),) and cluster.memory_used["a"] == 7
+    assert cluster.tick(now=10.0).failed  # every lease ran out
+    assert not cluster.file_inventory("a", incarnation, (own("j", 0, 14),))
+    assert cluster.held["a"] == (own("j", 0, 13),)
