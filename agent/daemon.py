@@ -19,6 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from memckpt import config as config_mod
 from memckpt.agent import metrics
+from memckpt.agent.bulk import BulkServer
 from memckpt.agent.config import AgentConfig
 from memckpt.agent.coordination import CoordinatorLink
 from memckpt.agent.fragments import FragmentStore, fragment_prefix
@@ -149,9 +150,10 @@ def serve(config: AgentConfig, stop: threading.Event) -> int:
         ("grpc.max_send_message_length", config.max_message_bytes),
     ]
     servicer = AgentServicer(store, config.node, remote_wait_s=config.restore_wait_s, persist_root=config.persist_root)
-    peer_server = None
+    peer_server = bulk_server = None
     if config.coordinator:
-        peer_server, peer_port = start_peer_server(config, fragments)
+        bulk_server = start_bulk_server(config, fragments)
+        peer_server, peer_port = start_peer_server(config, fragments, bulk_server)
         address = config.advertised_address(peer_port)
         info = AgentInfo(node=config.node, address=address, capacity_bytes=limit, domain=config.domain)
         link = CoordinatorLink(
@@ -168,13 +170,14 @@ def serve(config: AgentConfig, stop: threading.Event) -> int:
         replicator = Replicator(
             store=store,
             link=link,
-            peers=PeerClient(token=config.token, tls=config.tls),
+            peers=PeerClient(token=config.token, tls=config.tls, bulk=config.peer_bulk),
             node=config.node,
             put_min_rate_bytes_per_s=config.put_min_rate_bytes_per_s,
             throttle=protection_throttle(config),
         )
         replicator.start()
-        servicer.remote = RemoteRestore(link=link, peers=PeerClient(token=config.token, tls=config.tls), store=store)
+        fetcher = PeerClient(token=config.token, tls=config.tls, bulk=config.peer_bulk)
+        servicer.remote = RemoteRestore(link=link, peers=fetcher, store=store)
     persister = None
     if config.persist_root is not None:
         from memckpt.agent.persist import Persister, PersistPolicy, StepChooser  # torch: only when persisting
@@ -234,6 +237,8 @@ def serve(config: AgentConfig, stop: threading.Event) -> int:
     servicer.sessions.stopping = True  # ranks' streams cut by this stop are not their deaths
     if peer_server is not None:
         peer_server.stop(GRACE_S).wait()
+    if bulk_server is not None:
+        bulk_server.stop()
     server.stop(GRACE_S).wait()
     if replicator is not None:
         replicator.stop()
@@ -288,7 +293,26 @@ def start_metrics(
     return server
 
 
-def start_peer_server(config: AgentConfig, fragments: FragmentStore) -> tuple[grpc.Server, int]:
+def start_bulk_server(config: AgentConfig, fragments: FragmentStore) -> BulkServer | None:
+    """The bulk channel for fragment bytes (agent/bulk.py) on peer_listen's host, unless it is
+    off: by `peer_bulk`, or with TLS (its bytes would travel unencrypted)."""
+    if not config.peer_bulk:
+        log.info("bulk channel off (peer_bulk): fragments travel in gRPC streams")
+        return None
+    if config.tls.enabled:
+        log.info("bulk channel off with TLS: fragments travel in gRPC streams, encrypted")
+        return None
+    host, _ = config_mod.split_host_port(config.peer_listen, "peer_listen")
+    try:
+        server = BulkServer(fragments, host, config.peer_bulk_port)
+    except OSError as exc:
+        where = f"{host}:{config.peer_bulk_port}"
+        raise ConfigError(f"cannot listen on {where} for the bulk channel (peer_bulk_port): {exc}") from exc
+    log.info("bulk channel listening on %s port=%d", host, server.port)
+    return server
+
+
+def start_peer_server(config: AgentConfig, fragments: FragmentStore, bulk: BulkServer | None = None) -> tuple[grpc.Server, int]:
     """The peer service on TCP (`peer_listen`), with TLS and the token when configured; returns it and its port."""
     interceptors: list[grpc.ServerInterceptor] = [TokenInterceptor(config.token)] if config.token else []
     options = [
@@ -299,7 +323,7 @@ def start_peer_server(config: AgentConfig, fragments: FragmentStore) -> tuple[gr
     ]
     executor = futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="peer")
     server = grpc.server(executor, interceptors=interceptors, options=options)
-    add_to_server(PeerServicer(fragments), server)
+    add_to_server(PeerServicer(fragments, bulk), server)
     credentials = server_credentials(config.tls)
     try:
         if credentials is None:

@@ -93,7 +93,7 @@ class FragmentHeader:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Chunk:
     data: bytes | memoryview  # a view into a received message: copied once, into the fragment's segment
-    crc32c: int
+    crc32c: int | None  # None: a piece of a bulk stream (agent/bulk.py), covered by the fragment's crc32c alone
 
 
 def fragment_prefix(shm_prefix: str) -> str:
@@ -395,8 +395,7 @@ class FragmentStore:
         Returns the bytes stored. Raises InvalidRequest, StaleGeneration, PermissionDenied,
         BudgetExceeded or CorruptSnapshot; on any error nothing of this upload is kept.
         """
-        check_header(header)
-        check_placement(header, self._node, self._group(), self._draining())
+        self.admit(header)
         upload = self._begin(header)
         try:
             for chunk in chunks:
@@ -407,6 +406,12 @@ class FragmentStore:
             raise
         log.info("stored %s from %s bytes=%d", header, header.owner, header.fragment_bytes)
         return header.fragment_bytes
+
+    def admit(self, header: FragmentHeader) -> None:
+        """Raises what `put` would refuse `header` for before reading any byte: a malformed
+        header (InvalidRequest) or one the coordinator did not place here (PermissionDenied)."""
+        check_header(header)
+        check_placement(header, self._node, self._group(), self._draining())
 
     def open_fragment(
         self, job: str, rank: int, index: int, step: int | None, verify: bool = True
@@ -516,7 +521,7 @@ class FragmentStore:
         if upload.received_bytes + size > header.fragment_bytes:
             raise InvalidRequest(f"{header}: chunks run past fragment_bytes {header.fragment_bytes}")
         found = int(crc32c.crc32c(chunk.data))
-        if found != chunk.crc32c:
+        if chunk.crc32c is not None and found != chunk.crc32c:
             raise CorruptSnapshot(
                 f"{header}: chunk at byte {upload.received_bytes} has crc32c {found:08x}, sent {chunk.crc32c:08x}"
             )

@@ -19,14 +19,16 @@ import crc32c
 import grpc
 
 from memckpt.agent import metrics
+from memckpt.agent.bulk import BulkServer
 from memckpt.agent.fragments import SERVE_CHUNK_BYTES, Chunk, FragmentHeader, FragmentStore, crc32c_combine
-from memckpt.errors import CorruptSnapshot, InvalidRequest
+from memckpt.errors import CorruptSnapshot, FailedPrecondition, InvalidRequest
 from memckpt.protos import peer_pb2 as pb
 from memckpt.rpc import map_errors, map_stream_errors
 
 SERVICE = "memckpt.v1.PeerService"
 PUT_METHOD = f"/{SERVICE}/PutFragment"
 GET_METHOD = f"/{SERVICE}/GetFragment"
+OPEN_METHOD = f"/{SERVICE}/OpenTransfer"
 
 # protobuf tags: (field number << 3) | wire type
 _TAG_CHUNK = 0x12  # field 2 (chunk), length-delimited, of PutFragmentRequest and FragmentChunk
@@ -52,8 +54,9 @@ T = TypeVar("T")
 class PeerServicer:
     """Takes pre-encoded or parsed messages; `add_to_server` registers it with its (de)serializers."""
 
-    def __init__(self, store: FragmentStore) -> None:
+    def __init__(self, store: FragmentStore, bulk: BulkServer | None = None) -> None:
         self._store = store
+        self._bulk = bulk  # None: no bulk channel here (TLS between agents, or turned off)
 
     @map_errors
     def PutFragment(self, request_iterator: Iterator[bytes | pb.PutFragmentRequest], context: Any) -> pb.PutFragmentResponse:
@@ -74,6 +77,21 @@ class PeerServicer:
         yield pb.FragmentChunk(header=header_to_proto(header))
         # encoded a few chunks ahead, on a thread of their own, while gRPC sends the one before
         yield from read_ahead(_serve_chunks(header, view), READ_AHEAD_MESSAGES, "get-encode")
+
+    @map_errors
+    def OpenTransfer(self, request: pb.OpenTransferRequest, context: Any) -> pb.OpenTransferResponse:
+        if self._bulk is None:
+            raise FailedPrecondition("no bulk channel on this agent (TLS, or --no-peer-bulk): use PutFragment/GetFragment")
+        which = request.WhichOneof("transfer")
+        if which == "put":
+            ticket = self._bulk.offer_put(header_from_proto(request.put))
+            return pb.OpenTransferResponse(port=self._bulk.port, ticket=ticket)
+        if which == "get":
+            get = request.get
+            step = get.step if get.HasField("step") else None
+            header, ticket = self._bulk.offer_get(get.job, get.rank, get.fragment_index, step)
+            return pb.OpenTransferResponse(port=self._bulk.port, ticket=ticket, header=header_to_proto(header))
+        raise InvalidRequest("OpenTransfer: say which transfer (put or get)")
 
 
 def _serve_chunks(header: FragmentHeader, view: memoryview) -> Iterator[bytes]:
@@ -99,6 +117,11 @@ def add_to_server(servicer: PeerServicer, server: grpc.Server) -> None:
             servicer.GetFragment,
             request_deserializer=pb.GetFragmentRequest.FromString,
             response_serializer=serialize,
+        ),
+        "OpenTransfer": grpc.unary_unary_rpc_method_handler(
+            servicer.OpenTransfer,
+            request_deserializer=pb.OpenTransferRequest.FromString,
+            response_serializer=pb.OpenTransferResponse.SerializeToString,
         ),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))

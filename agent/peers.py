@@ -7,17 +7,23 @@ buffer or wherever its sink writes it (a rebuilt slot's file), never joined.
 
 from __future__ import annotations
 
+import logging
+import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 
 import crc32c
 import grpc
 from google.protobuf.message import DecodeError
 
+from memckpt.agent import bulk
 from memckpt.agent.erasure import fresh_buffer
 from memckpt.agent.fragments import SERVE_CHUNK_BYTES, Chunk, FragmentHeader, check_header, copy_into, crc32c_combine
 from memckpt.agent.peer_service import (
     GET_METHOD,
+    OPEN_METHOD,
     PUT_METHOD,
     READ_AHEAD_MESSAGES,
     decode_chunk,
@@ -26,11 +32,15 @@ from memckpt.agent.peer_service import (
     header_to_proto,
     read_ahead,
 )
+from memckpt.config import split_host_port
 from memckpt.errors import CorruptSnapshot, MemckptError, Unavailable
 from memckpt.protos import peer_pb2 as pb
 from memckpt.rpc import error_from_rpc
 from memckpt.security import TlsFiles, channel_credentials, token_metadata
 
+log = logging.getLogger(__name__)
+
+NO_BULK_RETRY_S = 60.0  # a peer whose bulk channel could not be used is asked again after this
 PUT_TIMEOUT_S = 300.0  # the ceiling of any peer call
 PUT_BASE_S = 5.0  # a put's deadline: this, plus its bytes at the slowest rate it may run at
 DEFAULT_PUT_MIN_RATE_BYTES_PER_S = 32 << 20
@@ -61,12 +71,17 @@ def put_timeout_s(fragment_bytes: int, min_rate_bytes_per_s: float = DEFAULT_PUT
 
 
 class PeerClient:
-    """Channels to peers, one per address, reused across calls. Thread-safe."""
+    """Channels to peers, one per address, reused across calls. Thread-safe.
 
-    def __init__(self, *, token: str, tls: TlsFiles) -> None:
+    Fragment bytes go on a peer's bulk channel (agent/bulk.py) when `bulk` is on and the peer
+    offers one, else in gRPC streams; with TLS they always go in gRPC streams (encrypted)."""
+
+    def __init__(self, *, token: str, tls: TlsFiles, bulk: bool = True) -> None:
         self._metadata = token_metadata(token)
         self._credentials = channel_credentials(tls)
+        self._bulk = bulk and not tls.enabled
         self._channels: dict[str, grpc.Channel] = {}
+        self._no_bulk: dict[str, float] = {}  # address -> until when its bulk channel is not tried again
         self._lock = threading.Lock()
 
     def put_fragment(self, address: str, header: FragmentHeader, data: memoryview, *, timeout_s: float | None = None) -> None:
@@ -77,18 +92,24 @@ class PeerClient:
         self.start_put(address, header, data, timeout_s=timeout_s).result()
 
     def start_put(self, address: str, header: FragmentHeader, data: memoryview, *, timeout_s: float | None = None) -> PutCall:
-        """Starts streaming one fragment to the peer at `address`; the call runs on gRPC's threads.
+        """Starts sending one fragment to the peer at `address`, on its bulk channel if it has
+        one (on a thread of the call's own), else in a gRPC stream (on gRPC's threads).
 
         `data` is read until the call ends or `PutCall.cancel()` returns, never after."""
+        deadline_s = put_timeout_s(len(data)) if timeout_s is None else timeout_s
+        if self._bulk_usable(address):
+            return BulkPutCall(self, address, header, data, deadline_s)
+        return self._start_grpc_put(address, header, data, deadline_s)
+
+    def _start_grpc_put(self, address: str, header: FragmentHeader, data: memoryview, deadline_s: float) -> GrpcPutCall:
         put: grpc.StreamUnaryMultiCallable[bytes, pb.PutFragmentResponse] = self._channel(address).stream_unary(
             PUT_METHOD, request_serializer=None, response_deserializer=pb.PutFragmentResponse.FromString
         )
         messages = _PutMessages(pb.PutFragmentRequest(header=header_to_proto(header)).SerializeToString(), data)
-        deadline_s = put_timeout_s(len(data)) if timeout_s is None else timeout_s
         # encoded a few chunks ahead, on a thread of their own, while gRPC sends the one before
         encoded = read_ahead(iter(messages), READ_AHEAD_MESSAGES, "put-encode", stop=messages.closed)
         future = put.future(encoded, metadata=self._metadata, timeout=deadline_s)
-        return PutCall(future, messages, f"PutFragment {header} to {address}")
+        return GrpcPutCall(future, messages, f"PutFragment {header} to {address}")
 
     def get_fragment(
         self, address: str, job: str, rank: int, index: int, step: int, into: memoryview | None = None
@@ -115,9 +136,14 @@ class PeerClient:
         """Streams a fragment and returns its header: first the header, checked, for which
         `open_sink(header)` returns where the bytes go (or raises to refuse it); then each chunk,
         checked against its crc, to `write_at(offset in the fragment, data)`, in order; at the
-        end, all of them against the fragment's crc. On an error part of them may be written."""
+        end, all of them against the fragment's crc. On an error part of them may be written.
+        The bytes come on the peer's bulk channel if it has one, else in a gRPC stream."""
         request = pb.GetFragmentRequest(job=job, rank=rank, fragment_index=index, step=step)
         what = f"fragment {index} of job {job!r} rank {rank} from {address}"
+        if self._bulk_usable(address):
+            fetched = self._bulk_get(address, request, open_sink, what)
+            if fetched is not None:
+                return fetched
         get: grpc.UnaryStreamMultiCallable[pb.GetFragmentRequest, bytes] = self._channel(address).unary_stream(
             GET_METHOD, request_serializer=pb.GetFragmentRequest.SerializeToString, response_deserializer=None
         )
@@ -139,7 +165,7 @@ class PeerClient:
                 size = len(part.data)
                 if received + size > header.fragment_bytes:
                     raise CorruptSnapshot(f"{what}: chunks run past fragment_bytes {header.fragment_bytes}")
-                if crc32c.crc32c(part.data) != part.crc32c:
+                if part.crc32c is None or crc32c.crc32c(part.data) != part.crc32c:
                     raise CorruptSnapshot(f"{what}: chunk crc mismatch")
                 write_at(received, part.data)
                 crc = crc32c_combine(crc, part.crc32c, size)
@@ -152,6 +178,69 @@ class PeerClient:
         if header is None or received != header.fragment_bytes or crc != header.crc32c:
             raise CorruptSnapshot(f"{what} is incomplete or corrupt")
         return header
+
+    def _bulk_get(
+        self, address: str, request: pb.GetFragmentRequest, open_sink: Callable[[FragmentHeader], WriteAt], what: str
+    ) -> FragmentHeader | None:
+        """`receive_fragment` on the bulk channel; None when the peer has none (or it cannot be reached)."""
+        opened = self.open_transfer(address, pb.OpenTransferRequest(get=request), PUT_BASE_S, what)
+        if opened is None:
+            return None
+        header = header_from_proto(opened.header)
+        check_header(header)
+        write_at = open_sink(header)
+        conn = self.bulk_connect(address, opened, PUT_TIMEOUT_S)
+        if conn is None:
+            return None
+        with conn:
+            bulk.receive_fragment(conn, header, write_at, what)
+        return header
+
+    def open_transfer(
+        self, address: str, request: pb.OpenTransferRequest, timeout_s: float, what: str
+    ) -> pb.OpenTransferResponse | None:
+        """A bulk transfer opened on the peer; None when it has no bulk channel (remembered for a while)."""
+        open_call: grpc.UnaryUnaryMultiCallable[pb.OpenTransferRequest, pb.OpenTransferResponse] = self._channel(
+            address
+        ).unary_unary(
+            OPEN_METHOD,
+            request_serializer=pb.OpenTransferRequest.SerializeToString,
+            response_deserializer=pb.OpenTransferResponse.FromString,
+        )
+        try:
+            return open_call(request, metadata=self._metadata, timeout=timeout_s)
+        except grpc.RpcError as exc:
+            code = exc.code() if isinstance(exc, grpc.Call) else None
+            if code in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNIMPLEMENTED):
+                self._avoid_bulk(address, f"it offers none ({exc.details() if isinstance(exc, grpc.Call) else exc})")
+                return None
+            raise error_from_rpc(exc, f"OpenTransfer for {what}") from None
+
+    def bulk_connect(self, address: str, opened: pb.OpenTransferResponse, timeout_s: float) -> socket.socket | None:
+        """A connection to the peer's bulk channel, its ticket sent; None (remembered) if it cannot be reached."""
+        host, _ = split_host_port(address, "peer address")
+        try:
+            return bulk.connect(host, opened.port, opened.ticket, timeout_s)
+        except OSError as exc:
+            self._avoid_bulk(address, f"port {opened.port} unreachable ({exc}); a firewall?")
+            return None
+
+    def _bulk_usable(self, address: str) -> bool:
+        if not self._bulk:
+            return False
+        with self._lock:
+            until = self._no_bulk.get(address)
+            if until is not None and until > time.monotonic():
+                return False
+            self._no_bulk.pop(address, None)
+            return True
+
+    def _avoid_bulk(self, address: str, why: str) -> None:
+        with self._lock:
+            first = address not in self._no_bulk
+            self._no_bulk[address] = time.monotonic() + NO_BULK_RETRY_S
+        if first:
+            log.warning("bulk channel of %s not used for %.0f s: %s; fragments go in gRPC streams", address, NO_BULK_RETRY_S, why)
 
     def close(self) -> None:
         with self._lock:
@@ -195,7 +284,7 @@ class _PutMessages:
             self.closed.set()
 
 
-class PutCall:
+class GrpcPutCall:
     """One PutFragment in flight (`PeerClient.start_put`): wait for its end, or cancel it."""
 
     def __init__(self, future: grpc.Future[pb.PutFragmentResponse], messages: _PutMessages, what: str) -> None:
@@ -266,3 +355,95 @@ def _target(into: memoryview | None, size: int, what: str) -> memoryview:
     if len(into) != size:
         raise CorruptSnapshot(f"{what}: the header says {size} bytes, {len(into)} expected")
     return into
+
+
+class BulkPutCall:
+    """One put on a peer's bulk channel (`PeerClient.start_put`), on a thread of its own; the
+    same interface as `GrpcPutCall`. When the peer turns out to have no bulk channel, the put
+    goes in a gRPC stream instead, within the same call."""
+
+    def __init__(self, peers: PeerClient, address: str, header: FragmentHeader, data: memoryview, deadline_s: float) -> None:
+        self.what = f"put of {header} to {address}"
+        self._peers, self._address, self._header, self._data = peers, address, header, data
+        self._deadline = time.monotonic() + deadline_s
+        self._future: Future[None] = Future()
+        self._lock = threading.Lock()  # held while a chunk of `data` is sent: cancel() waits for it
+        self._cancelled = False
+        self._conn: socket.socket | None = None
+        self._fallback: GrpcPutCall | None = None
+        self._future.set_running_or_notify_cancel()
+        threading.Thread(target=self._run, name="bulk-put", daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            self._put()
+        except MemckptError as exc:
+            self._future.set_exception(exc)
+        except Exception as exc:  # the call must end, whatever happened
+            log.exception("%s failed", self.what)
+            self._future.set_exception(Unavailable(f"{self.what}: {type(exc).__name__}: {exc}"))
+        else:
+            self._future.set_result(None)
+
+    def _put(self) -> None:
+        peers, header = self._peers, self._header
+        request = pb.OpenTransferRequest(put=header_to_proto(header))
+        opened = peers.open_transfer(self._address, request, min(PUT_BASE_S, self._left_s()), self.what)
+        conn = peers.bulk_connect(self._address, opened, self._left_s()) if opened is not None else None
+        if conn is None:
+            with self._lock:
+                if self._cancelled:
+                    raise Unavailable(f"{self.what}: cancelled")
+                self._fallback = peers._start_grpc_put(self._address, header, self._data, self._left_s())
+            self._fallback.result()
+            return
+        with conn:
+            with self._lock:
+                self._conn = conn
+            conn.settimeout(min(bulk.IO_TIMEOUT_S, max(0.001, self._left_s())))
+            bulk.send_fragment(conn, self._data, self.what, self._send_chunk)
+
+    def _send_chunk(self, conn: socket.socket, piece: memoryview) -> None:
+        """Sends one chunk of `data`, unless the call was cancelled or ran past its deadline."""
+        with self._lock:
+            if self._cancelled:
+                raise Unavailable(f"{self.what}: cancelled")
+            if self._left_s() <= 0:
+                raise Unavailable(f"{self.what}: deadline exceeded")
+            conn.sendall(piece)
+
+    def _left_s(self) -> float:
+        return max(0.0, self._deadline - time.monotonic())
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def add_done_callback(self, callback: Callable[[], object]) -> None:
+        """Calls `callback()` when the call ends (at once if it has), on whichever thread ends it."""
+        self._future.add_done_callback(lambda _: callback())
+
+    def cancel(self) -> None:
+        """Ends the call (the peer drops what it received); `data` is not read after this returns."""
+        self._cancelled = True
+        conn = self._conn
+        if conn is not None:  # a send blocked on a stalled peer ends now
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        with self._lock:  # no chunk of `data` is being sent from here on
+            fallback = self._fallback
+        if fallback is not None:
+            fallback.cancel()
+
+    def error(self) -> MemckptError | None:
+        """None if the peer stored the fragment; else why not (the call must be done)."""
+        exc = self._future.exception(timeout=0)
+        return exc if isinstance(exc, MemckptError) or exc is None else Unavailable(f"{self.what}: {exc}")
+
+    def result(self) -> None:
+        """Waits for the call's end; raises the memckpt error of a refused or failed put."""
+        self._future.result()
+
+
+PutCall = GrpcPutCall | BulkPutCall

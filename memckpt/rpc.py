@@ -80,4 +80,11 @@ def error_from_rpc(exc: grpc.RpcError, what: str) -> errors.MemckptError:
     details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
         return errors.Unavailable(f"{what}: {code.name}: {details}")
-    return _EXCEPTION.get(code, errors.MemckptError)(f"{what}: {details}")
+    return exception_for_status(code)(f"{what}: {details}")
+
+
+def exception_for_status(code: grpc.StatusCode) -> type[errors.MemckptError]:
+    """The memckpt error class a status code stands for (MemckptError for one no error maps to)."""
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
+        return errors.Unavailable
+    return _EXCEPTION.get(code, errors.MemckptError)

@@ -83,3 +83,21 @@ class FragmentChunk(_message.Message):
     header: FragmentHeader
     chunk: FragmentData
     def __init__(self, header: _Optional[_Union[FragmentHeader, _Mapping]] = ..., chunk: _Optional[_Union[FragmentData, _Mapping]] = ...) -> None: ...
+
+class OpenTransferRequest(_message.Message):
+    __slots__ = ("put", "get")
+    PUT_FIELD_NUMBER: _ClassVar[int]
+    GET_FIELD_NUMBER: _ClassVar[int]
+    put: FragmentHeader
+    get: GetFragmentRequest
+    def __init__(self, put: _Optional[_Union[FragmentHeader, _Mapping]] = ..., get: _Optional[_Union[GetFragmentRequest, _Mapping]] = ...) -> None: ...
+
+class OpenTransferResponse(_message.Message):
+    __slots__ = ("port", "ticket", "header")
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    TICKET_FIELD_NUMBER: _ClassVar[int]
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    port: int
+    ticket: bytes
+    header: FragmentHeader
+    def __init__(self, port: _Optional[int] = ..., ticket: _Optional[bytes] = ..., header: _Optional[_Union[FragmentHeader, _Mapping]] = ...) -> None: ...

@@ -44,6 +44,11 @@ class PeerServiceStub:
                 request_serializer=memckpt_dot_protos_dot_peer__pb2.GetFragmentRequest.SerializeToString,
                 response_deserializer=memckpt_dot_protos_dot_peer__pb2.FragmentChunk.FromString,
                 _registered_method=True)
+        self.OpenTransfer = channel.unary_unary(
+                '/memckpt.v1.PeerService/OpenTransfer',
+                request_serializer=memckpt_dot_protos_dot_peer__pb2.OpenTransferRequest.SerializeToString,
+                response_deserializer=memckpt_dot_protos_dot_peer__pb2.OpenTransferResponse.FromString,
+                _registered_method=True)
 
 
 class PeerServiceServicer:
@@ -64,6 +69,16 @@ class PeerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenTransfer(self, request, context):
+        """Opens a transfer of a fragment's bytes on the agent's bulk channel (a TCP connection of
+        its own, see agent/bulk.py): checked as PutFragment or GetFragment would check it, it
+        answers with the port and a one-time ticket. FAILED_PRECONDITION: the channel is off here
+        (TLS between agents, or --peer-bulk off): use PutFragment / GetFragment.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PeerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -76,6 +91,11 @@ def add_PeerServiceServicer_to_server(servicer, server):
                     servicer.GetFragment,
                     request_deserializer=memckpt_dot_protos_dot_peer__pb2.GetFragmentRequest.FromString,
                     response_serializer=memckpt_dot_protos_dot_peer__pb2.FragmentChunk.SerializeToString,
+            ),
+            'OpenTransfer': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenTransfer,
+                    request_deserializer=memckpt_dot_protos_dot_peer__pb2.OpenTransferRequest.FromString,
+                    response_serializer=memckpt_dot_protos_dot_peer__pb2.OpenTransferResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -132,6 +152,33 @@ class PeerService:
             '/memckpt.v1.PeerService/GetFragment',
             memckpt_dot_protos_dot_peer__pb2.GetFragmentRequest.SerializeToString,
             memckpt_dot_protos_dot_peer__pb2.FragmentChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenTransfer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memckpt.v1.PeerService/OpenTransfer',
+            memckpt_dot_protos_dot_peer__pb2.OpenTransferRequest.SerializeToString,
+            memckpt_dot_protos_dot_peer__pb2.OpenTransferResponse.FromString,
             options,
             channel_credentials,
             insecure,

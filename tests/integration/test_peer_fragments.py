@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -13,13 +14,14 @@ import crc32c
 import grpc
 import pytest
 
+from memckpt.agent import bulk
 from memckpt.agent.erasure import Scheme, data_fragment, decode, encode_parity
 from memckpt.agent.fragments import FragmentHeader, fragment_prefix
 from memckpt.agent.peer_service import SERVER_OPTIONS, SERVICE
-from memckpt.agent.peers import PeerClient
+from memckpt.agent.peers import BulkPutCall, PeerClient
 from memckpt.agent.shm import DEFAULT_ROOT
 from memckpt.coordinator.groups import choose_fragment_holders
-from memckpt.errors import StaleGeneration, Unavailable
+from memckpt.errors import CorruptSnapshot, StaleGeneration, Unavailable
 from memckpt.local import AgentProcess, CoordinatorProcess, wait_until
 from memckpt.protos import coordinator_pb2 as cpb
 from memckpt.protos import coordinator_pb2_grpc as cpb_grpc
@@ -77,6 +79,26 @@ def cluster(tmp_path: Path, shm_prefix: str, agent_factory) -> Iterator[Cluster]
             (DEFAULT_ROOT / name).unlink(missing_ok=True)
         assert not leftovers, f"agents left shared memory behind: {leftovers}"
         assert all(code in (0, -9) for code in codes), codes
+
+
+def restart_agent(cluster: Cluster, node: str, *extra_args: str, kill: bool = False) -> None:
+    """Stops (or SIGKILLs) a node's agent and starts it again on the same shm prefix, with
+    `extra_args` added; returns once the coordinator knows its new address."""
+    old = cluster.addresses()[node]
+    agent = cluster.agents[node]
+    if kill:
+        agent.kill()
+    else:
+        agent.stop()
+    restarted = AgentProcess(
+        socket_path=agent.socket_path,
+        shm_prefix=agent.shm_prefix,
+        memory_limit="1GiB",
+        log_path=agent.log_path,
+        extra_args=["--on-exit", "remove", *cluster.agent_args[node], *extra_args],
+    )
+    cluster.agents[node] = restarted.start()
+    wait_until(lambda: cluster.addresses().get(node, old) != old, 30, f"{node} to register its new address")
 
 
 def fragments() -> dict[int, bytes]:
@@ -183,17 +205,7 @@ def test_fragments_are_placed_served_checked_and_survive_an_agent_kill(cluster: 
         assert status_of(lambda token=token: get(addresses["node3"], 2, token=token)) == grpc.StatusCode.UNAUTHENTICATED
 
     # kill -9 a holder and restart it on the same shm prefix: it re-adopts and serves the fragment
-    old = addresses["node1"]
-    cluster.agents["node1"].kill()
-    restarted = AgentProcess(
-        socket_path=cluster.agents["node1"].socket_path,
-        shm_prefix=cluster.agents["node1"].shm_prefix,
-        memory_limit="1GiB",
-        log_path=cluster.agents["node1"].log_path,
-        extra_args=["--on-exit", "remove", *cluster.agent_args["node1"]],
-    )
-    cluster.agents["node1"] = restarted.start()
-    wait_until(lambda: cluster.addresses().get("node1", old) != old, 30, "node1 to register its new address")
+    restart_agent(cluster, "node1", kill=True)
     assert get(cluster.addresses()["node1"], 0, step=5) == frags[0]
 
 
@@ -273,17 +285,7 @@ def test_steps_sent_by_peer_client_reuse_the_holders_segments_and_survive_a_kill
     finally:
         peers.close()
 
-    old = addresses["node1"]
-    cluster.agents["node1"].kill()
-    restarted = AgentProcess(
-        socket_path=cluster.agents["node1"].socket_path,
-        shm_prefix=cluster.agents["node1"].shm_prefix,
-        memory_limit="1GiB",
-        log_path=cluster.agents["node1"].log_path,
-        extra_args=["--on-exit", "remove", *cluster.agent_args["node1"]],
-    )
-    cluster.agents["node1"] = restarted.start()
-    wait_until(lambda: cluster.addresses().get("node1", old) != old, 30, "node1 to register its new address")
+    restart_agent(cluster, "node1", kill=True)
     assert get(cluster.addresses()["node1"], 0, step=13) == frag
     assert status_of(lambda: get(cluster.addresses()["node1"], 0, step=11)) == grpc.StatusCode.NOT_FOUND
 
@@ -366,3 +368,110 @@ def test_a_cancelled_put_ends_at_once_and_reads_no_more_of_its_bytes(stalled_pee
         assert servicer.ended.wait(5)
     finally:
         peers.close()
+
+
+def open_transfer(address: str, request: pb.OpenTransferRequest, token: str = TOKEN) -> pb.OpenTransferResponse:
+    with grpc.insecure_channel(address) as channel:
+        return pb_grpc.PeerServiceStub(channel).OpenTransfer(request, metadata=token_metadata(token), timeout=10)
+
+
+def bulk_connection(address: str, port: int, ticket: bytes) -> socket.socket:
+    conn = socket.create_connection((address.rsplit(":", 1)[0], port), timeout=10)
+    conn.sendall(ticket)
+    return conn
+
+
+def closed_unanswered(conn: socket.socket) -> bool:
+    """The peer closed the connection without sending a byte (reset, when our bytes were left unread)."""
+    try:
+        return conn.recv(16) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_fragments_travel_on_the_bulk_channel_with_one_time_tickets_and_checksums(cluster: Cluster) -> None:
+    """OpenTransfer checks a transfer as PutFragment/GetFragment would and hands out a ticket
+    good for one connection; the bytes are checked against the fragment's crc32c; any other
+    connection is closed unanswered."""
+    addresses = cluster.addresses()
+    frags = fragments()
+    node1 = addresses["node1"]
+    wait_until(lambda: when_placed(node1, lambda: put_messages(0, frags[0])) == grpc.StatusCode.OK, 15, "placement")
+
+    opened = open_transfer(node1, pb.OpenTransferRequest(put=header(0, frags[0], step=6)))
+    assert opened.port > 0 and len(opened.ticket) == bulk.TICKET_BYTES
+    with bulk_connection(node1, opened.port, opened.ticket) as conn:
+        conn.sendall(frags[0])
+        bulk.read_verdict(conn, "put of step 6")  # raises unless stored
+    assert get(node1, 0, step=6) == frags[0]
+
+    # the same ticket again, or made-up bytes: the connection is closed without a word
+    for ticket in (opened.ticket, bytes(bulk.TICKET_BYTES)):
+        with bulk_connection(node1, opened.port, ticket) as conn:
+            conn.sendall(frags[0][:1024])
+            assert closed_unanswered(conn)
+
+    # bytes damaged in transit (the header's crc32c says otherwise): refused, nothing of step 7 kept
+    damaged = bytes([frags[0][0] ^ 0xFF]) + frags[0][1:]
+    opened = open_transfer(node1, pb.OpenTransferRequest(put=header(0, frags[0], step=7)))
+    with bulk_connection(node1, opened.port, opened.ticket) as conn:
+        conn.sendall(damaged)
+        with pytest.raises(CorruptSnapshot, match="crc32c"):
+            bulk.read_verdict(conn, "put of step 7")
+    assert status_of(lambda: get(node1, 0, step=7)) == grpc.StatusCode.NOT_FOUND
+
+    # a transfer the coordinator did not place, an unknown fragment, no token: refused at OpenTransfer
+    assert status_of(lambda: open_transfer(node1, pb.OpenTransferRequest(put=header(1, frags[1])))) == (
+        grpc.StatusCode.PERMISSION_DENIED
+    )
+    missing = pb.GetFragmentRequest(job="j", rank=0, fragment_index=0, step=99)
+    assert status_of(lambda: open_transfer(node1, pb.OpenTransferRequest(get=missing))) == grpc.StatusCode.NOT_FOUND
+    assert status_of(lambda: open_transfer(node1, pb.OpenTransferRequest(get=missing), token="wrong")) == (
+        grpc.StatusCode.UNAUTHENTICATED
+    )
+
+    # a get: the header over gRPC, the raw bytes on the connection
+    wanted = pb.GetFragmentRequest(job="j", rank=0, fragment_index=0, step=6)
+    opened = open_transfer(node1, pb.OpenTransferRequest(get=wanted))
+    assert (opened.header.step, opened.header.fragment_bytes) == (6, len(frags[0]))
+    with bulk_connection(node1, opened.port, opened.ticket) as conn:
+        assert bulk.recv_exact(conn, len(frags[0])) == frags[0]
+        assert conn.recv(16) == b""
+
+    # PeerClient takes the bulk channel both ways
+    peers = PeerClient(token=TOKEN, tls=TlsFiles())
+    try:
+        newer = FragmentHeader(
+            job="j", rank=0, step=8, generation=1, index=0, k=2, m=1, size_bytes=SCHEME.size_bytes,
+            fragment_bytes=SCHEME.fragment_bytes, owner="node0", crc32c=crc32c.crc32c(frags[0]),
+        )  # fmt: skip
+        call = peers.start_put(node1, newer, memoryview(frags[0]))
+        assert isinstance(call, BulkPutCall)
+        call.result()
+        got_header, got = peers.get_fragment(node1, "j", 0, 0, 8)
+        assert bytes(got) == frags[0] and got_header.step == 8
+    finally:
+        peers.close()
+    log = cluster.agents["node1"].log_path.read_text()
+    assert "bulk channel listening" in log
+    assert "unknown or expired ticket" in log
+
+
+def test_an_agent_with_the_bulk_channel_off_is_reached_in_grpc_streams(cluster: Cluster) -> None:
+    """--no-peer-bulk: OpenTransfer says FAILED_PRECONDITION, and PeerClient puts and gets in gRPC streams instead."""
+    restart_agent(cluster, "node1", "--no-peer-bulk")
+    node1 = cluster.addresses()["node1"]
+    frag = fragments()[0]
+    request = pb.OpenTransferRequest(put=header(0, frag))
+    assert status_of(lambda: open_transfer(node1, request)) == grpc.StatusCode.FAILED_PRECONDITION
+    peers = PeerClient(token=TOKEN, tls=TlsFiles())
+    try:
+        fragment_header = FragmentHeader(
+            job="j", rank=0, step=5, generation=1, index=0, k=2, m=1, size_bytes=SCHEME.size_bytes,
+            fragment_bytes=SCHEME.fragment_bytes, owner="node0", crc32c=crc32c.crc32c(frag),
+        )  # fmt: skip
+        wait_until(lambda: _stored(peers, node1, fragment_header, frag), 15, "node1 to hear its group", interval_s=0.2)
+        assert bytes(peers.get_fragment(node1, "j", 0, 0, 5)[1]) == frag
+    finally:
+        peers.close()
+    assert "bulk channel off (peer_bulk)" in cluster.agents["node1"].log_path.read_text()
