@@ -45,6 +45,7 @@ TICKET_BYTES = 32
 TICKET_TTL_S = 30.0  # from OpenTransfer to the connection
 MAX_OPEN_TICKETS = 256  # issued and not yet redeemed; beyond, OpenTransfer is refused (UNAVAILABLE)
 MAX_CONNECTIONS = 32  # served at once; more are closed at once
+TICKET_TIMEOUT_S = 5.0  # a connection must send its ticket within this (an idle one holds a slot)
 IO_TIMEOUT_S = 30.0  # a connection that moves nothing for this long is cut (its upload discarded)
 CHUNK_BYTES = 4 << 20  # bytes moved (and checksummed) per step
 _VERDICT = struct.Struct("!BI")  # status code, length of the message that follows
@@ -217,11 +218,12 @@ class BulkServer:
 
     def _serve(self, conn: socket.socket, peer: object) -> None:
         try:
-            conn.settimeout(IO_TIMEOUT_S)
+            conn.settimeout(TICKET_TIMEOUT_S)
             transfer = self.tickets.redeem(recv_exact(conn, TICKET_BYTES), time.monotonic())
             if transfer is None:
                 log.warning("bulk connection from %s refused: unknown or expired ticket", peer)
                 return
+            conn.settimeout(IO_TIMEOUT_S)
             if isinstance(transfer, PutTransfer):
                 self._receive(conn, transfer.header)
             else:
