@@ -12,7 +12,7 @@ import psutil
 from memckpt.config import field, split_host_port
 from memckpt.errors import ConfigError
 from memckpt.names import check_name
-from memckpt.security import TlsFiles
+from memckpt.security import TlsFiles, resolve_token
 from memckpt.sizes import format_size
 
 DEFAULT_MEMORY_FRACTION = 0.5
@@ -88,6 +88,7 @@ class AgentConfig:
     )
     """The bound address is logged and shown by `memckpt status`."""
     token: str = field("", "shared token sent to the coordinator and peers", default_text="none")
+    token_file: Path | None = field(None, "file holding the token instead (kept out of the process list)", default_text="none")
     tls_cert: Path | None = field(None, "this agent's certificate (PEM), for mutual TLS", default_text="none")
     tls_key: Path | None = field(None, "this agent's private key (PEM)", default_text="none")
     tls_ca: Path | None = field(None, "CA of the coordinator's and peers' certificates", default_text="none")
@@ -128,6 +129,7 @@ class AgentConfig:
             if getattr(self, name):
                 split_host_port(getattr(self, name), name)
         self.tls.check()
+        object.__setattr__(self, "token", resolve_token(self.token, self.token_file))  # frozen: set once, here
         if len(str(self.socket)) > 100:
             raise ConfigError(f"socket path {self.socket} is longer than a unix socket allows (~107 bytes)")
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from memckpt.config import field, split_host_port
 from memckpt.errors import ConfigError
-from memckpt.security import TlsFiles
+from memckpt.security import TlsFiles, resolve_token
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -21,6 +21,7 @@ class CoordinatorConfig:
     tls_key: Path | None = field(None, "server private key (PEM)", default_text="none")
     tls_ca: Path | None = field(None, "CA that signs agents' client certificates: mutual TLS", default_text="none")
     token: str = field("", "shared token every caller must send", default_text="none")
+    token_file: Path | None = field(None, "file holding the token instead (kept out of the process list)", default_text="none")
     port_file: Path | None = field(None, "write the port actually bound here (for --listen host:0)", default_text="none")
     metrics_listen: str = field(
         "",
@@ -40,6 +41,7 @@ class CoordinatorConfig:
         if self.k < 1 or self.m < 0 or self.k + self.m > 256:
             raise ConfigError(f"k={self.k}, m={self.m}: need k >= 1, m >= 0, k + m <= 256")
         self.tls.check()
+        object.__setattr__(self, "token", resolve_token(self.token, self.token_file))  # frozen: set once, here
 
     @property
     def tls(self) -> TlsFiles:

@@ -33,7 +33,7 @@ from memckpt.protos import agent_pb2 as pb
 from memckpt.protos import agent_pb2_grpc as pb_grpc
 from memckpt.protos import coordinator_pb2, coordinator_pb2_grpc
 from memckpt.rpc import error_from_rpc
-from memckpt.security import add_client_tls_flags, channel_credentials, client_tls, token_metadata
+from memckpt.security import add_client_tls_flags, add_token_flags, channel_credentials, client_tls, client_token, token_metadata
 from memckpt.sizes import format_size
 
 
@@ -71,9 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="what the local agent holds, or the whole cluster (--coordinator)")
     _socket_arg(status)
     status.add_argument("--coordinator", metavar="HOST:PORT", help="show the cluster as the coordinator sees it")
-    status.add_argument(
-        "--token", default=os.environ.get("MEMCKPT_TOKEN", ""), help="the cluster token (default: $MEMCKPT_TOKEN)"
-    )
+    add_token_flags(status)
     add_client_tls_flags(status)
     status.add_argument("--json", action="store_true", help="print JSON for scripts")
 
@@ -230,7 +228,7 @@ def cmd_cluster_status(args: argparse.Namespace) -> int:
     with channel:
         try:
             reply = coordinator_pb2_grpc.CoordinatorServiceStub(channel).GetClusterStatus(
-                coordinator_pb2.GetClusterStatusRequest(), metadata=token_metadata(args.token), timeout=10
+                coordinator_pb2.GetClusterStatusRequest(), metadata=token_metadata(client_token(args)), timeout=10
             )
         except grpc.RpcError as exc:
             raise error_from_rpc(exc, f"coordinator at {args.coordinator}") from None

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -23,7 +22,7 @@ from memckpt.errors import MemckptError
 from memckpt.protos import coordinator_pb2 as pb
 from memckpt.protos import coordinator_pb2_grpc as pb_grpc
 from memckpt.rpc import error_from_rpc
-from memckpt.security import add_client_tls_flags, channel_credentials, client_tls, token_metadata
+from memckpt.security import add_client_tls_flags, add_token_flags, channel_credentials, client_tls, client_token, token_metadata
 
 POLL_S = 0.5
 LINE_EVERY_S = 5.0  # without a terminal: a line at least this often, and at every change
@@ -60,9 +59,7 @@ def add_parser(sub: Any) -> None:
     )
     drain.add_argument("node", metavar="NODE", help="the node to drain (its agent's --node)")
     drain.add_argument("--coordinator", required=True, metavar="HOST:PORT", help="the coordinator")
-    drain.add_argument(
-        "--token", default=os.environ.get("MEMCKPT_TOKEN", ""), metavar="T", help="the cluster token (default: $MEMCKPT_TOKEN)"
-    )
+    add_token_flags(drain)
     add_client_tls_flags(drain)
     drain.add_argument(
         "--timeout-s", type=float, default=600.0, metavar="S", help="give up waiting after S seconds (default: 600)"
@@ -198,7 +195,7 @@ class ProgressLine:
 def cmd_drain(args: argparse.Namespace) -> int:
     credentials = channel_credentials(client_tls(args))
     channel = grpc.secure_channel(args.coordinator, credentials) if credentials else grpc.insecure_channel(args.coordinator)
-    metadata = token_metadata(args.token)
+    metadata = token_metadata(client_token(args))
     where = f"coordinator at {args.coordinator}"
     with channel:
         stub = pb_grpc.CoordinatorServiceStub(channel)  # type: ignore[no-untyped-call]

@@ -12,6 +12,7 @@ import argparse
 import hmac
 import logging
 import os
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,6 +90,60 @@ def client_tls(args: argparse.Namespace) -> TlsFiles:
     tls = TlsFiles(cert=args.tls_cert, key=args.tls_key, ca=args.tls_ca)
     tls.check()
     return tls
+
+
+MAX_TOKEN_FILE_BYTES = 4096
+
+
+def read_token_file(path: Path) -> str:
+    """The token in `path` (its first line, without surrounding white space): a token given on
+    a command line shows in every user's `ps`, one in a file does not. The file must not be
+    writable by others (whoever could change it could lock the cluster out or let anyone in)."""
+    try:
+        info = path.stat()
+        if info.st_size > MAX_TOKEN_FILE_BYTES:
+            raise ConfigError(f"token_file {path} is {info.st_size} bytes: not a token file")
+        if stat.S_IMODE(info.st_mode) & 0o022:
+            raise ConfigError(
+                f"token_file {path} is writable by group or others (mode {stat.S_IMODE(info.st_mode):o}); chmod go-w it"
+            )
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise ConfigError(f"cannot read token_file {path}: {exc}") from None
+    token = lines[0].strip() if lines else ""
+    if not token:
+        raise ConfigError(f"token_file {path} is empty")
+    return token
+
+
+def resolve_token(token: str, token_file: Path | None) -> str:
+    """The token a daemon or command uses: `token`, or the one in `token_file`; both is an error."""
+    if token_file is None:
+        return token
+    if token:
+        raise ConfigError("give the token or token_file, not both")
+    return read_token_file(token_file)
+
+
+def add_token_flags(parser: argparse.ArgumentParser) -> None:
+    """--token and --token-file for a CLI command that calls a service (defaults: MEMCKPT_TOKEN,
+    MEMCKPT_TOKEN_FILE, as the daemons read them)."""
+    parser.add_argument(
+        "--token", default=os.environ.get("MEMCKPT_TOKEN", ""), metavar="T", help="the cluster token (default: $MEMCKPT_TOKEN)"
+    )
+    token_file = os.environ.get("MEMCKPT_TOKEN_FILE")
+    parser.add_argument(
+        "--token-file",
+        type=Path,
+        default=Path(token_file) if token_file else None,
+        metavar="PATH",
+        help="read the token from this file instead, out of the process list (default: $MEMCKPT_TOKEN_FILE)",
+    )
+
+
+def client_token(args: argparse.Namespace) -> str:
+    """The token `add_token_flags` parsed (ConfigError for both, or for a bad file)."""
+    return resolve_token(args.token, args.token_file)
 
 
 def token_metadata(token: str) -> tuple[tuple[str, str], ...]:

@@ -292,3 +292,37 @@ def test_mutual_tls_an_agent_joins_and_the_cli_needs_a_certificate(
             assert "Traceback" not in refused.stderr, refused.stderr  # a precise error, not a crash
     finally:
         assert process.stop() == 0, f"see {process.log_path}"
+
+
+def test_a_token_file_keeps_the_token_out_of_every_process_list(tmp_path: Path, agent_factory: AgentFactory) -> None:
+    """--token-file on the coordinator, an agent and the CLI: they all authenticate, and the
+    token appears on no command line; a file with another token is refused."""
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    token_file.chmod(0o600)
+    coordinator = CoordinatorProcess(
+        workdir=tmp_path, extra_args=["--lease-s", "1.5", "--heartbeat-interval-s", "0.3", "--token-file", str(token_file)]
+    )
+    coordinator.start()
+    try:
+        args = [a for a in agent_args("t0", "rack0", coordinator) if a not in ("--token", TOKEN)]
+        agent = agent_factory(name="t0", extra_args=(*args, "--token-file", str(token_file)))
+        command = [sys.executable, "-m", "memckpt.cli", "status", "--coordinator", coordinator.address, "--json"]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MEMCKPT_TOKEN")}
+
+        def nodes() -> list[str]:
+            run = subprocess.run([*command, "--token-file", str(token_file)], capture_output=True, text=True, timeout=30, env=env)
+            assert run.returncode == 0, run.stderr
+            return [a["node"] for a in json.loads(run.stdout)["agents"] if a["alive"]]
+
+        wait_until(lambda: nodes() == ["t0"], 30, "the agent to register with the token from its file")
+        for process in (coordinator.process, agent.process):
+            assert process is not None
+            assert TOKEN not in Path(f"/proc/{process.pid}/cmdline").read_text()
+        wrong = tmp_path / "wrong"
+        wrong.write_text("not-the-token\n")
+        wrong.chmod(0o600)
+        run = subprocess.run([*command, "--token-file", str(wrong)], capture_output=True, text=True, timeout=30, env=env)
+        assert run.returncode != 0 and "missing or wrong token" in run.stderr
+    finally:
+        assert coordinator.stop() == 0, f"see {coordinator.log_path}"

@@ -72,6 +72,8 @@ def test_agent_flag_set_is_frozen() -> None:
         "--metrics-listen",
         "--node",
         "--on-exit",
+        "--peer-bulk",
+        "--peer-bulk-port",
         "--peer-listen",
         "--persist-every",
         "--persist-interval-s",
@@ -91,5 +93,6 @@ def test_agent_flag_set_is_frozen() -> None:
         "--tls-cert",
         "--tls-key",
         "--token",
+        "--token-file",
         "-h",
     ]

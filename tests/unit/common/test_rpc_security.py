@@ -2,14 +2,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 
-from memckpt.errors import CorruptSnapshot, PermissionDenied
+from memckpt.agent.config import AgentConfig
+from memckpt.coordinator.config import CoordinatorConfig
+from memckpt.errors import ConfigError, CorruptSnapshot, PermissionDenied
 from memckpt.rpc import error_from_rpc, map_stream_errors
-from memckpt.security import TokenInterceptor, token_metadata
+from memckpt.security import TokenInterceptor, read_token_file, resolve_token, token_metadata
 
 
 class Aborted(Exception):
@@ -95,3 +98,32 @@ def test_permission_denied_round_trips_through_its_status() -> None:
             return "not placed here"
 
     assert isinstance(error_from_rpc(Failed(), "PutFragment"), PermissionDenied)
+
+
+def test_a_token_file_gives_its_first_line_and_must_be_safe(tmp_path: Path) -> None:
+    path = tmp_path / "token"
+    path.write_text("  s3cret \nignored\n")
+    path.chmod(0o600)
+    assert read_token_file(path) == "s3cret"
+    assert resolve_token("", path) == "s3cret" and resolve_token("t", None) == "t"
+    with pytest.raises(ConfigError, match="not both"):
+        resolve_token("t", path)
+    path.chmod(0o620)
+    with pytest.raises(ConfigError, match="writable by group or others"):
+        read_token_file(path)
+    path.chmod(0o600)
+    path.write_text("\n")
+    with pytest.raises(ConfigError, match="is empty"):
+        read_token_file(path)
+    with pytest.raises(ConfigError, match="cannot read"):
+        read_token_file(tmp_path / "missing")
+
+
+def test_the_daemons_configs_read_the_token_file(tmp_path: Path) -> None:
+    path = tmp_path / "token"
+    path.write_text("s3cret\n")
+    path.chmod(0o600)
+    assert CoordinatorConfig(token_file=path).token == "s3cret"
+    assert AgentConfig(token_file=path, socket=tmp_path / "a.sock").token == "s3cret"
+    with pytest.raises(ConfigError, match="not both"):
+        CoordinatorConfig(token="x", token_file=path)
