@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import baselines
 import loopback
 import numpy as np
+import psutil
 import torch
 import zfec
 from loopback import gbps, median_after_first, progress
@@ -40,6 +41,8 @@ from loopback import gbps, median_after_first, progress
 from memckpt.agent.erasure import Scheme, data_fragment, decode, encode_parity
 from memckpt.local import wait_until
 from memckpt.trainer.checkpointer import Checkpointer
+
+QUIET_CPU = 0.1  # cores per agent below which the group counts as idle between reconstruct samples
 
 SCHEMES = ((2, 1), (4, 2), (8, 2))
 ZFEC_REFERENCE = "4,2"  # the scheme whose zfec figure is `zfec_encode_gbps`
@@ -136,6 +139,21 @@ def _restore_on_replacement(group: loopback.LocalGroup, node: str, job: str, sta
     return elapsed
 
 
+def _wait_quiet(group: loopback.LocalGroup, timeout_s: float = 20.0) -> None:
+    """Waits until the agents are idle (under QUIET_CPU of a core each over 0.3 s): a replacement
+    re-protects the rank it rebuilt, and its puts (cut short by its stop) must not overlap the next
+    replacement's fetch, or the sample measures the two together."""
+    processes = [psutil.Process(agent.pid) for agent in group.agents.values()]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        before = [p.cpu_times() for p in processes]
+        time.sleep(0.3)
+        busy = [(a.user + a.system - b.user - b.system) / 0.3 for a, b in zip((p.cpu_times() for p in processes), before)]
+        if max(busy) < QUIET_CPU:
+            return
+    progress(f"warning: agents still busy after {timeout_s:.0f} s; measuring anyway")
+
+
 def measure_reconstruct(state: dict[str, torch.Tensor], k: int, m: int, repeats: int) -> list[float]:
     """Seconds of each restore from fragments, on a new replacement agent each time."""
     size = sum(t.nbytes for t in state.values())
@@ -154,6 +172,7 @@ def measure_reconstruct(state: dict[str, torch.Tensor], k: int, m: int, repeats:
         samples_s = []
         for i in range(max(1, repeats)):
             node = f"node{k + m + 1 + i}"
+            _wait_quiet(group)
             samples_s.append(_restore_on_replacement(group, node, job, state))
             group.agents.pop(node).stop()  # clean stop: it removes its slots; the fragments stay on the holders
     return samples_s
