@@ -17,7 +17,9 @@ connects to that port on the peer's advertised host and sends the ticket; then
 
 A ticket is good for one connection, for TICKET_TTL_S, for the transfer it was issued for:
 a connection with any other 32 bytes is closed unanswered. With TLS between agents the
-channel is off and fragments stay on gRPC, encrypted (`BulkServer` is then not started).
+connection is TLS too, with the same certificates (and the same demand for a client
+certificate with a CA): the ticket then travels encrypted, and only a peer the CA vouches for
+gets to send one.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import logging
 import secrets
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -157,8 +160,11 @@ class BulkServer:
     """Accepts bulk connections on `host:port` (port 0: any free one) for the transfers its
     `Tickets` were issued for; each connection is served on a thread of its own."""
 
-    def __init__(self, store: FragmentStore, host: str, port: int, tickets: Tickets | None = None) -> None:
+    def __init__(
+        self, store: FragmentStore, host: str, port: int, tickets: Tickets | None = None, tls: ssl.SSLContext | None = None
+    ) -> None:
         self._store = store
+        self._tls = tls  # None: plain TCP (no TLS between agents)
         self.tickets = tickets or Tickets()
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._listener = socket.socket(family, socket.SOCK_STREAM)
@@ -219,6 +225,17 @@ class BulkServer:
     def _serve(self, conn: socket.socket, peer: object) -> None:
         try:
             conn.settimeout(TICKET_TIMEOUT_S)
+            if self._tls is not None:
+                plain = conn
+                try:
+                    conn = self._tls.wrap_socket(plain, server_side=True)  # the handshake, within the timeout
+                except (ssl.SSLError, OSError) as exc:
+                    log.warning("bulk connection from %s refused: TLS handshake failed: %s", peer, exc)
+                    plain.close()
+                    return
+                with self._lock:
+                    self._connections.discard(plain)
+                    self._connections.add(conn)
             transfer = self.tickets.redeem(recv_exact(conn, TICKET_BYTES), time.monotonic())
             if transfer is None:
                 log.warning("bulk connection from %s refused: unknown or expired ticket", peer)
@@ -275,9 +292,12 @@ def _drain(conn: socket.socket, deadline: float) -> None:
 # --- the client side --------------------------------------------------------------------------
 
 
-def connect(host: str, port: int, ticket: bytes, timeout_s: float) -> socket.socket:
+def connect(host: str, port: int, ticket: bytes, timeout_s: float, tls: ssl.SSLContext | None = None) -> socket.socket:
+    """A connection to a peer's bulk channel (TLS with `tls`, the peer's name checked as `host`), its ticket sent."""
     conn = socket.create_connection((host, port), timeout=min(timeout_s, IO_TIMEOUT_S))
     try:
+        if tls is not None:
+            conn = tls.wrap_socket(conn, server_hostname=host)
         conn.sendall(ticket)
     except BaseException:
         conn.close()

@@ -47,9 +47,9 @@ class AgentConfig:
     """Port 0 stands for the port `peer_listen` bound (useful with `peer_listen` port 0)."""
     peer_listen: str = field("0.0.0.0:7500", "host:port the peer service binds (with a coordinator); port 0: any free one")
     """Bind it to the interface of the network that carries fragments; the bound port is logged."""
-    peer_bulk: bool = field(True, "send fragment bytes on TCP connections of their own, opened over gRPC (off with TLS)")
-    """Off (or with TLS between agents, where it is always off): fragments travel in gRPC streams,
-    at about 0.6x the bulk channel's rate. The channel listens on peer_listen's host."""
+    peer_bulk: bool = field(True, "send fragment bytes on TCP connections of their own, opened over gRPC")
+    """Off: fragments travel in gRPC streams, at about 0.6x the bulk channel's rate. The channel
+    listens on peer_listen's host, with the same TLS as the peer service."""
     peer_bulk_port: int = field(0, "port of the bulk channel (0: any free one; peers learn it over gRPC)")
     domain: str = field("default", "failure domain (rack) of this node")
     persist_root: Path | None = field(

@@ -37,7 +37,7 @@ from memckpt.errors import ConfigError
 from memckpt.metrics import MetricsServer, serve_daemon
 from memckpt.process import run_daemon
 from memckpt.protos import agent_pb2_grpc as pb_grpc
-from memckpt.security import TokenInterceptor, describe_security, server_credentials
+from memckpt.security import TokenInterceptor, describe_security, server_credentials, server_ssl_context
 from memckpt.sizes import format_size
 
 if TYPE_CHECKING:
@@ -294,21 +294,18 @@ def start_metrics(
 
 
 def start_bulk_server(config: AgentConfig, fragments: FragmentStore) -> BulkServer | None:
-    """The bulk channel for fragment bytes (agent/bulk.py) on peer_listen's host, unless it is
-    off: by `peer_bulk`, or with TLS (its bytes would travel unencrypted)."""
+    """The bulk channel for fragment bytes (agent/bulk.py) on peer_listen's host, with the
+    peer service's TLS; None when `peer_bulk` is off."""
     if not config.peer_bulk:
         log.info("bulk channel off (peer_bulk): fragments travel in gRPC streams")
         return None
-    if config.tls.enabled:
-        log.info("bulk channel off with TLS: fragments travel in gRPC streams, encrypted")
-        return None
     host, _ = config_mod.split_host_port(config.peer_listen, "peer_listen")
     try:
-        server = BulkServer(fragments, host, config.peer_bulk_port)
+        server = BulkServer(fragments, host, config.peer_bulk_port, tls=server_ssl_context(config.tls))
     except OSError as exc:
         where = f"{host}:{config.peer_bulk_port}"
         raise ConfigError(f"cannot listen on {where} for the bulk channel (peer_bulk_port): {exc}") from exc
-    log.info("bulk channel listening on %s port=%d", host, server.port)
+    log.info("bulk channel listening on %s port=%d (%s)", host, server.port, "TLS" if config.tls.enabled else "plain TCP")
     return server
 
 

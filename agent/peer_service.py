@@ -21,7 +21,7 @@ import grpc
 from memckpt.agent import metrics
 from memckpt.agent.bulk import BulkServer
 from memckpt.agent.fragments import SERVE_CHUNK_BYTES, Chunk, FragmentHeader, FragmentStore, crc32c_combine
-from memckpt.errors import CorruptSnapshot, FailedPrecondition, InvalidRequest
+from memckpt.errors import CorruptSnapshot, InvalidRequest
 from memckpt.protos import peer_pb2 as pb
 from memckpt.rpc import map_errors, map_stream_errors
 
@@ -78,10 +78,16 @@ class PeerServicer:
         # encoded a few chunks ahead, on a thread of their own, while gRPC sends the one before
         yield from read_ahead(_serve_chunks(header, view), READ_AHEAD_MESSAGES, "get-encode")
 
-    @map_errors
     def OpenTransfer(self, request: pb.OpenTransferRequest, context: Any) -> pb.OpenTransferResponse:
-        if self._bulk is None:
-            raise FailedPrecondition("no bulk channel on this agent (TLS, or --no-peer-bulk): use PutFragment/GetFragment")
+        if self._bulk is None:  # UNIMPLEMENTED, as from an agent that predates the channel; not an error of the transfer
+            context.abort(
+                grpc.StatusCode.UNIMPLEMENTED, "no bulk channel on this agent (--no-peer-bulk): use PutFragment/GetFragment"
+            )
+        return self._open_transfer(request, context)
+
+    @map_errors
+    def _open_transfer(self, request: pb.OpenTransferRequest, context: Any) -> pb.OpenTransferResponse:
+        assert self._bulk is not None
         which = request.WhichOneof("transfer")
         if which == "put":
             ticket = self._bulk.offer_put(header_from_proto(request.put))

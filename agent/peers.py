@@ -36,7 +36,7 @@ from memckpt.config import split_host_port
 from memckpt.errors import CorruptSnapshot, MemckptError, Unavailable
 from memckpt.protos import peer_pb2 as pb
 from memckpt.rpc import error_from_rpc
-from memckpt.security import TlsFiles, channel_credentials, token_metadata
+from memckpt.security import TlsFiles, channel_credentials, client_ssl_context, token_metadata
 
 log = logging.getLogger(__name__)
 
@@ -73,13 +73,14 @@ def put_timeout_s(fragment_bytes: int, min_rate_bytes_per_s: float = DEFAULT_PUT
 class PeerClient:
     """Channels to peers, one per address, reused across calls. Thread-safe.
 
-    Fragment bytes go on a peer's bulk channel (agent/bulk.py) when `bulk` is on and the peer
-    offers one, else in gRPC streams; with TLS they always go in gRPC streams (encrypted)."""
+    Fragment bytes go on a peer's bulk channel (agent/bulk.py, with TLS when `tls` has a CA)
+    when `bulk` is on and the peer offers one, else in gRPC streams."""
 
     def __init__(self, *, token: str, tls: TlsFiles, bulk: bool = True) -> None:
         self._metadata = token_metadata(token)
         self._credentials = channel_credentials(tls)
-        self._bulk = bulk and not tls.enabled
+        self._bulk = bulk
+        self._bulk_tls = client_ssl_context(tls)
         self._channels: dict[str, grpc.Channel] = {}
         self._no_bulk: dict[str, float] = {}  # address -> until when its bulk channel is not tried again
         self._lock = threading.Lock()
@@ -211,7 +212,7 @@ class PeerClient:
             return open_call(request, metadata=self._metadata, timeout=timeout_s)
         except grpc.RpcError as exc:
             code = exc.code() if isinstance(exc, grpc.Call) else None
-            if code in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNIMPLEMENTED):
+            if code == grpc.StatusCode.UNIMPLEMENTED:  # FAILED_PRECONDITION is the transfer's (a stale placement)
                 self._avoid_bulk(address, f"it offers none ({exc.details() if isinstance(exc, grpc.Call) else exc})")
                 return None
             raise error_from_rpc(exc, f"OpenTransfer for {what}") from None
@@ -220,7 +221,7 @@ class PeerClient:
         """A connection to the peer's bulk channel, its ticket sent; None (remembered) if it cannot be reached."""
         host, _ = split_host_port(address, "peer address")
         try:
-            return bulk.connect(host, opened.port, opened.ticket, timeout_s)
+            return bulk.connect(host, opened.port, opened.ticket, timeout_s, self._bulk_tls)
         except OSError as exc:
             self._avoid_bulk(address, f"port {opened.port} unreachable ({exc}); a firewall?")
             return None

@@ -12,6 +12,7 @@ import argparse
 import hmac
 import logging
 import os
+import ssl
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -64,6 +65,33 @@ def channel_credentials(tls: TlsFiles) -> grpc.ChannelCredentials | None:
         private_key=tls.key.read_bytes() if tls.key else None,
         certificate_chain=tls.cert.read_bytes() if tls.cert else None,
     )
+
+
+def server_ssl_context(tls: TlsFiles) -> ssl.SSLContext | None:
+    """`server_credentials` for a plain socket (the agents' bulk channel): the same certificate,
+    and with a CA the same demand for a client certificate it signed."""
+    if not tls.enabled:
+        return None
+    assert tls.cert is not None and tls.key is not None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(tls.cert, tls.key)
+    if tls.ca is not None:
+        context.load_verify_locations(cafile=tls.ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def client_ssl_context(tls: TlsFiles) -> ssl.SSLContext | None:
+    """`channel_credentials` for a plain socket: trust `ca` (and check the host name, as gRPC
+    does), present cert/key when given."""
+    if tls.ca is None:
+        return None
+    context = ssl.create_default_context(cafile=str(tls.ca))
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if tls.cert is not None and tls.key is not None:
+        context.load_cert_chain(tls.cert, tls.key)
+    return context
 
 
 def add_client_tls_flags(parser: argparse.ArgumentParser) -> None:

@@ -72,8 +72,9 @@ class PeerServiceServicer:
     def OpenTransfer(self, request, context):
         """Opens a transfer of a fragment's bytes on the agent's bulk channel (a TCP connection of
         its own, see agent/bulk.py): checked as PutFragment or GetFragment would check it, it
-        answers with the port and a one-time ticket. FAILED_PRECONDITION: the channel is off here
-        (TLS between agents, or --peer-bulk off): use PutFragment / GetFragment.
+        answers with the port and a one-time ticket (the connection uses the service's TLS, if
+        any). UNIMPLEMENTED: the channel is off here (--no-peer-bulk): use PutFragment /
+        GetFragment.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -27,7 +28,7 @@ from memckpt.protos import coordinator_pb2 as cpb
 from memckpt.protos import coordinator_pb2_grpc as cpb_grpc
 from memckpt.protos import peer_pb2 as pb
 from memckpt.protos import peer_pb2_grpc as pb_grpc
-from memckpt.security import TlsFiles, token_metadata
+from memckpt.security import TlsFiles, channel_credentials, token_metadata
 
 pytestmark = pytest.mark.integration
 TOKEN = "peer-s3cret"
@@ -458,12 +459,12 @@ def test_fragments_travel_on_the_bulk_channel_with_one_time_tickets_and_checksum
 
 
 def test_an_agent_with_the_bulk_channel_off_is_reached_in_grpc_streams(cluster: Cluster) -> None:
-    """--no-peer-bulk: OpenTransfer says FAILED_PRECONDITION, and PeerClient puts and gets in gRPC streams instead."""
+    """--no-peer-bulk: OpenTransfer says UNIMPLEMENTED, and PeerClient puts and gets in gRPC streams instead."""
     restart_agent(cluster, "node1", "--no-peer-bulk")
     node1 = cluster.addresses()["node1"]
     frag = fragments()[0]
     request = pb.OpenTransferRequest(put=header(0, frag))
-    assert status_of(lambda: open_transfer(node1, request)) == grpc.StatusCode.FAILED_PRECONDITION
+    assert status_of(lambda: open_transfer(node1, request)) == grpc.StatusCode.UNIMPLEMENTED
     peers = PeerClient(token=TOKEN, tls=TlsFiles())
     try:
         fragment_header = FragmentHeader(
@@ -475,3 +476,81 @@ def test_an_agent_with_the_bulk_channel_off_is_reached_in_grpc_streams(cluster: 
     finally:
         peers.close()
     assert "bulk channel off (peer_bulk)" in cluster.agents["node1"].log_path.read_text()
+
+
+def test_with_tls_the_bulk_channel_is_tls_too_and_asks_for_a_client_certificate(
+    tmp_path: Path,
+    shm_prefix: str,
+    agent_factory,
+    tls_files: TlsFiles,  # noqa: ANN001
+) -> None:
+    """Agents with mutual TLS: fragments still take the bulk channel, over TLS with the same
+    certificates; a plaintext connection or one without a client certificate gets nothing."""
+    tls_flags = ("--tls-cert", str(tls_files.cert), "--tls-key", str(tls_files.key), "--tls-ca", str(tls_files.ca))
+    coordinator = CoordinatorProcess(
+        workdir=tmp_path,
+        extra_args=["--lease-s", "2", "--heartbeat-interval-s", "0.2", "--k", "2", "--m", "1", "--token", TOKEN, *tls_flags],
+    ).start()
+    base = shm_prefix.removesuffix(".")
+    agents: dict[str, AgentProcess] = {}
+    try:
+        agents |= {
+            node: agent_factory(
+                name=node,
+                extra_args=(
+                    *("--node", node, "--coordinator", coordinator.address, "--token", TOKEN, "--domain", f"rack{i}"),
+                    *("--advertise", "127.0.0.1:0", "--peer-listen", "127.0.0.1:0", "--shm-prefix", f"{base}-{node}."),
+                    *tls_flags,
+                ),
+            )
+            for i, node in enumerate(NODES[:4])
+        }
+        credentials = channel_credentials(tls_files)
+
+        def addresses() -> dict[str, str]:
+            with grpc.secure_channel(coordinator.address, credentials) as channel:
+                status = cpb_grpc.CoordinatorServiceStub(channel).GetClusterStatus(
+                    cpb.GetClusterStatusRequest(), metadata=token_metadata(TOKEN), timeout=10
+                )
+            return {a.agent.node: a.agent.address for a in status.agents if a.alive and a.group >= 0}
+
+        wait_until(lambda: len(addresses()) == 4, 30, "four agents in a group over TLS")
+        node1 = addresses()["node1"]
+        frag = fragments()[0]
+        fragment_header = FragmentHeader(
+            job="j", rank=0, step=5, generation=1, index=0, k=2, m=1, size_bytes=SCHEME.size_bytes,
+            fragment_bytes=SCHEME.fragment_bytes, owner="node0", crc32c=crc32c.crc32c(frag),
+        )  # fmt: skip
+        peers = PeerClient(token=TOKEN, tls=tls_files)
+        try:
+            wait_until(lambda: _stored(peers, node1, fragment_header, frag), 15, "node1 to hear its group", interval_s=0.2)
+            call = peers.start_put(node1, replace(fragment_header, step=6), memoryview(frag))
+            assert isinstance(call, BulkPutCall)
+            call.result()
+            assert bytes(peers.get_fragment(node1, "j", 0, 0, 6)[1]) == frag
+        finally:
+            peers.close()
+        log = agents["node1"].log_path.read_text()
+        assert "bulk channel listening" in log and "(TLS)" in log
+        assert "bulk channel of" not in log, "no fallback to gRPC streams"
+
+        wanted = pb.OpenTransferRequest(get=pb.GetFragmentRequest(job="j", rank=0, fragment_index=0, step=6))
+        for context in (None, ssl.create_default_context(cafile=str(tls_files.ca))):  # plaintext; TLS without a certificate
+            with grpc.secure_channel(node1, credentials) as channel:
+                opened = pb_grpc.PeerServiceStub(channel).OpenTransfer(wanted, metadata=token_metadata(TOKEN), timeout=10)
+            with socket.create_connection(("127.0.0.1", opened.port), timeout=10) as plain:
+                try:
+                    conn = context.wrap_socket(plain, server_hostname="127.0.0.1") if context is not None else plain
+                    conn.sendall(opened.ticket)
+                    got = conn.recv(16)
+                except (ssl.SSLError, ConnectionResetError, BrokenPipeError):
+                    got = b""
+                assert got == b"", "nothing is served without mutual TLS"
+        wait_until(lambda: agents["node1"].log_path.read_text().count("TLS handshake failed") >= 2, 10, "both refusals logged")
+    finally:
+        codes = [agent.stop() for agent in agents.values()]  # on-exit remove: their fragments go
+        assert coordinator.stop() == 0, f"see {coordinator.log_path}"
+        leftovers = sorted(p.name for p in DEFAULT_ROOT.iterdir() if p.name.startswith(f"{base}-"))
+        for name in leftovers:
+            (DEFAULT_ROOT / name).unlink(missing_ok=True)
+        assert not leftovers and all(code == 0 for code in codes), (leftovers, codes)

@@ -345,6 +345,8 @@ def test_agent_config_is_what_the_manifests_intend(agent: Started) -> None:
     assert config.token == "secret memckpt-token/token"
     _, peer_port = split_host_port(config.peer_listen, "peer_listen")
     assert {"name": "peer", "containerPort": peer_port, "protocol": "TCP"} in agent.container["ports"]
+    assert config.peer_bulk and config.tls.enabled, "fragments on the bulk channel, with TLS"
+    assert {"name": "bulk", "containerPort": config.peer_bulk_port, "protocol": "TCP"} in agent.container["ports"]
     namespace = agent.pod.doc["metadata"]["namespace"]
     dashed_ip = FIELD_VALUES["status.podIP"].replace(".", "-")
     assert config.advertise == f"{dashed_ip}.{namespace}.pod.cluster.local:{peer_port}", "peers check this name"
