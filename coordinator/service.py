@@ -39,6 +39,10 @@ FILE_NODES_PER_STEP = 50  # heartbeats' inventories filed between two yields to 
 # ever yields with sleep(0) never waits, and every call's reply stalled for the whole tick
 # (bench/coordinator_scale.py, 2,000 agents: heartbeat p99 513 ms with sleep(0), 32 ms with this).
 YIELD_S = 0.002
+# Up to this many agents a heartbeat's inventory is filed as it comes (well under a millisecond
+# each, and protection targets follow the newest steps of fast jobs); beyond, at the next tick,
+# which lags what the coordinator knows by up to a tick but keeps heartbeats answered at once.
+FILE_INLINE_MAX_AGENTS = 64
 GroupView = tuple[Groups, frozenset[str]]  # the groups, and the draining members heartbeats name
 Method = Callable[[Any, Any, Any], Awaitable[R]]
 StreamMethod = Callable[[Any, Any, Any], AsyncIterator[R]]
@@ -100,8 +104,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         self._protection: list[pb.JobProtection] = []  # every job's, for heartbeat replies; rebuilt each tick
         self._decoder = wire.InventoryDecoder()
         # node -> (incarnation, inventory, memory used) of its newest heartbeat not yet filed:
-        # heartbeats are answered at once and their inventories filed by the next tick, in
-        # slices between other calls, so no heartbeat waits behind another's inventory
+        # in a large cluster heartbeats are answered at once and their inventories filed by the
+        # next tick, in slices between other calls, so no heartbeat waits behind another's
+        # inventory; in a small one (FILE_INLINE_MAX_AGENTS) each is filed as it comes
         self._pending: dict[str, tuple[int, Any, int]] = {}
         self._drained: dict[str, bool] = {}  # draining node -> whether it was drained at the last tick (logged on change)
         self.metrics_address = ""  # where Prometheus scrapes the coordinator, if it serves metrics
@@ -207,7 +212,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         check_name(request.node, "node")
         with self._lock:
             accepted = self._cluster.renew(request.node, request.incarnation, time.monotonic())
-            if accepted:
+            if accepted and len(self._cluster.membership.members) <= FILE_INLINE_MAX_AGENTS:
+                self._file([(request.node, (request.incarnation, request.held, request.memory_used_bytes))])
+            elif accepted:
                 self._pending[request.node] = (request.incarnation, request.held, request.memory_used_bytes)
             group = self._group_proto(request.node) if accepted else []
         metrics.HEARTBEATS.inc()

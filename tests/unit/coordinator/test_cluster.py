@@ -165,3 +165,29 @@ def test_an_inventory_filed_late_is_dropped_when_its_agent_registered_again_or_f
     assert cluster.tick(now=10.0).failed  # every lease ran out
     assert not cluster.file_inventory("a", incarnation, (own("j", 0, 14),))
     assert cluster.held["a"] == (own("j", 0, 13),)
+
+
+def test_heartbeat_inventories_are_filed_at_once_in_a_small_cluster_and_at_the_tick_in_a_large_one() -> None:
+    from memckpt.coordinator.service import FILE_INLINE_MAX_AGENTS, CoordinatorServicer
+    from memckpt.coordinator.wire import held_to_proto
+    from memckpt.protos import coordinator_pb2 as pb
+
+    cluster = Cluster(k=2, m=1, lease_s=100.0)
+    servicer = CoordinatorServicer(cluster, heartbeat_interval_s=1.0)
+
+    def beat(node: str, step: int) -> None:
+        request = pb.HeartbeatRequest(
+            node=node, incarnation=cluster.membership.members[node].incarnation, held=held_to_proto((own("j", 0, step),))
+        )
+        assert servicer._heartbeat(request).accepted
+
+    for i in range(4):
+        cluster.register_agent(info(f"n{i}"), (), now=0.0)
+    beat("n0", 7)
+    assert cluster.held["n0"] == (own("j", 0, 7),)  # filed as it came
+    for i in range(4, FILE_INLINE_MAX_AGENTS + 1):
+        cluster.register_agent(info(f"n{i}"), (), now=0.0)
+    beat("n0", 8)
+    assert cluster.held["n0"] == (own("j", 0, 7),)  # answered, not filed yet
+    servicer.tick()
+    assert cluster.held["n0"] == (own("j", 0, 8),)
