@@ -29,7 +29,7 @@ from memckpt.agent.shm import ShmDir
 from memckpt.local import AgentProcess, CoordinatorProcess, wait_until
 from memckpt.protos import coordinator_pb2 as cpb
 from memckpt.protos import coordinator_pb2_grpc as cpb_grpc
-from memckpt.security import token_metadata
+from memckpt.security import TlsFiles, channel_credentials, token_metadata
 
 TOKEN = "bench-token"
 LOG_TAIL_BYTES = 4000
@@ -55,6 +55,7 @@ class LocalGroup:
     coordinator: CoordinatorProcess
     memory_limit: str
     prefix: str  # every agent's shm prefix starts with it
+    tls: TlsFiles = field(default_factory=TlsFiles)  # mutual TLS everywhere when enabled
     agents: dict[str, AgentProcess] = field(default_factory=dict)
 
     def start_agent(self, node: str) -> AgentProcess:
@@ -62,6 +63,7 @@ class LocalGroup:
         args = (
             *("--node", node, "--coordinator", self.coordinator.address, "--token", TOKEN, "--domain", f"rack{index}"),
             *("--advertise", "127.0.0.1:0", "--peer-listen", "127.0.0.1:0", "--on-exit", "remove"),
+            *tls_flags(self.tls),
         )
         agent = AgentProcess(
             socket_path=self.workdir / f"{node}.sock",
@@ -79,7 +81,13 @@ class LocalGroup:
         return agent
 
     def status(self) -> cpb.GetClusterStatusResponse:
-        with grpc.insecure_channel(self.coordinator.address) as channel:
+        credentials = channel_credentials(self.tls)
+        channel = (
+            grpc.secure_channel(self.coordinator.address, credentials)
+            if credentials is not None
+            else grpc.insecure_channel(self.coordinator.address)
+        )
+        with channel:
             return cpb_grpc.CoordinatorServiceStub(channel).GetClusterStatus(
                 cpb.GetClusterStatusRequest(), metadata=token_metadata(TOKEN), timeout=10
             )
@@ -110,19 +118,31 @@ def remove_segments(prefix: str) -> list[str]:
     return left
 
 
+def tls_flags(tls: TlsFiles) -> tuple[str, ...]:
+    if not tls.enabled:
+        return ()
+    return ("--tls-cert", str(tls.cert), "--tls-key", str(tls.key), "--tls-ca", str(tls.ca))
+
+
 @contextlib.contextmanager
-def local_group(nodes: int, k: int, m: int, memory_limit_bytes: int) -> Iterator[LocalGroup]:
-    """A coordinator (placing k + m fragments) and `nodes` agents, all in one group once this yields."""
+def local_group(nodes: int, k: int, m: int, memory_limit_bytes: int, tls: TlsFiles | None = None) -> Iterator[LocalGroup]:
+    """A coordinator (placing k + m fragments) and `nodes` agents, all in one group once this
+    yields; with `tls`, every connection is mutual TLS with it."""
     workdir = Path(tempfile.mkdtemp(prefix="memckpt-bench-"))
+    tls = tls or TlsFiles()
     coordinator = CoordinatorProcess(
         workdir=workdir,
-        extra_args=["--lease-s", "2", "--heartbeat-interval-s", "0.2", "--k", str(k), "--m", str(m), "--token", TOKEN],
+        extra_args=[
+            *("--lease-s", "2", "--heartbeat-interval-s", "0.2", "--k", str(k), "--m", str(m), "--token", TOKEN),
+            *tls_flags(tls),
+        ],
     )
     group = LocalGroup(
         workdir=workdir,
         coordinator=coordinator,
         memory_limit=str(memory_limit_bytes),
         prefix=f"{SHM_PREFIX_ROOT}{uuid.uuid4().hex[:6]}-",
+        tls=tls,
     )
     try:
         coordinator.start()

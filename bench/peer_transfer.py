@@ -19,7 +19,12 @@ a touched buffer with recv_into). `peer_gbps` is the slower of get and put (both
 glibc's malloc the way the agent daemon does for itself (memckpt.agent.daemon.tune_allocator),
 since in production the client side of a transfer is an agent too.
 
-    python bench/peer_transfer.py --size 512MiB [--repeats 3] [--json]
+`--tls`: every agent, the coordinator and the client with mutual TLS (a throwaway CA made with
+openssl), as the shipped Kubernetes config runs them: the bulk channel is then TLS too.
+`--transport grpc`: the client sends and fetches in gRPC streams, not on the bulk channel.
+`transport` and `tls` in the report say which was measured.
+
+    python bench/peer_transfer.py --size 512MiB [--repeats 3] [--tls] [--transport {bulk,grpc}] [--json]
 """
 
 from __future__ import annotations
@@ -28,9 +33,11 @@ import argparse
 import dataclasses
 import json
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import baselines
 import loopback
@@ -40,7 +47,7 @@ from memckpt.agent.daemon import tune_allocator
 from memckpt.agent.fragments import FragmentHeader
 from memckpt.agent.peers import PeerClient
 from memckpt.coordinator.groups import choose_fragment_holders
-from memckpt.local import wait_until
+from memckpt.local import make_test_certificates, wait_until
 from memckpt.security import TlsFiles
 from memckpt.trainer.checkpointer import Checkpointer
 
@@ -50,6 +57,8 @@ WARMUP_PUTS = 2  # steps that allocate the holder's segments for the rank (with 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TransferReport:
+    transport: str  # "bulk": the agents' bulk channel; "grpc": gRPC streams
+    tls: bool
     fragment_bytes: int
     repeats: int
     get_s: float  # medians of the repeats after the first call
@@ -78,12 +87,14 @@ def _timed(call: object, count: int) -> list[float]:
     return samples_s
 
 
-def measure_peer(fragment_bytes: int, repeats: int) -> tuple[list[float], list[float], list[float], int]:
+def measure_peer(
+    fragment_bytes: int, repeats: int, tls: TlsFiles, bulk: bool
+) -> tuple[list[float], list[float], list[float], int]:
     """Seconds of each get, each warm-up put and each put of fragment 0, and its size."""
     state = baselines.make_state(fragment_bytes * K, n_tensors=4)
     size = sum(t.nbytes for t in state.values())
     job = f"pt-{uuid.uuid4().hex[:8]}"
-    with loopback.local_group(K + M + 1, K, M, memory_limit_bytes=4 * size + (1 << 30)) as group:
+    with loopback.local_group(K + M + 1, K, M, memory_limit_bytes=4 * size + (1 << 30), tls=tls) as group:
         with Checkpointer(job, rank=0, world_size=1, socket_path=group.agents["node0"].socket_path, strict=True) as ck:
             handle = ck.snapshot(1, state)
             ck.wait()
@@ -95,7 +106,7 @@ def measure_peer(fragment_bytes: int, repeats: int) -> tuple[list[float], list[f
         progress(f"snapshot protected after {time.perf_counter() - started:.2f} s (node0 put its fragments to its peers)")
         addresses = group.addresses()
         holder = choose_fragment_holders("node0", tuple(sorted(addresses)), K + M)[0]
-        peers = PeerClient(token=loopback.TOKEN, tls=TlsFiles())
+        peers = PeerClient(token=loopback.TOKEN, tls=tls, bulk=bulk)
         try:
             header, _ = peers.get_fragment(addresses[holder], job, 0, 0, 1)
             target = bytearray(header.fragment_bytes)
@@ -124,14 +135,18 @@ def measure_peer(fragment_bytes: int, repeats: int) -> tuple[list[float], list[f
     return get_s, first_put_s, put_s, header.fragment_bytes
 
 
-def run(fragment_bytes: int, repeats: int) -> TransferReport:
+def run(fragment_bytes: int, repeats: int, tls: bool = False, transport: str = "bulk") -> TransferReport:
     allocator = tune_allocator()
-    get_samples, first_put_samples, put_samples, size = measure_peer(fragment_bytes, repeats)
+    with tempfile.TemporaryDirectory(prefix="memckpt-bench-tls-") as directory:
+        files = make_test_certificates(Path(directory)) if tls else TlsFiles()
+        get_samples, first_put_samples, put_samples, size = measure_peer(fragment_bytes, repeats, files, transport == "bulk")
     raw_samples = loopback.raw_socket_seconds(size, repeats)
     progress(f"raw socket: {', '.join(f'{s:.3f}' for s in raw_samples)} s")
     get_s, put_s, raw_s = (median_after_first(s) for s in (get_samples, put_samples, raw_samples))
     peer = min(gbps(size, get_s), gbps(size, put_s))
     return TransferReport(
+        transport=transport,
+        tls=tls,
         fragment_bytes=size,
         repeats=repeats,
         get_s=get_s,
@@ -154,6 +169,7 @@ def run(fragment_bytes: int, repeats: int) -> TransferReport:
 
 def format_table(r: TransferReport) -> str:
     lines = [
+        f"transport {r.transport}{', mutual TLS' if r.tls else ', no TLS'}; "
         f"fragment {r.fragment_bytes} bytes ({r.fragment_bytes / 2**20:.0f} MiB), median of {r.repeats} repeats after the first",
         f"{'method':<40} | {'s':>7} | {'GB/s':>6}",
     ]
@@ -180,13 +196,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--repeats", type=int, default=None, help="transfers after the first one (default: 3; --quick: 1)")
     parser.add_argument("--quick", action="store_true", help="a small fast run: 8MiB, one repeat")
+    parser.add_argument("--tls", action="store_true", help="mutual TLS everywhere (a throwaway CA), as in production")
+    parser.add_argument(
+        "--transport", choices=("bulk", "grpc"), default="bulk", help="how the client moves fragments (default: bulk)"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args(argv)
     size = args.size if args.size is not None else baselines.parse_size("8MiB" if args.quick else "512MiB")
     repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
     if repeats < 1:
         parser.error("--repeats must be at least 1")
-    report = run(size, repeats)
+    report = run(size, repeats, tls=args.tls, transport=args.transport)
     print(json.dumps(dataclasses.asdict(report)) if args.json else format_table(report), flush=True)
     return 0
 

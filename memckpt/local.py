@@ -25,7 +25,7 @@ from memckpt.agent.shm import DEFAULT_ROOT
 from memckpt.errors import Unavailable
 from memckpt.protos import coordinator_pb2 as cpb
 from memckpt.protos import coordinator_pb2_grpc as cpb_grpc
-from memckpt.security import token_metadata
+from memckpt.security import TlsFiles, token_metadata
 
 GRACE_S = 10.0
 
@@ -371,3 +371,31 @@ def scrape(address: str, timeout_s: float = 10.0) -> Samples:
 def sample(samples: Samples, name: str, **labels: str) -> float | None:
     """The value of `name` with exactly `labels`, None when absent."""
     return samples.get((name, tuple(sorted(labels.items()))))
+
+
+def make_test_certificates(directory: Path) -> TlsFiles:
+    """A private CA and one certificate it signed for 127.0.0.1 / localhost, usable by servers
+    and by clients (mutual TLS), made with the openssl command line: for tests and benchmarks
+    on one machine, never for a cluster."""
+    ca_key, ca_cert = directory / "ca.key", directory / "ca.pem"
+    key, request, cert = directory / "node.key", directory / "node.csr", directory / "node.pem"
+    extensions = directory / "node.ext"
+    extensions.write_text(
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\nbasicConstraints=CA:FALSE\n"
+    )
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
+
+    openssl(
+        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=memckpt test CA",
+        "-keyout", str(ca_key), "-out", str(ca_cert),
+    )  # fmt: skip
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost", "-keyout", str(key), "-out", str(request))
+    openssl(
+        "x509", "-req", "-in", str(request), "-CA", str(ca_cert), "-CAkey", str(ca_key), "-CAcreateserial",
+        "-days", "2", "-extfile", str(extensions), "-out", str(cert),
+    )  # fmt: skip
+    for path in (ca_key, key):
+        path.chmod(0o600)
+    return TlsFiles(cert=cert, key=key, ca=ca_cert)

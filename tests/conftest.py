@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -10,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from memckpt.agent.shm import DEFAULT_ROOT
-from memckpt.local import AgentProcess
+from memckpt.local import AgentProcess, make_test_certificates
 from memckpt.security import TlsFiles
 
 
@@ -57,26 +56,4 @@ def agent_factory(tmp_path: Path, shm_prefix: str) -> Iterator[AgentFactory]:
 def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
     """A private CA and one certificate it signed for 127.0.0.1 / localhost, usable by servers
     and by clients (mutual TLS), made with the openssl command line."""
-    directory = tmp_path_factory.mktemp("tls")
-    ca_key, ca_cert = directory / "ca.key", directory / "ca.pem"
-    key, request, cert = directory / "node.key", directory / "node.csr", directory / "node.pem"
-    extensions = directory / "node.ext"
-    extensions.write_text(
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\nbasicConstraints=CA:FALSE\n"
-    )
-
-    def openssl(*args: str) -> None:
-        subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
-
-    openssl(
-        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=memckpt test CA",
-        "-keyout", str(ca_key), "-out", str(ca_cert),
-    )  # fmt: skip
-    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost", "-keyout", str(key), "-out", str(request))
-    openssl(
-        "x509", "-req", "-in", str(request), "-CA", str(ca_cert), "-CAkey", str(ca_key), "-CAcreateserial",
-        "-days", "2", "-extfile", str(extensions), "-out", str(cert),
-    )  # fmt: skip
-    for path in (ca_key, key):
-        path.chmod(0o600)
-    return TlsFiles(cert=cert, key=key, ca=ca_cert)
+    return make_test_certificates(tmp_path_factory.mktemp("tls"))
