@@ -193,7 +193,7 @@ class BulkServer:
         header, view = self._store.open_fragment(job, rank, index, step, verify=False)
         return header, self.tickets.issue(GetTransfer(header, view), time.monotonic())
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 5.0) -> None:
         self._stopping.set()
         try:
             self._listener.shutdown(socket.SHUT_RDWR)
@@ -206,7 +206,7 @@ class BulkServer:
                     conn.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
-        self._thread.join(timeout=5)
+        self._thread.join(timeout=timeout_s)
 
     def _accept(self) -> None:
         while not self._stopping.is_set():

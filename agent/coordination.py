@@ -70,10 +70,10 @@ class CoordinatorLink:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 10.0) -> None:
         self._stop.set()
         self._beats.close()
-        self._thread.join(timeout=10)
+        self._thread.join(timeout=timeout_s)
         self._channel.close()
 
     def target(self, job: str, generation: int) -> int | None:

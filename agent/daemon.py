@@ -35,7 +35,7 @@ from memckpt.agent.store import SlotStore
 from memckpt.coordinator.membership import AgentInfo
 from memckpt.errors import ConfigError
 from memckpt.metrics import MetricsServer, serve_daemon
-from memckpt.process import run_daemon
+from memckpt.process import Shutdown, run_daemon
 from memckpt.protos import agent_pb2_grpc as pb_grpc
 from memckpt.security import TokenInterceptor, describe_security, server_credentials, server_ssl_context
 from memckpt.sizes import format_size
@@ -45,7 +45,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("memckpt.agent")
 
-GRACE_S = 5.0
+GRACE_S = 5.0  # what calls in flight get to end when the agent stops
+# The whole stop: inside the 10 s that supervisors give after SIGTERM (systemd's TimeoutStopSec=15,
+# Kubernetes' 30, the tests' harness 10), so the shared memory is unlinked, not left by a SIGKILL.
+STOP_S = 8.0
 SERVICE_NAME = "memckpt.v1.AgentService"
 RPC_THREADS = MAX_SESSIONS + 32  # rank sessions hold one thread each while they train; the rest serve calls
 
@@ -231,28 +234,36 @@ def serve(config: AgentConfig, stop: threading.Event) -> int:
         os.getpid(),
     )
     stop.wait()
-    log.info("stopping: grace=%.1fs on_exit=%s", GRACE_S, config.on_exit)
+    log.info("stopping: within %.0fs (calls in flight get %.0fs) on_exit=%s", STOP_S, GRACE_S, config.on_exit)
     serving.clear()
     health_servicer.enter_graceful_shutdown()
     servicer.sessions.stopping = True  # ranks' streams cut by this stop are not their deaths
-    if peer_server is not None:
-        peer_server.stop(GRACE_S).wait()
-    if bulk_server is not None:
-        bulk_server.stop()
-    server.stop(GRACE_S).wait()
+    shutdown = Shutdown(log, STOP_S, time.monotonic)
+    # What sends to peers stops first: no new fragment goes out while the peers (and we) drain.
     if replicator is not None:
-        replicator.stop()
+        shutdown.stage("protection", replicator.stop)
+
+    def drain_servers(timeout_s: float) -> None:
+        grace = min(GRACE_S, timeout_s)
+        drained = [s.stop(grace) for s in (peer_server, server) if s is not None]  # both drain at once
+        if bulk_server is not None:
+            bulk_server.stop(grace)
+        for event in drained:
+            event.wait(timeout_s)
+
+    shutdown.stage("serving", drain_servers)
     if persister is not None:
-        persister.stop()
+        shutdown.stage("persisting", persister.stop)
     if link is not None:
-        link.stop()
+        shutdown.stage("coordinator link", link.stop)
     if metrics_server is not None:
-        metrics_server.stop()
-    fragments.stop(remove=config.on_exit == "remove")
-    store.stop(remove=config.on_exit == "remove")
+        shutdown.stage("metrics", lambda _: metrics_server.stop())
+    # Last, and always reached in time: the fragments and slots, unlinked with --on-exit=remove.
+    shutdown.stage("fragments", lambda _: fragments.stop(remove=config.on_exit == "remove"))
+    shutdown.stage("slots", lambda timeout_s: store.stop(remove=config.on_exit == "remove", timeout_s=timeout_s))
     config.socket.unlink(missing_ok=True)
-    log.info("agent stopped")
-    return 0
+    log.info("agent stopped%s", f" (failed to stop: {', '.join(shutdown.failed)})" if shutdown.failed else "")
+    return 1 if shutdown.failed else 0
 
 
 def protection_throttle(config: AgentConfig) -> Throttle | None:

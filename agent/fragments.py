@@ -37,7 +37,15 @@ from memckpt.agent.shm import Segment, ShmDir
 from memckpt.agent.slots import MemoryBudget, RankKey
 from memckpt.coordinator.cluster import Held
 from memckpt.coordinator.groups import can_hold, choose_fragment_holders
-from memckpt.errors import CorruptSnapshot, InvalidRequest, MemckptError, NotFound, PermissionDenied, StaleGeneration
+from memckpt.errors import (
+    CorruptSnapshot,
+    InvalidRequest,
+    MemckptError,
+    NotFound,
+    PermissionDenied,
+    StaleGeneration,
+    Unavailable,
+)
 from memckpt.names import check_name, safe_join
 from memckpt.sizes import format_size
 
@@ -374,6 +382,7 @@ class FragmentStore:
         # One handed to a reader (`_lent`) is never reused: its bytes must stay what was read.
         self._warm: weakref.WeakSet[Segment] = weakref.WeakSet()
         self._lent: set[str] = set()
+        self._stopped = False  # after stop(): an upload still arriving (a bulk connection's thread) is refused
         self._prefaulter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fragment-prefault")
 
     def adopt(self) -> int:
@@ -464,6 +473,7 @@ class FragmentStore:
     def stop(self, remove: bool) -> None:
         """Unmaps every fragment; with `remove`, unlinks them and their manifests too."""
         with self._lock:
+            self._stopped = True
             for key, entry in self._ranks.items():
                 if entry.upload is not None:
                     entry.upload.cancelled = True  # its thread closes it; the name goes now
@@ -480,6 +490,8 @@ class FragmentStore:
 
     def _begin(self, header: FragmentHeader) -> _Upload:
         with self._lock:
+            if self._stopped:
+                raise Unavailable(f"{header}: this agent is stopping")
             entry = self._ranks.setdefault(header.key, _RankFragments())
             in_flight = entry.upload.header.version if entry.upload is not None else None
             decision = decide_upload(header.version, entry.version, in_flight)
@@ -558,6 +570,8 @@ class FragmentStore:
             raise CorruptSnapshot(f"{header}: fragment has crc32c {upload.crc32c:08x}, header says {header.crc32c:08x}")
         with self._lock:
             entry = self._ranks.get(header.key)
+            if self._stopped:
+                raise Unavailable(f"{header}: this agent is stopping")
             if upload.cancelled or entry is None or entry.upload is not upload:
                 raise StaleGeneration(f"{header}: superseded by a newer upload")
             completion = decide_completion(header.version, entry.version)

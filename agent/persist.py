@@ -139,10 +139,10 @@ class Persister:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 30.0) -> None:
         self._stop.set()
         self._wake.set()
-        self._thread.join(timeout=30)
+        self._thread.join(timeout=timeout_s)
 
     def wants(self, job: str, generation: int, step: int) -> bool:
         """The store asks this at each commit: whether to keep the slot for the filesystem. A

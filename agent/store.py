@@ -106,11 +106,11 @@ class SlotStore:
         self._worker = threading.Thread(target=self._checksum_loop, name="checksum", daemon=True)
         self._worker.start()
 
-    def stop(self, remove: bool) -> None:
+    def stop(self, remove: bool, timeout_s: float = 10.0) -> None:
         """Stops the checksummer and unmaps; with `remove`, unlinks every segment and manifest."""
         self._pending.put(None)
         if self._worker is not None:
-            self._worker.join(timeout=10)
+            self._worker.join(timeout=timeout_s)
         self._verifier.shutdown(wait=True)
         self._prefaulter.shutdown(wait=True, cancel_futures=True)
         with self._lock:

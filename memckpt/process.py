@@ -48,3 +48,41 @@ def run_daemon(
     except ConfigError as exc:
         log.error("%s", exc)
         return 2
+
+
+class Shutdown:
+    """A daemon's stop, in stages, within one deadline: each stage is given what is left of
+    `budget_s` (at least `floor_s`, so a late stage still gets to tidy up), a stage that
+    raises is logged and the next one runs, and a slow stage is named in the log. The stop
+    then ends in time for the supervisor's grace period (systemd, Kubernetes, the tests'
+    harness), so the last stages (unlinking shared memory) run instead of a SIGKILL."""
+
+    def __init__(
+        self,
+        log: logging.Logger,
+        budget_s: float,
+        clock: Callable[[], float],
+        floor_s: float = 0.1,
+        slow_s: float = 1.0,
+    ) -> None:
+        self._log = log
+        self._clock = clock
+        self._deadline = clock() + budget_s
+        self._floor_s = floor_s
+        self._slow_s = slow_s
+        self.failed: list[str] = []  # the stages that raised
+
+    def left_s(self) -> float:
+        return max(self._floor_s, self._deadline - self._clock())
+
+    def stage(self, name: str, step: Callable[[float], object]) -> None:
+        """Runs `step(timeout_s)`; it should return within `timeout_s`."""
+        started = self._clock()
+        try:
+            step(self.left_s())
+        except Exception:
+            self._log.exception("stopping: %s failed; stopping goes on", name)
+            self.failed.append(name)
+        took = self._clock() - started
+        if took >= self._slow_s:
+            self._log.warning("stopping: %s took %.1fs", name, took)

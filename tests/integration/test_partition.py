@@ -294,8 +294,18 @@ def cluster(net: Net, tmp_path: Path, shm_prefix: str) -> Iterator[Cluster]:
             (DEFAULT_ROOT / name).unlink(missing_ok=True)
         killed = tuple(f"{result.shm_base}-{node}{sep}" for node in result.killed for sep in ".-")
         unclean = [name for name in leftovers if not name.startswith(killed)]
-        assert not unclean, f"agents left shared memory behind: {unclean}"
-        assert all(code in (0, None) or node in result.killed for node, code in codes.items()), codes
+        failed = {node: code for node, code in codes.items() if code not in (0, None) and node not in result.killed}
+        culprits = sorted(set(failed) | {node for node in result.agents for name in unclean if f"-{node}" in name})
+        tails = "\n".join(f"-- {node} (exit {codes[node]}):\n{log_tail(result.agents[node])}" for node in culprits)
+        assert not unclean, f"agents left shared memory behind: {unclean}\n{tails}"
+        assert not failed, f"agents did not stop cleanly: {failed}\n{tails}"
+
+
+def log_tail(agent: AgentProcess, lines: int = 15) -> str:
+    try:
+        return "\n".join(agent.log_path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError as exc:
+        return f"(no log: {exc})"
 
 
 def incarnations(agent: AgentProcess) -> list[int]:

@@ -27,7 +27,15 @@ from memckpt.agent.fragments import (
 from memckpt.agent.peer_service import header_from_proto, header_to_proto
 from memckpt.agent.shm import ShmDir
 from memckpt.agent.slots import MemoryBudget
-from memckpt.errors import BudgetExceeded, CorruptSnapshot, InvalidRequest, NotFound, PermissionDenied, StaleGeneration
+from memckpt.errors import (
+    BudgetExceeded,
+    CorruptSnapshot,
+    InvalidRequest,
+    NotFound,
+    PermissionDenied,
+    StaleGeneration,
+    Unavailable,
+)
 
 GROUP = ("a", "b", "c", "d")  # owner "a" with k=2, m=1: fragments 0, 1, 2 go to b, c, d
 PREFIX = "t-frag."
@@ -363,6 +371,28 @@ def test_a_restarted_store_readopts_complete_fragments_and_drops_leftovers(shm: 
     assert not any(n.endswith(".dead") for n in shm.list_names(PREFIX))
     again.stop(remove=True)
     assert shm.list_names(PREFIX) == [] and budget.used_bytes == 0
+
+
+def test_an_upload_still_arriving_when_the_store_stops_leaves_nothing_behind(shm: ShmDir) -> None:
+    """A bulk connection's thread may still be receiving when the agent stops: neither that
+    upload nor a new one may leave a segment or a manifest after stop(remove=True)."""
+    budget = MemoryBudget(limit_bytes=1 << 20)
+    store = make_store(shm, budget)
+    store.put(header(DATA), chunks(fragments_of(DATA)[0], 1000))
+    newer = DATA[::-1]
+
+    def arriving() -> Iterator[Chunk]:
+        parts = chunks(fragments_of(newer)[0], 1000)
+        yield parts[0]
+        store.stop(remove=True)  # the stop comes mid-stream
+        yield from parts[1:]
+
+    with pytest.raises((Unavailable, StaleGeneration)):
+        store.put(header(newer, step=6), arriving())
+    with pytest.raises(Unavailable, match="stopping"):
+        store.put(header(newer, step=7), chunks(fragments_of(newer)[0], 1000))
+    assert shm.list_names(PREFIX) == []
+    assert budget.used_bytes == 0
 
 
 def test_bytes_corrupted_in_memory_are_data_loss_when_served(shm: ShmDir) -> None:
