@@ -51,6 +51,11 @@ class AgentConfig:
     """Off: fragments travel in gRPC streams, at about 0.6x the bulk channel's rate. The channel
     listens on peer_listen's host, with the same TLS as the peer service."""
     peer_bulk_port: int = field(0, "port of the bulk channel (0: any free one; peers learn it over gRPC)")
+    direct_restore: bool = field(True, "a trainer restoring a snapshot that peers hold fetches it from them itself")
+    """Straight from the peers' bulk channels into the trainer's tensors, with tickets this agent
+    gets for it: no slot of fresh memory, no second copy. Needs the bulk channel and no TLS
+    between agents, and trainers that can reach the peers' advertised addresses; otherwise (or
+    off) this agent rebuilds the snapshot into a slot of its own and the trainer copies from it."""
     domain: str = field("default", "failure domain (rack) of this node")
     persist_root: Path | None = field(
         None, "shared filesystem directory checkpoints persist to (ROOT/JOB/step-N/, DCP format)", default_text="none: off"

@@ -181,6 +181,7 @@ def serve(config: AgentConfig, stop: threading.Event) -> int:
         replicator.start()
         fetcher = PeerClient(token=config.token, tls=config.tls, bulk=config.peer_bulk)
         servicer.remote = RemoteRestore(link=link, peers=fetcher, store=store)
+        servicer.direct_restore = config.direct_restore
     persister = None
     if config.persist_root is not None:
         from memckpt.agent.persist import Persister, PersistPolicy, StepChooser  # torch: only when persisting

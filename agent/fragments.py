@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 import crc32c
 import numpy as np
 
+from memckpt.agent.checksum import gf2_times
 from memckpt.agent.erasure import Scheme, populate
 from memckpt.agent.shm import Segment, ShmDir
 from memckpt.agent.slots import MemoryBudget, RankKey
@@ -280,14 +281,7 @@ def crc32c_combine(crc_a: int, crc_b: int, length_b: int) -> int:
     crc32c(B, value=c) is affine in c: L(c) ^ crc32c(B), with L linear and depending on len(B)
     only; L's 32 columns are computed once per length (from zeros) and cached.
     """
-    columns = _crc_shift_columns(length_b)
-    combined, bit = crc_b, 0
-    while crc_a:
-        if crc_a & 1:
-            combined ^= columns[bit]
-        crc_a >>= 1
-        bit += 1
-    return combined
+    return gf2_times(_crc_shift_columns(length_b), crc_a) ^ crc_b
 
 
 @functools.lru_cache(maxsize=16)

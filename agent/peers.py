@@ -197,6 +197,30 @@ class PeerClient:
             bulk.receive_fragment(conn, header, write_at, what)
         return header
 
+    @property
+    def hands_out_tickets(self) -> bool:
+        """Whether a get's bulk ticket may be handed to a local trainer to redeem: not with TLS
+        between agents (the trainer has no client certificate), nor without the bulk channel."""
+        return self._bulk and self._bulk_tls is None
+
+    def get_ticket(
+        self, address: str, job: str, rank: int, index: int, step: int
+    ) -> tuple[FragmentHeader, str, int, bytes] | None:
+        """A ticket for fetching fragment `index` from the peer's bulk channel, for someone else
+        (a trainer on this node) to redeem: (the fragment's header, checked; host; port; ticket).
+        None when `hands_out_tickets` is off or the peer has no bulk channel."""
+        if not self.hands_out_tickets or not self._bulk_usable(address):
+            return None
+        what = f"fragment {index} of job {job!r} rank {rank} on {address}"
+        request = pb.GetFragmentRequest(job=job, rank=rank, fragment_index=index, step=step)
+        opened = self.open_transfer(address, pb.OpenTransferRequest(get=request), PUT_BASE_S, what)
+        if opened is None:
+            return None
+        header = header_from_proto(opened.header)
+        check_header(header)
+        host, _ = split_host_port(address, "peer address")
+        return header, host, opened.port, opened.ticket
+
     def open_transfer(
         self, address: str, request: pb.OpenTransferRequest, timeout_s: float, what: str
     ) -> pb.OpenTransferResponse | None:

@@ -19,7 +19,7 @@ from memckpt.agent.coordination import CoordinatorLink
 from memckpt.agent.erasure import Scheme, rebuild_missing
 from memckpt.agent.fragments import FragmentHeader
 from memckpt.agent.peers import PeerClient, WriteAt
-from memckpt.agent.store import InstallTarget, SlotStore
+from memckpt.agent.store import DirectFragment, DirectPlan, InstallTarget, SlotStore
 from memckpt.errors import CorruptSnapshot, MemckptError, NotFound, Unavailable
 from memckpt.protos import coordinator_pb2 as pb
 
@@ -61,13 +61,7 @@ class RemoteRestore:
         restore that follows verifies the slot against the owner's checksums. A failed rebuild
         leaves no slot behind.
         """
-        try:
-            locations = [loc for loc in self._link.locate(job, rank).locations if _rebuildable(loc)]
-        except grpc.RpcError as exc:
-            raise Unavailable(f"coordinator unreachable while locating job {job!r} rank {rank}: {exc.code().name}") from None
-        chosen = next((loc for loc in locations if step is None or loc.step == step), None)
-        if chosen is None:
-            raise NotFound(f"job {job!r} rank {rank}: no live peers hold step {step if step is not None else '(any)'}")
+        chosen = self._locate(job, rank, step)
         started = time.perf_counter()
         scheme = Scheme(k=chosen.k, m=chosen.m, size_bytes=chosen.size_bytes)
         padded = scheme.fragment_bytes * scheme.k  # the last data fragment's zero padding lands in the slot too
@@ -93,6 +87,73 @@ class RemoteRestore:
             fetched_s,
             decoded_s,
         )
+
+    def plan_direct(self, job: str, rank: int, step: int | None) -> DirectPlan | None:
+        """Where the caller (a trainer on this node) fetches the rank's snapshot of `step` (None:
+        the newest) itself: a bulk ticket on each holder of a data fragment, so the bytes go from
+        the peers' memory straight into the trainer's tensors, with no slot of fresh memory here
+        and no second copy. None when that cannot be: a data fragment's holder is gone (a decode
+        is needed), a holder has no bulk channel, TLS is on between agents, or a holder refuses;
+        then `fetch` rebuilds the snapshot here. Raises as `fetch` when nothing holds it."""
+        if not self._peers.hands_out_tickets:
+            return None
+        chosen = self._locate(job, rank, step)
+        scheme = Scheme(k=chosen.k, m=chosen.m, size_bytes=chosen.size_bytes)
+        holders: dict[int, pb.FragmentHolder] = {}
+        for holder in chosen.fragments:
+            if holder.index < chosen.k:
+                holders.setdefault(holder.index, holder)
+        if len(holders) < chosen.k:
+            return None
+        with ThreadPoolExecutor(max_workers=chosen.k, thread_name_prefix="ticket") as pool:
+            asked = {i: pool.submit(self._peers.get_ticket, h.address, job, rank, i, chosen.step) for i, h in holders.items()}
+        fragments = []
+        meta = ""
+        checksums: tuple[int, ...] = ()
+        for index, future in sorted(asked.items()):
+            holder = holders[index]
+            try:
+                got = future.result()
+            except MemckptError as exc:
+                log.info("direct restore of job=%s rank=%d: fragment %d on %s: %s", job, rank, index, holder.node, exc)
+                return None
+            if got is None:
+                return None
+            header, host, port, ticket = got
+            if (header.generation, header.step, header.fragment_bytes) != (chosen.generation, chosen.step, scheme.fragment_bytes):
+                log.info("direct restore of job=%s rank=%d: %s on %s is not the one located", job, rank, header, holder.node)
+                return None
+            meta, checksums = header.meta, header.snapshot_checksums
+            fragments.append(
+                DirectFragment(index=index, node=holder.node, host=host, port=port, ticket=ticket, crc32c=header.crc32c)
+            )
+        log.info(
+            "direct restore of job=%s rank=%d step=%d: the trainer fetches fragments %s from %s",
+            job,
+            rank,
+            chosen.step,
+            [f.index for f in fragments],
+            [f.node for f in fragments],
+        )
+        return DirectPlan(
+            step=chosen.step,
+            data_size_bytes=scheme.size_bytes,
+            fragment_bytes=scheme.fragment_bytes,
+            meta=meta.encode(),
+            checksums=tuple(checksums),
+            fragments=tuple(fragments),
+        )
+
+    def _locate(self, job: str, rank: int, step: int | None) -> pb.SnapshotLocation:
+        """Where enough live peers hold the rank's `step` (None: the newest); raises NotFound, Unavailable."""
+        try:
+            locations = [loc for loc in self._link.locate(job, rank).locations if _rebuildable(loc)]
+        except grpc.RpcError as exc:
+            raise Unavailable(f"coordinator unreachable while locating job {job!r} rank {rank}: {exc.code().name}") from None
+        chosen = next((loc for loc in locations if step is None or loc.step == step), None)
+        if chosen is None:
+            raise NotFound(f"job {job!r} rank {rank}: no live peers hold step {step if step is not None else '(any)'}")
+        return chosen
 
     def _gather(
         self,

@@ -46,6 +46,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         self._store = store
         self._node = node
         self.remote = remote  # with a coordinator: snapshots of ranks this agent does not hold
+        self.direct_restore = True  # a trainer that can may fetch such a snapshot from the peers itself
         self.remote_wait_s = remote_wait_s  # how long a restore with nothing local waits for the coordinator
         self.persist_root = persist_root  # complete checkpoints there are restore points too
         self.persistence: Callable[[], dict[str, JobStatus]] = dict  # what the persister did, per job
@@ -149,6 +150,11 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         except NotFound:
             if self.remote is None:
                 raise
+            if request.direct_ok and self.direct_restore:
+                plan = self.remote.plan_direct(request.job, request.rank, step)
+                if plan is not None:  # the trainer fetches the bytes itself, straight into its tensors
+                    metrics.RESTORES.labels(request.job, "fragments").inc()
+                    return wire.direct_to_proto(plan)
             self.remote.fetch(request.job, request.rank, step)  # rebuild it here from peers' fragments
             source = dataclasses.replace(self._store.open_restore(request.job, request.rank, step), source="fragments")
         metrics.RESTORES.labels(request.job, source.source).inc()

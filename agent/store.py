@@ -61,6 +61,30 @@ class RestoreSource:
     meta: bytes
     checksums: tuple[int, ...]
     source: str = "local"  # or "fragments": rebuilt from peers for this restore
+    direct: DirectPlan | None = None  # set: the caller fetches the bytes from peers itself (no slot)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DirectFragment:
+    index: int
+    node: str
+    host: str
+    port: int
+    ticket: bytes
+    crc32c: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DirectPlan:
+    """A snapshot a trainer fetches itself: data fragment i is the snapshot's bytes
+    [i * fragment_bytes, (i + 1) * fragment_bytes), checked against the owner's `checksums`."""
+
+    step: int
+    data_size_bytes: int
+    fragment_bytes: int
+    meta: bytes
+    checksums: tuple[int, ...]
+    fragments: tuple[DirectFragment, ...]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

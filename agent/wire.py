@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from memckpt.agent.slots import RankSlots, SlotState
-from memckpt.agent.store import RestoreSource, SlotGrant
+from memckpt.agent.store import DirectFragment, DirectPlan, RestoreSource, SlotGrant
+from memckpt.errors import InvalidRequest
 from memckpt.protos import agent_pb2 as pb
 
 _STATE = {
@@ -53,7 +54,45 @@ def restore_to_proto(source: RestoreSource) -> pb.OpenRestoreResponse:
     )
 
 
+def direct_to_proto(plan: DirectPlan) -> pb.OpenRestoreResponse:
+    return pb.OpenRestoreResponse(
+        step=plan.step,
+        data_size_bytes=plan.data_size_bytes,
+        meta=plan.meta,
+        checksums=plan.checksums,
+        source="fragments",
+        direct=[
+            pb.DirectFragment(
+                index=f.index,
+                node=f.node,
+                host=f.host,
+                port=f.port,
+                ticket=f.ticket,
+                fragment_bytes=plan.fragment_bytes,
+                crc32c=f.crc32c,
+            )
+            for f in plan.fragments
+        ],
+    )
+
+
 def restore_from_proto(response: pb.OpenRestoreResponse) -> RestoreSource:
+    direct = None
+    if response.direct:
+        sizes = {f.fragment_bytes for f in response.direct}
+        if len(sizes) != 1:
+            raise InvalidRequest(f"a direct restore's fragments differ in size: {sorted(sizes)}")
+        direct = DirectPlan(
+            step=response.step,
+            data_size_bytes=response.data_size_bytes,
+            fragment_bytes=sizes.pop(),
+            meta=response.meta,
+            checksums=tuple(response.checksums),
+            fragments=tuple(
+                DirectFragment(index=f.index, node=f.node, host=f.host, port=f.port, ticket=f.ticket, crc32c=f.crc32c)
+                for f in response.direct
+            ),
+        )
     return RestoreSource(
         step=response.step,
         name=response.slot_name,
@@ -62,4 +101,5 @@ def restore_from_proto(response: pb.OpenRestoreResponse) -> RestoreSource:
         meta=response.meta,
         checksums=tuple(response.checksums),
         source=response.source or "local",
+        direct=direct,
     )

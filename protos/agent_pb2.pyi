@@ -119,17 +119,37 @@ class ListSnapshotsResponse(_message.Message):
     def __init__(self, steps: _Optional[_Iterable[int]] = ..., slot_names: _Optional[_Iterable[str]] = ..., persisted_steps: _Optional[_Iterable[int]] = ..., persisted_dir: _Optional[str] = ..., world_sizes: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class OpenRestoreRequest(_message.Message):
-    __slots__ = ("job", "rank", "step")
+    __slots__ = ("job", "rank", "step", "direct_ok")
     JOB_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
+    DIRECT_OK_FIELD_NUMBER: _ClassVar[int]
     job: str
     rank: int
     step: int
-    def __init__(self, job: _Optional[str] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ...) -> None: ...
+    direct_ok: bool
+    def __init__(self, job: _Optional[str] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., direct_ok: _Optional[bool] = ...) -> None: ...
+
+class DirectFragment(_message.Message):
+    __slots__ = ("index", "host", "port", "ticket", "fragment_bytes", "crc32c", "node")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    TICKET_FIELD_NUMBER: _ClassVar[int]
+    FRAGMENT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CRC32C_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    host: str
+    port: int
+    ticket: bytes
+    fragment_bytes: int
+    crc32c: int
+    node: str
+    def __init__(self, index: _Optional[int] = ..., host: _Optional[str] = ..., port: _Optional[int] = ..., ticket: _Optional[bytes] = ..., fragment_bytes: _Optional[int] = ..., crc32c: _Optional[int] = ..., node: _Optional[str] = ...) -> None: ...
 
 class OpenRestoreResponse(_message.Message):
-    __slots__ = ("step", "slot_name", "slot_size_bytes", "data_size_bytes", "meta", "checksums", "source")
+    __slots__ = ("step", "slot_name", "slot_size_bytes", "data_size_bytes", "meta", "checksums", "source", "direct")
     STEP_FIELD_NUMBER: _ClassVar[int]
     SLOT_NAME_FIELD_NUMBER: _ClassVar[int]
     SLOT_SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -137,6 +157,7 @@ class OpenRestoreResponse(_message.Message):
     META_FIELD_NUMBER: _ClassVar[int]
     CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
+    DIRECT_FIELD_NUMBER: _ClassVar[int]
     step: int
     slot_name: str
     slot_size_bytes: int
@@ -144,7 +165,8 @@ class OpenRestoreResponse(_message.Message):
     meta: bytes
     checksums: _containers.RepeatedScalarFieldContainer[int]
     source: str
-    def __init__(self, step: _Optional[int] = ..., slot_name: _Optional[str] = ..., slot_size_bytes: _Optional[int] = ..., data_size_bytes: _Optional[int] = ..., meta: _Optional[bytes] = ..., checksums: _Optional[_Iterable[int]] = ..., source: _Optional[str] = ...) -> None: ...
+    direct: _containers.RepeatedCompositeFieldContainer[DirectFragment]
+    def __init__(self, step: _Optional[int] = ..., slot_name: _Optional[str] = ..., slot_size_bytes: _Optional[int] = ..., data_size_bytes: _Optional[int] = ..., meta: _Optional[bytes] = ..., checksums: _Optional[_Iterable[int]] = ..., source: _Optional[str] = ..., direct: _Optional[_Iterable[_Union[DirectFragment, _Mapping]]] = ...) -> None: ...
 
 class ReleaseJobRequest(_message.Message):
     __slots__ = ("job",)

@@ -23,12 +23,13 @@ from memckpt.agent.checkpoints import step_dir_in
 from memckpt.agent.config import SHM_DIR_ENV, SOCKET_ENV, default_socket
 from memckpt.agent.shm import DEFAULT_ROOT, ShmDir
 from memckpt.agent.slots import Attempt
-from memckpt.agent.store import SlotGrant
+from memckpt.agent.store import RestoreSource, SlotGrant
 from memckpt.errors import CorruptSnapshot, InvalidRequest, MemckptError, NotFound, Unavailable
 from memckpt.names import check_name
 from memckpt.trainer import metrics as trainer_metrics
 from memckpt.trainer.client import AgentClient
 from memckpt.trainer.copier import Copier, CopyJob, MappedSlot
+from memckpt.trainer.direct import restore_direct
 from memckpt.trainer.layout import Layout, compute_layout
 from memckpt.trainer.recovery import StepChoice, choose_common_step
 from memckpt.trainer.tree import Flat, decode_meta, encode_meta, fill, flatten
@@ -234,9 +235,13 @@ class Checkpointer:
             return self._restore_persisted(state, choice.step, listing.persisted_dir)
         held = listing.memory
         start = time.perf_counter()
-        known = held[choice.step]  # "" when the agent rebuilds it from peers during open_restore
+        known = held[choice.step]  # "" when peers hold it: the agent rebuilds it, or we fetch it (direct)
         mapping = self._copier.submit(self._map, known) if known else None  # page tables while the agent verifies
-        source = self._client.open_restore(choice.step)
+        source = self._client.open_restore(choice.step, direct_ok=not known)
+        if source.direct is not None:
+            if self._restore_direct(state, source, start):
+                return source.step
+            source = self._client.open_restore(choice.step)  # the agent rebuilds it, from whichever holders can
         slot = mapping.result() if mapping is not None else None
         if slot is None or source.name != known:  # rebuilt, or the slot moved between the two calls
             slot = self._map(source.name)
@@ -268,6 +273,31 @@ class Checkpointer:
             time.perf_counter() - start,
         )
         return source.step
+
+    def _restore_direct(self, state: dict[str, Any], source: RestoreSource, start: float) -> bool:
+        """Fetches a snapshot from the peers that hold it, into `state` (trainer/direct.py);
+        False if a holder could not be reached or sent bytes that fail the owner's checksums."""
+        plan = source.direct
+        assert plan is not None
+        try:
+            size = restore_direct(state, plan, decode_meta(source.meta), self._copier.parallel.copy)
+        except (CorruptSnapshot, Unavailable) as exc:
+            what = f"job={self.job} rank={self.rank} step={plan.step}"
+            log.warning("direct restore %s failed; the agent rebuilds it: %s", what, exc)
+            return False
+        self.restored_from, self.restored_step = source.source, plan.step
+        self._count_restore(source.source, start)
+        log.info(
+            "restored job=%s rank=%d step=%d from=%s (direct from %s) bytes=%d s=%.3f",
+            self.job,
+            self.rank,
+            plan.step,
+            source.source,
+            ", ".join(f.node for f in plan.fragments),
+            size,
+            time.perf_counter() - start,
+        )
+        return True
 
     def _restore_persisted(self, state: dict[str, Any], step: int, directory: Path) -> int:
         """Loads a complete persisted checkpoint (`trainer/persisted.py`): this rank's own bytes

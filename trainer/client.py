@@ -118,8 +118,10 @@ class AgentClient:
             persisted_dir=Path(response.persisted_dir) if response.persisted_dir else None,
         )
 
-    def open_restore(self, step: int | None = None) -> RestoreSource:
-        request = pb.OpenRestoreRequest(job=self.job, rank=self.rank)
+    def open_restore(self, step: int | None = None, direct_ok: bool = False) -> RestoreSource:
+        """The snapshot to restore, verified in a slot; with `direct_ok`, for one the agent does not
+        hold, possibly a plan to fetch it from peers instead (`RestoreSource.direct`)."""
+        request = pb.OpenRestoreRequest(job=self.job, rank=self.rank, direct_ok=direct_ok)
         if step is not None:
             request.step = step
         return restore_from_proto(self._call("OpenRestore", request, REGISTER_TIMEOUT_S, wait_for_ready=True))

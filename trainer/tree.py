@@ -113,6 +113,30 @@ def fill(state: dict[str, Any], tree: dict[str, Any], stored: StoredTensor) -> P
     return pairs
 
 
+def live_tensors(state: Any, tree: dict[str, Any]) -> dict[int, torch.Tensor]:
+    """Stored tensor index -> the tensor of `state` that `fill` would copy it into (a DTensor's
+    local shard), for the stored tensors that have one; `state` is not changed. Whether the
+    shapes and dtypes agree is the caller's to check (`fill` refuses where they do not)."""
+    found: dict[int, torch.Tensor] = {}
+
+    def walk(live: Any, node: dict[str, Any]) -> None:
+        ((kind, body),) = node.items()
+        if kind in ("tensor", "dtensor"):
+            target = live.to_local() if isinstance(live, DTensor) else live
+            if isinstance(target, torch.Tensor) and (kind == "tensor" or isinstance(live, DTensor)):
+                found[body] = target
+        elif kind == "dict" and isinstance(live, dict):
+            for key, child in body:
+                walk(live.get(key), child)
+        elif kind in ("list", "tuple") and isinstance(live, (list, tuple)) and len(live) == len(body):
+            for item, child in zip(live, body):
+                walk(item, child)
+
+    if isinstance(state, dict) and isinstance(tree, dict) and "dict" in tree:
+        walk(state, tree)
+    return found
+
+
 def _fill(live: Any, node: dict[str, Any], stored: StoredTensor, path: str, pairs: Pairs) -> Any:
     ((kind, body),) = node.items()
     if kind in ("tensor", "ndarray", "dtensor"):

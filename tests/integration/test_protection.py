@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import itertools
+import logging
 
 import grpc
 import pytest
 import torch
 
 from memckpt.agent.erasure import Scheme, decode
+from memckpt.agent.fragments import fragment_prefix
 from memckpt.agent.peers import PeerClient
 from memckpt.agent.shm import DEFAULT_ROOT
 from memckpt.coordinator.groups import choose_fragment_holders
-from memckpt.local import wait_until
+from memckpt.local import AgentProcess, wait_until
 from memckpt.protos import agent_pb2 as apb
 from memckpt.protos import coordinator_pb2 as cpb
 from memckpt.protos import coordinator_pb2_grpc as cpb_grpc
@@ -93,28 +95,91 @@ def test_newest_step_is_protected_when_snapshots_outpace_peers(cluster: Cluster)
     wait_until(lambda: protected_step(cluster, "fast", 0) == newest, 30, "the newest step to be protected")
 
 
+def shm_prefix_of(of: Cluster, node: str) -> str:
+    args = of.agent_args[node]
+    return args[args.index("--shm-prefix") + 1]
+
+
+def lose_and_replace(cluster: Cluster, agent_factory, lost: tuple[str, ...]) -> AgentProcess:  # noqa: ANN001, F811
+    """Loses whole nodes (agent killed, shared memory gone) and starts node5 in node0's place."""
+    for node in lost:
+        cluster.agents[node].kill()
+        for path in DEFAULT_ROOT.iterdir():
+            if path.name.startswith(shm_prefix_of(cluster, node)[:-1]):  # its slots and its fragments
+                path.unlink()
+    args = dict(zip(cluster.agent_args["node4"][::2], cluster.agent_args["node4"][1::2]))
+    prefix = shm_prefix_of(cluster, "node0").replace("node0", "node5")
+    args.update({"--node": "node5", "--domain": "rack5", "--shm-prefix": prefix})
+    replacement: AgentProcess = agent_factory(name="node5", extra_args=tuple(x for kv in args.items() for x in kv))
+    cluster.agents["node5"] = replacement  # stopped, and its shared memory checked, with the others
+    wait_until(lambda: set(alive_nodes(cluster)) == set(NODES) - set(lost) | {"node5"}, 30, "node5 to replace the lost")
+    return replacement
+
+
+def zeros_like_state() -> dict[str, dict[str, torch.Tensor]]:
+    return {
+        "model": {"w": torch.zeros(1 << 18), "b": torch.zeros(64)},
+        "optim": {"m": torch.zeros(1 << 17), "step": torch.tensor(0)},
+    }
+
+
 def test_lost_node_is_restored_on_a_replacement_from_its_peers_fragments(cluster: Cluster, agent_factory) -> None:  # noqa: ANN001, F811
     state = make_state(4, 1 << 18)
     with Checkpointer("loss", rank=0, world_size=1, socket_path=cluster.agents["node0"].socket_path, strict=True) as ck:
         ck.snapshot(4, state)
         ck.wait()
     wait_until(lambda: protected_step(cluster, "loss", 0) == 4, 30, "step 4 to be protected")
-    lost = cluster.agents["node0"]
-    lost.kill()  # the whole node: its agent and its shared memory
-    for path in DEFAULT_ROOT.iterdir():
-        if path.name.startswith(lost.shm_prefix[:-1]):
-            path.unlink()
-    args = dict(zip(cluster.agent_args["node4"][::2], cluster.agent_args["node4"][1::2]))
-    args.update({"--node": "node5", "--domain": "rack5", "--shm-prefix": lost.shm_prefix.replace("node0", "node5")})
-    replacement = agent_factory(name="node5", extra_args=tuple(x for kv in args.items() for x in kv))
-    wait_until(lambda: "node5" in cluster.addresses() and "node0" not in cluster.addresses(), 30, "node5 to replace node0")
-    restored = {
-        "model": {"w": torch.zeros(1 << 18), "b": torch.zeros(64)},
-        "optim": {"m": torch.zeros(1 << 17), "step": torch.tensor(0)},
-    }
+    holders = choose_fragment_holders("node0", tuple(sorted(NODES)), 3)
+    replacement = lose_and_replace(cluster, agent_factory, ("node0",))
+    restored = zeros_like_state()
     with Checkpointer("loss", rank=0, world_size=1, socket_path=replacement.socket_path, strict=True) as ck:
         assert ck.restore(restored, coordinate=False) == 4
+        assert ck.restored_from == "fragments"
     assert_state_equal(restored, state)
+    # the trainer fetched the data fragments from their holders itself: the new node holds no slot for it
+    log = replacement.log_path.read_text()
+    assert f"direct restore of job=loss rank=0 step=4: the trainer fetches fragments [0, 1] from {list(holders[:2])}" in log
+    assert "rebuilt job=loss" not in log
+    channel, stub = agent_stub(replacement.socket_path)
+    with channel:
+        assert not [r for r in stub.GetStatus(apb.GetStatusRequest(), timeout=10).ranks if r.job == "loss"]
+
+
+def test_a_corrupted_fragment_fails_the_checksums_and_the_others_rebuild_the_rank(
+    cluster: Cluster,  # noqa: F811
+    agent_factory,  # noqa: ANN001
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A holder's fragment 0 rots in memory: the trainer's direct fetch fails the owner's
+    checksums, and the replacement agent, asked again, finds fragment 0 corrupt by its crc and
+    rebuilds the rank from fragments 1 and 2 (the parity). Nothing corrupt is loaded."""
+    state = make_state(4, 1 << 18)
+    with Checkpointer("rot", rank=0, world_size=1, socket_path=cluster.agents["node0"].socket_path, strict=True) as ck:
+        ck.snapshot(4, state)
+        ck.wait()
+    wait_until(lambda: protected_step(cluster, "rot", 0) == 4, 30, "step 4 to be protected")
+    holder = choose_fragment_holders("node0", tuple(sorted(NODES)), 3)[0]
+    prefix = fragment_prefix(shm_prefix_of(cluster, holder))
+    names = sorted(p.name for p in DEFAULT_ROOT.iterdir())
+    found = [DEFAULT_ROOT / n for n in names if n.startswith(f"{prefix}rot.r0.f0.s4.")]
+    assert len(found) == 1, (prefix, names)
+    segment = found[0]
+    with segment.open("r+b") as f:
+        f.seek(1000)
+        byte = f.read(1)
+        f.seek(1000)
+        f.write(bytes([byte[0] ^ 0x5A]))
+    replacement = lose_and_replace(cluster, agent_factory, ("node0",))
+    restored = zeros_like_state()
+    with caplog.at_level(logging.WARNING, logger="memckpt.trainer"):
+        with Checkpointer("rot", rank=0, world_size=1, socket_path=replacement.socket_path, strict=True) as ck:
+            assert ck.restore(restored, coordinate=False) == 4
+    assert_state_equal(restored, state)
+    assert "direct restore job=rot rank=0 step=4 failed; the agent rebuilds it" in caplog.text
+    assert "do not match the owner's checksums" in caplog.text
+    log = replacement.log_path.read_text()
+    assert f"fragment 0 of job=rot rank=0 from {holder} unusable" in log
+    assert "rebuilt job=rot rank=0 step=4 from fragments [1, 2]" in log
 
 
 def test_beyond_tolerance_memory_says_it_cannot_restore_and_restores_nothing(cluster: Cluster, agent_factory) -> None:  # noqa: ANN001, F811
@@ -125,21 +190,9 @@ def test_beyond_tolerance_memory_says_it_cannot_restore_and_restores_nothing(clu
         ck.wait()
     wait_until(lambda: protected_step(cluster, "gone", 0) == 4, 30, "step 4 to be protected")
     holders = choose_fragment_holders("node0", tuple(sorted(NODES)), 3)
-    for node in ("node0", *holders[:2]):  # the owner and m+1 = 2 of its 3 fragment holders
-        cluster.agents[node].kill()
-        for path in DEFAULT_ROOT.iterdir():
-            if path.name.startswith(cluster.agents[node].shm_prefix[:-1]):
-                path.unlink()
-    args = dict(zip(cluster.agent_args["node4"][::2], cluster.agent_args["node4"][1::2]))
-    args.update(
-        {"--node": "node5", "--domain": "rack5", "--shm-prefix": cluster.agents["node0"].shm_prefix.replace("node0", "node5")}
-    )
-    replacement = agent_factory(name="node5", extra_args=tuple(x for kv in args.items() for x in kv))
-    wait_until(lambda: alive_nodes(cluster) == ["node3", "node4", "node5"], 30, "node5 to join and the lost nodes to fail")
-    target = {
-        "model": {"w": torch.zeros(1 << 18), "b": torch.zeros(64)},
-        "optim": {"m": torch.zeros(1 << 17), "step": torch.tensor(0)},
-    }
+    replacement = lose_and_replace(cluster, agent_factory, ("node0", *holders[:2]))  # the owner and m+1 = 2 holders
+    assert alive_nodes(cluster) == ["node3", "node4", "node5"]
+    target = zeros_like_state()
     with Checkpointer("gone", rank=0, world_size=1, socket_path=replacement.socket_path, strict=True) as ck:
         with pytest.raises(CorruptSnapshot, match="memory cannot restore the job") as info:
             ck.restore(target, coordinate=False)

@@ -5,6 +5,7 @@ The slot store runs over a ShmDir in a temporary directory; peers and the coordi
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -133,6 +134,8 @@ class FakePeers:
         self.checksums = owner_checksums(data)
         self.corrupt, self.dead = corrupt, dead
         self.served: list[int] = []
+        self.hands_out_tickets = True
+        self.stale: set[int] = set()  # holders of another attempt's fragment
 
     def _header(self, index: int) -> FragmentHeader:
         return FragmentHeader(
@@ -167,6 +170,16 @@ class FakePeers:
             raise CorruptSnapshot(f"fragment {index}: chunk crc mismatch")
         write_at(0, payload)
         return header
+
+    def get_ticket(
+        self, address: str, job: str, rank: int, index: int, step: int
+    ) -> tuple[FragmentHeader, str, int, bytes] | None:
+        if index in self.dead:
+            raise Unavailable(f"holder of fragment {index} is gone")
+        header = self._header(index)
+        if index in self.stale:
+            header = dataclasses.replace(header, generation=header.generation + 1)
+        return header, f"host{index}", 7500 + index, bytes([index]) * 32
 
     def get_fragment(
         self, address: str, job: str, rank: int, index: int, step: int, into: memoryview | None = None
@@ -212,3 +225,46 @@ def test_a_rebuild_without_k_good_fragments_leaves_no_slot(store: SlotStore, tmp
     assert store.memory_used_bytes() == 0
     with pytest.raises(NotFound):
         store.open_restore("j", 0, 6)
+
+
+def test_a_direct_plan_names_a_ticket_on_each_data_fragments_holder_and_allocates_nothing(
+    store: SlotStore, tmp_path: Path
+) -> None:
+    data = os.urandom(1_000_003)
+    scheme = Scheme(k=2, m=1, size_bytes=len(data))
+    peers = FakePeers(data, scheme, corrupt=set(), dead=set())
+    remote = RemoteRestore(link=FakeLink(location(scheme)), peers=peers, store=store)  # type: ignore[arg-type]
+    plan = remote.plan_direct("j", 0, 6)
+    assert plan is not None
+    assert (plan.step, plan.data_size_bytes, plan.fragment_bytes) == (6, len(data), scheme.fragment_bytes)
+    assert (plan.meta, plan.checksums) == (META, peers.checksums)
+    assert [(f.index, f.node, f.host, f.port, f.ticket) for f in plan.fragments] == [
+        (0, "node1", "host0", 7500, bytes(32)),
+        (1, "node2", "host1", 7501, bytes([1]) * 32),
+    ]
+    assert segment_names(tmp_path) == [] and store.memory_used_bytes() == 0
+
+
+@pytest.mark.parametrize("why", ["a data holder is gone", "a holder has another attempt", "TLS between agents"])
+def test_no_direct_plan_when_the_data_fragments_cannot_all_be_fetched_as_they_are(store: SlotStore, why: str) -> None:
+    data = os.urandom(100_000)
+    scheme = Scheme(k=2, m=1, size_bytes=len(data))
+    peers = FakePeers(data, scheme, corrupt=set(), dead={1} if why == "a data holder is gone" else set())
+    peers.stale = {0} if why == "a holder has another attempt" else set()
+    peers.hands_out_tickets = why != "TLS between agents"
+    remote = RemoteRestore(link=FakeLink(location(scheme)), peers=peers, store=store)  # type: ignore[arg-type]
+    assert remote.plan_direct("j", 0, 6) is None
+    remote.fetch("j", 0, 6)  # the agent rebuilds it itself, around the holder that cannot serve
+    assert store.open_restore("j", 0, 6).checksums == peers.checksums
+
+
+def test_no_direct_plan_when_only_parity_is_left_of_a_data_fragment(store: SlotStore) -> None:
+    data = os.urandom(100_000)
+    scheme = Scheme(k=2, m=1, size_bytes=len(data))
+    peers = FakePeers(data, scheme, corrupt=set(), dead=set())
+    where = location(scheme)
+    del where.fragments[0]  # its holder failed: the coordinator no longer names it
+    remote = RemoteRestore(link=FakeLink(where), peers=peers, store=store)  # type: ignore[arg-type]
+    assert remote.plan_direct("j", 0, 6) is None
+    with pytest.raises(NotFound):
+        remote.plan_direct("j", 0, 5)

@@ -65,6 +65,7 @@ def test_agent_flag_set_is_frozen() -> None:
         "--advertise",
         "--config",
         "--coordinator",
+        "--direct-restore",
         "--domain",
         "--log-level",
         "--max-message-bytes",
