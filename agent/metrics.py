@@ -114,6 +114,12 @@ RESTORES = Counter(
     ["job", "source"],
     registry=REGISTRY,
 )
+DIRECT_RESTORES = Counter(
+    "memckpt_direct_restores_total",
+    "Restores from fragments handed to the trainer, which fetched the bytes from their holders itself",
+    ["job"],
+    registry=REGISTRY,
+)
 RESTORE_SECONDS = Histogram(
     "memckpt_restore_seconds",
     "Preparing a restore at the agent (verifying, or rebuilding from peers), by source",
@@ -130,6 +136,7 @@ RANK_DEATHS = Counter(
 
 _PER_JOB = (
     SNAPSHOTS,
+    DIRECT_RESTORES,
     SNAPSHOT_BYTES,
     SKIPPED,
     COMMIT_SECONDS,

@@ -154,6 +154,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
                 plan = self.remote.plan_direct(request.job, request.rank, step)
                 if plan is not None:  # the trainer fetches the bytes itself, straight into its tensors
                     metrics.RESTORES.labels(request.job, "fragments").inc()
+                    metrics.DIRECT_RESTORES.labels(request.job).inc()
                     return wire.direct_to_proto(plan)
             self.remote.fetch(request.job, request.rank, step)  # rebuild it here from peers' fragments
             source = dataclasses.replace(self._store.open_restore(request.job, request.rank, step), source="fragments")
