@@ -8,11 +8,14 @@ snapshot's bytes. A decode rebuilds the m lowest data fragments from the others 
 Reconstruct: a real coordinator (k=2, m=1 by default) and k+m+1 agents on loopback; a
 Checkpointer snapshots on node0, and once the coordinator says the step is protected node0 is
 SIGKILLed and its shared memory removed, as if the node were lost. A replacement agent joins,
-and `Checkpointer.restore(..., coordinate=False)` on it is timed: locating the fragments,
-fetching k of them from the peers, decoding, installing and verifying the slot, and copying it
-into the trainer's (preallocated, touched) tensors. Each repeat uses a new replacement. Beside
-it, in the same run: the same bytes streamed over a raw TCP loopback socket, and torch.load of
-the same state from local disk.
+and `Checkpointer.restore(..., coordinate=False)` on it is timed, into the trainer's
+(preallocated, touched) tensors. Two ways, each repeat on new replacements, taken in turns:
+the default one, where the agent hands the trainer tickets and the trainer fetches the k data
+fragments from their holders itself, straight into its tensors, checking them against the
+owner's checksums (trainer/direct.py); and, with the replacement's `--no-direct-restore`, the
+agent's rebuild: fetching k fragments into a new slot, decoding, verifying, and the trainer
+copying from the slot. Beside them, in the same run: the same bytes streamed over a raw TCP
+loopback socket, and torch.load of the same state from local disk.
 
     python bench/ec_throughput.py --size 1GiB [--repeats 3] [--quick] [--json]
 """
@@ -60,8 +63,10 @@ class EcReport:
     xor_gbps: float  # numpy XOR of the two halves of the snapshot into a touched buffer
     reconstruct_k: int
     reconstruct_m: int
-    reconstruct_s: float  # median over the replacements
+    reconstruct_s: float  # median over the replacements, the default way (the trainer fetches the fragments)
     reconstruct_samples_s: tuple[float, ...]
+    reconstruct_rebuild_s: float  # the same, with the replacement agent rebuilding the snapshot (--no-direct-restore)
+    reconstruct_rebuild_samples_s: tuple[float, ...]
     reconstruct_bytes: int
     reconstruct_gbps: float
     raw_socket_s: float
@@ -119,8 +124,10 @@ def measure_xor(data: memoryview, repeats: int) -> float:
     return rate
 
 
-def _restore_on_replacement(group: loopback.LocalGroup, node: str, job: str, state: dict[str, torch.Tensor]) -> float:
-    replacement = group.start_agent(node)
+def _restore_on_replacement(
+    group: loopback.LocalGroup, node: str, job: str, state: dict[str, torch.Tensor], direct: bool
+) -> float:
+    replacement = group.start_agent(node, () if direct else ("--no-direct-restore",))
     wait_until(lambda: node in group.addresses(), 60, f"{node} to join the group", interval_s=0.1)
     destination = {name: torch.zeros_like(tensor) for name, tensor in state.items()}
     with Checkpointer(job, rank=0, world_size=1, socket_path=replacement.socket_path, strict=True) as ck:
@@ -132,10 +139,14 @@ def _restore_on_replacement(group: loopback.LocalGroup, node: str, job: str, sta
         raise RuntimeError(f"the restore on {node} gave back step {step} or different bytes")
     if source != "fragments":
         raise RuntimeError(f"the restore on {node} came from {source!r}, not from fragments")
-    progress(f"reconstruct on {node}: {elapsed:.3f} s ({gbps(sum(t.nbytes for t in state.values()), elapsed):.2f} GB/s)")
-    for line in replacement.log_path.read_text().splitlines():
-        if "rebuilt job=" in line:
-            progress(f"  {node}: {line}")
+    how = "direct" if direct else "rebuild"
+    progress(f"reconstruct ({how}) on {node}: {elapsed:.3f} s ({gbps(sum(t.nbytes for t in state.values()), elapsed):.2f} GB/s)")
+    lines = replacement.log_path.read_text().splitlines()
+    said = [line for line in lines if "rebuilt job=" in line or "direct restore of job=" in line]
+    for line in said:
+        progress(f"  {node}: {line}")
+    if direct != any("direct restore of job=" in line for line in said):
+        raise RuntimeError(f"the restore on {node} was not the {how} one: {said}")
     return elapsed
 
 
@@ -154,8 +165,9 @@ def _wait_quiet(group: loopback.LocalGroup, timeout_s: float = 20.0) -> None:
     progress(f"warning: agents still busy after {timeout_s:.0f} s; measuring anyway")
 
 
-def measure_reconstruct(state: dict[str, torch.Tensor], k: int, m: int, repeats: int) -> list[float]:
-    """Seconds of each restore from fragments, on a new replacement agent each time."""
+def measure_reconstruct(state: dict[str, torch.Tensor], k: int, m: int, repeats: int) -> tuple[list[float], list[float]]:
+    """Seconds of each restore from fragments, on a new replacement agent each time: (the trainer
+    fetching the fragments, the agent rebuilding the snapshot), taken in turns."""
     size = sum(t.nbytes for t in state.values())
     job = f"ec-{uuid.uuid4().hex[:8]}"
     with loopback.local_group(k + m + 1, k, m, memory_limit_bytes=3 * size + (1 << 30)) as group:
@@ -169,13 +181,13 @@ def measure_reconstruct(state: dict[str, torch.Tensor], k: int, m: int, repeats:
         progress(f"snapshot of {size} bytes protected after {time.perf_counter() - started:.2f} s; losing node0")
         group.lose("node0")
         wait_until(lambda: "node0" not in group.addresses(), 60, "the coordinator to see node0 gone", interval_s=0.1)
-        samples_s = []
-        for i in range(max(1, repeats)):
-            node = f"node{k + m + 1 + i}"
+        samples_s: dict[bool, list[float]] = {True: [], False: []}
+        for i in range(2 * max(1, repeats)):
+            node, direct = f"node{k + m + 1 + i}", i % 2 == 0
             _wait_quiet(group)
-            samples_s.append(_restore_on_replacement(group, node, job, state))
+            samples_s[direct].append(_restore_on_replacement(group, node, job, state, direct))
             group.agents.pop(node).stop()  # clean stop: it removes its slots; the fragments stay on the holders
-    return samples_s
+    return samples_s[True], samples_s[False]
 
 
 def run(size_bytes: int, repeats: int, directory: str, k: int, m: int) -> EcReport:
@@ -188,7 +200,7 @@ def run(size_bytes: int, repeats: int, directory: str, k: int, m: int) -> EcRepo
     del data
     raw_s = median_after_first(loopback.raw_socket_seconds(size, repeats))
     progress(f"raw socket: {raw_s:.3f} s ({gbps(size, raw_s):.2f} GB/s)")
-    reconstruct_samples = measure_reconstruct(state, k, m, repeats)
+    reconstruct_samples, rebuild_samples = measure_reconstruct(state, k, m, repeats)
     reconstruct_s = statistics.median(reconstruct_samples)
     torch_load_s = baselines.measure_torch_load(state, directory, repeats).median_s
     progress(f"torch.load: {torch_load_s:.3f} s")
@@ -204,6 +216,8 @@ def run(size_bytes: int, repeats: int, directory: str, k: int, m: int) -> EcRepo
         reconstruct_m=m,
         reconstruct_s=reconstruct_s,
         reconstruct_samples_s=tuple(reconstruct_samples),
+        reconstruct_rebuild_s=statistics.median(rebuild_samples),
+        reconstruct_rebuild_samples_s=tuple(rebuild_samples),
         reconstruct_bytes=size,
         reconstruct_gbps=gbps(size, reconstruct_s),
         raw_socket_s=raw_s,
@@ -226,15 +240,17 @@ def format_table(r: EcReport) -> str:
         )
     lines.append(f"numpy XOR of two halves: {r.xor_gbps:.2f} GB/s")
     lines.append(f"-- reconstruct of a lost rank ({r.reconstruct_k},{r.reconstruct_m}), {r.reconstruct_bytes} bytes")
-    lines.append(f"{'method':<34} | {'s':>7} | {'GB/s':>6}")
+    lines.append(f"{'method':<50} | {'s':>7} | {'GB/s':>6}")
     rows = [
-        ("memckpt restore from fragments", r.reconstruct_s),
+        ("memckpt restore from fragments (the rank fetches)", r.reconstruct_s),
+        ("memckpt restore, rebuilt by the agent (no direct)", r.reconstruct_rebuild_s),
         ("raw TCP socket, same bytes", r.raw_socket_s),
         ("torch.load from local disk", r.torch_load_s),
     ]
     for name, seconds in rows:
-        lines.append(f"{name:<34} | {seconds:7.3f} | {gbps(r.reconstruct_bytes, seconds):6.2f}")
+        lines.append(f"{name:<50} | {seconds:7.3f} | {gbps(r.reconstruct_bytes, seconds):6.2f}")
     lines.append(f"reconstruct samples s: {', '.join(f'{s:.3f}' for s in r.reconstruct_samples_s)}")
+    lines.append(f"rebuilt by the agent, samples s: {', '.join(f'{s:.3f}' for s in r.reconstruct_rebuild_samples_s)}")
     lines.append(
         f"reconstruct / raw socket rate: {r.reconstruct_over_raw_socket:.2f} (target >= 0.5); "
         f"torch.load / reconstruct time: {r.torch_load_over_reconstruct:.2f} (target >= 1)"

@@ -58,12 +58,13 @@ class LocalGroup:
     tls: TlsFiles = field(default_factory=TlsFiles)  # mutual TLS everywhere when enabled
     agents: dict[str, AgentProcess] = field(default_factory=dict)
 
-    def start_agent(self, node: str) -> AgentProcess:
+    def start_agent(self, node: str, extra_args: tuple[str, ...] = ()) -> AgentProcess:
         index = int(node.removeprefix("node"))
         args = (
             *("--node", node, "--coordinator", self.coordinator.address, "--token", TOKEN, "--domain", f"rack{index}"),
             *("--advertise", "127.0.0.1:0", "--peer-listen", "127.0.0.1:0", "--on-exit", "remove"),
             *tls_flags(self.tls),
+            *extra_args,
         )
         agent = AgentProcess(
             socket_path=self.workdir / f"{node}.sock",

@@ -445,11 +445,13 @@ def check_every_expression(prometheus: Prometheus, agents: list[str]) -> None:
 
 
 def check_restores_are_counted(prometheus: Prometheus) -> None:
-    """The Recoveries panel shows the two local restores after the kill, although each agent's
-    restore counter for the job first appeared with that restore (at 1, invisible to increase())."""
+    """The Recoveries panel shows the two local restores after the kill. Each agent's restore
+    counter exists at 0 from the rank's registration (agent/metrics.py job_seen), so increase()
+    sees each restore, extrapolated to the window's edges: 1 to about 1.08 per restore with
+    scrapes a second apart (more when a loaded machine delays some): never 0, never 2 for one."""
     (panel,) = [p for p in dashboard()["panels"] if p["title"] == "Recoveries"]
     (agents_expr,) = [t["expr"] for t in panel["targets"] if "memckpt_restores_total" in t["expr"]]
     series = prometheus.query_range(f"sum({substitute(agents_expr)})", prometheus.started, time.time(), step="1s")
     assert series, "no restores in the Recoveries panel"
     most = max(float(value) for _, value in series[0]["values"])
-    assert most == 2, f"the Recoveries panel shows at most {most} restores at once, not the 2 local ones"
+    assert 2 <= most < 2.5, f"the Recoveries panel shows at most {most} restores at once, not the 2 local ones"
