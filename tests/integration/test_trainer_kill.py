@@ -28,6 +28,9 @@ def test_rank_killed_at_random_step_resumes_bit_exact(tmp_path: Path, snapshot_e
         faults=("rank",),
         kill_rank=seed % 2,
         fault_steps=(kill_at,),
+        # a real model's steps take longer than protecting a snapshot; the tiny one's (70 ms on a
+        # busy 2-core machine) do not, and a slot kept for protection skips a snapshot
+        step_delay_s=0.15,
         workdir=tmp_path / "run",
         memory_limit="256MiB",
         timeout_s=240,
