@@ -183,9 +183,19 @@ def _run_job(
     finally:
         stop_process(process)
     if returncode != 0:
-        raise RuntimeError(f"torchrun for job {job} exited with {returncode}; see {workdir / (job + '.log')}")
+        log = workdir / f"{job}.log"
+        raise RuntimeError(f"torchrun for job {job} exited with {returncode}; the end of {log}:\n{_tail(log)}")
     run.events = read_events(events_path)
     return run
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    """The last lines of a log, for an error that has to explain itself where the file is gone."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as error:
+        return f"(unreadable: {error})"
+    return "\n".join(text.splitlines()[-lines:])
 
 
 def _inject(fault: str, victim: dict[str, Any], cluster: LocalCluster, progress: Progress) -> _Fault:
