@@ -124,9 +124,7 @@ class RemoteRestore:
                 log.info("direct restore of job=%s rank=%d: %s on %s is not the one located", job, rank, header, holder.node)
                 return None
             meta, checksums = header.meta, header.snapshot_checksums
-            fragments.append(
-                DirectFragment(index=index, node=holder.node, host=host, port=port, ticket=ticket, crc32c=header.crc32c)
-            )
+            fragments.append(DirectFragment(index=index, node=holder.node, host=host, port=port, ticket=ticket))
         log.info(
             "direct restore of job=%s rank=%d step=%d: the trainer fetches fragments %s from %s",
             job,

@@ -71,7 +71,6 @@ class DirectFragment:
     host: str
     port: int
     ticket: bytes
-    crc32c: int
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

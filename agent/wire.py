@@ -69,7 +69,6 @@ def direct_to_proto(plan: DirectPlan) -> pb.OpenRestoreResponse:
                 port=f.port,
                 ticket=f.ticket,
                 fragment_bytes=plan.fragment_bytes,
-                crc32c=f.crc32c,
             )
             for f in plan.fragments
         ],
@@ -89,8 +88,7 @@ def restore_from_proto(response: pb.OpenRestoreResponse) -> RestoreSource:
             meta=response.meta,
             checksums=tuple(response.checksums),
             fragments=tuple(
-                DirectFragment(index=f.index, node=f.node, host=f.host, port=f.port, ticket=f.ticket, crc32c=f.crc32c)
-                for f in response.direct
+                DirectFragment(index=f.index, node=f.node, host=f.host, port=f.port, ticket=f.ticket) for f in response.direct
             ),
         )
     return RestoreSource(

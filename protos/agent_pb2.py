@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1amemckpt/protos/agent.proto\x12\nmemckpt.v1\"\x81\x01\n\x13RegisterRankRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\x12\n\nworld_size\x18\x03 \x01(\x05\x12\x17\n\x0fslot_size_bytes\x18\x04 \x01(\x04\x12\x12\n\ngeneration\x18\x05 \x01(\x04\x12\x0e\n\x06run_id\x18\x06 \x01(\t\"^\n\x14RegisterRankResponse\x12\x17\n\x0fslot_size_bytes\x18\x01 \x01(\x04\x12\x15\n\rhas_committed\x18\x02 \x01(\x08\x12\x16\n\x0e\x63ommitted_step\x18\x03 \x01(\x03\"w\n\x14\x42\x65ginSnapshotRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x12\n\nsize_bytes\x18\x04 \x01(\x04\x12\x12\n\ngeneration\x18\x05 \x01(\x04\x12\x0e\n\x06run_id\x18\x06 \x01(\t\"W\n\x15\x42\x65ginSnapshotResponse\x12\x12\n\nslot_index\x18\x01 \x01(\x05\x12\x11\n\tslot_name\x18\x02 \x01(\t\x12\x17\n\x0fslot_size_bytes\x18\x03 \x01(\x04\"\x9f\x01\n\x15\x43ommitSnapshotRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x12\n\nslot_index\x18\x04 \x01(\x05\x12\x17\n\x0f\x64\x61ta_size_bytes\x18\x05 \x01(\x04\x12\x0c\n\x04meta\x18\x06 \x01(\x0c\x12\x12\n\ngeneration\x18\x07 \x01(\x04\x12\x0e\n\x06run_id\x18\x08 \x01(\t\"&\n\x16\x43ommitSnapshotResponse\x12\x0c\n\x04step\x18\x01 \x01(\x03\"1\n\x14ListSnapshotsRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\x05\"\x7f\n\x15ListSnapshotsResponse\x12\r\n\x05steps\x18\x01 \x03(\x03\x12\x12\n\nslot_names\x18\x02 \x03(\t\x12\x17\n\x0fpersisted_steps\x18\x04 \x03(\x03\x12\x15\n\rpersisted_dir\x18\x05 \x01(\t\x12\x13\n\x0bworld_sizes\x18\x06 \x03(\x05\"^\n\x12OpenRestoreRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\x11\n\x04step\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x11\n\tdirect_ok\x18\x04 \x01(\x08\x42\x07\n\x05_step\"\x81\x01\n\x0e\x44irectFragment\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\x0c\n\x04port\x18\x03 \x01(\r\x12\x0e\n\x06ticket\x18\x04 \x01(\x0c\x12\x16\n\x0e\x66ragment_bytes\x18\x05 \x01(\x04\x12\x0e\n\x06\x63rc32c\x18\x06 \x01(\r\x12\x0c\n\x04node\x18\x07 \x01(\t\"\xc5\x01\n\x13OpenRestoreResponse\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x11\n\tslot_name\x18\x02 \x01(\t\x12\x17\n\x0fslot_size_bytes\x18\x03 \x01(\x04\x12\x17\n\x0f\x64\x61ta_size_bytes\x18\x04 \x01(\x04\x12\x0c\n\x04meta\x18\x05 \x01(\x0c\x12\x11\n\tchecksums\x18\x06 \x03(\r\x12\x0e\n\x06source\x18\x07 \x01(\t\x12*\n\x06\x64irect\x18\x08 \x03(\x0b\x32\x1a.memckpt.v1.DirectFragment\" \n\x11ReleaseJobRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\"D\n\x12ReleaseJobResponse\x12\x16\n\x0eranks_released\x18\x01 \x01(\x05\x12\x16\n\x0e\x62ytes_released\x18\x02 \x01(\x04\"\x12\n\x10GetStatusRequest\"\xa2\x01\n\nSlotStatus\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04name\x18\x02 \x01(\t\x12$\n\x05state\x18\x03 \x01(\x0e\x32\x15.memckpt.v1.SlotState\x12\x0c\n\x04step\x18\x04 \x01(\x03\x12\x12\n\nsize_bytes\x18\x05 \x01(\x04\x12\x17\n\x0f\x64\x61ta_size_bytes\x18\x06 \x01(\x04\x12\x16\n\x0e\x63hecksum_ready\x18\x07 \x01(\x08\"\xbf\x01\n\nRankStatus\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\x12\n\nworld_size\x18\x03 \x01(\x05\x12\x15\n\rhas_committed\x18\x04 \x01(\x08\x12\x16\n\x0e\x63ommitted_step\x18\x05 \x01(\x03\x12%\n\x05slots\x18\x06 \x03(\x0b\x32\x16.memckpt.v1.SlotStatus\x12\x15\n\rrestored_from\x18\x07 \x01(\t\x12\x15\n\rrestored_step\x18\x08 \x01(\x03\"\x86\x01\n\rPersistStatus\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x15\n\rcomplete_step\x18\x02 \x01(\x03\x12\x14\n\x0cwriting_step\x18\x03 \x01(\x03\x12\x15\n\rwritten_bytes\x18\x04 \x01(\x04\x12\x10\n\x08\x66\x61ilures\x18\x05 \x01(\r\x12\x12\n\nlast_error\x18\x06 \x01(\t\"\xfc\x01\n\x11GetStatusResponse\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x19\n\x11memory_used_bytes\x18\x02 \x01(\x04\x12\x1a\n\x12memory_limit_bytes\x18\x03 \x01(\x04\x12%\n\x05ranks\x18\x04 \x03(\x0b\x32\x16.memckpt.v1.RankStatus\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\x0b\n\x03pid\x18\x06 \x01(\x05\x12.\n\x0bpersistence\x18\x07 \x03(\x0b\x32\x19.memckpt.v1.PersistStatus\x12\x14\n\x0cpersist_root\x18\x08 \x01(\t\x12\x17\n\x0fmetrics_address\x18\t \x01(\t\"|\n\rAttachRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\x12\n\ngeneration\x18\x03 \x01(\x04\x12\x0e\n\x06run_id\x18\x04 \x01(\t\x12\x15\n\rrestored_from\x18\x05 \x01(\t\x12\x15\n\rrestored_step\x18\x06 \x01(\x03\"\x1f\n\x0b\x41ttachEvent\x12\x10\n\x08\x61ttached\x18\x01 \x01(\x08\"N\n\rDetachRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\x12\n\ngeneration\x18\x03 \x01(\x04\x12\x0e\n\x06run_id\x18\x04 \x01(\t\"\x10\n\x0e\x44\x65tachResponse*n\n\tSlotState\x12\x1a\n\x16SLOT_STATE_UNSPECIFIED\x10\x00\x12\x13\n\x0fSLOT_STATE_FREE\x10\x01\x12\x16\n\x12SLOT_STATE_WRITING\x10\x02\x12\x18\n\x14SLOT_STATE_COMMITTED\x10\x03\x32\xce\x05\n\x0c\x41gentService\x12Q\n\x0cRegisterRank\x12\x1f.memckpt.v1.RegisterRankRequest\x1a .memckpt.v1.RegisterRankResponse\x12T\n\rBeginSnapshot\x12 .memckpt.v1.BeginSnapshotRequest\x1a!.memckpt.v1.BeginSnapshotResponse\x12W\n\x0e\x43ommitSnapshot\x12!.memckpt.v1.CommitSnapshotRequest\x1a\".memckpt.v1.CommitSnapshotResponse\x12T\n\rListSnapshots\x12 .memckpt.v1.ListSnapshotsRequest\x1a!.memckpt.v1.ListSnapshotsResponse\x12N\n\x0bOpenRestore\x12\x1e.memckpt.v1.OpenRestoreRequest\x1a\x1f.memckpt.v1.OpenRestoreResponse\x12K\n\nReleaseJob\x12\x1d.memckpt.v1.ReleaseJobRequest\x1a\x1e.memckpt.v1.ReleaseJobResponse\x12H\n\tGetStatus\x12\x1c.memckpt.v1.GetStatusRequest\x1a\x1d.memckpt.v1.GetStatusResponse\x12>\n\x06\x41ttach\x12\x19.memckpt.v1.AttachRequest\x1a\x17.memckpt.v1.AttachEvent0\x01\x12?\n\x06\x44\x65tach\x12\x19.memckpt.v1.DetachRequest\x1a\x1a.memckpt.v1.DetachResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1amemckpt/protos/agent.proto\x12\nmemckpt.v1\"\x81\x01\n\x13RegisterRankRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\x12\n\nworld_size\x18\x03 \x01(\x05\x12\x17\n\x0fslot_size_bytes\x18\x04 \x01(\x04\x12\x12\n\ngeneration\x18\x05 \x01(\x04\x12\x0e\n\x06run_id\x18\x06 \x01(\t\"^\n\x14RegisterRankResponse\x12\x17\n\x0fslot_size_bytes\x18\x01 \x01(\x04\x12\x15\n\rhas_committed\x18\x02 \x01(\x08\x12\x16\n\x0e\x63ommitted_step\x18\x03 \x01(\x03\"w\n\x14\x42\x65ginSnapshotRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x12\n\nsize_bytes\x18\x04 \x01(\x04\x12\x12\n\ngeneration\x18\x05 \x01(\x04\x12\x0e\n\x06run_id\x18\x06 \x01(\t\"W\n\x15\x42\x65ginSnapshotResponse\x12\x12\n\nslot_index\x18\x01 \x01(\x05\x12\x11\n\tslot_name\x18\x02 \x01(\t\x12\x17\n\x0fslot_size_bytes\x18\x03 \x01(\x04\"\x9f\x01\n\x15\x43ommitSnapshotRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x12\n\nslot_index\x18\x04 \x01(\x05\x12\x17\n\x0f\x64\x61ta_size_bytes\x18\x05 \x01(\x04\x12\x0c\n\x04meta\x18\x06 \x01(\x0c\x12\x12\n\ngeneration\x18\x07 \x01(\x04\x12\x0e\n\x06run_id\x18\x08 \x01(\t\"&\n\x16\x43ommitSnapshotResponse\x12\x0c\n\x04step\x18\x01 \x01(\x03\"1\n\x14ListSnapshotsRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\x05\"\x7f\n\x15ListSnapshotsResponse\x12\r\n\x05steps\x18\x01 \x03(\x03\x12\x12\n\nslot_names\x18\x02 \x03(\t\x12\x17\n\x0fpersisted_steps\x18\x04 \x03(\x03\x12\x15\n\rpersisted_dir\x18\x05 \x01(\t\x12\x13\n\x0bworld_sizes\x18\x06 \x03(\x05\"^\n\x12OpenRestoreRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\x11\n\x04step\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x11\n\tdirect_ok\x18\x04 \x01(\x08\x42\x07\n\x05_step\"\x7f\n\x0e\x44irectFragment\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\x0c\n\x04port\x18\x03 \x01(\r\x12\x0e\n\x06ticket\x18\x04 \x01(\x0c\x12\x16\n\x0e\x66ragment_bytes\x18\x05 \x01(\x04\x12\x0c\n\x04node\x18\x07 \x01(\tJ\x04\x08\x06\x10\x07R\x06\x63rc32c\"\xc5\x01\n\x13OpenRestoreResponse\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x11\n\tslot_name\x18\x02 \x01(\t\x12\x17\n\x0fslot_size_bytes\x18\x03 \x01(\x04\x12\x17\n\x0f\x64\x61ta_size_bytes\x18\x04 \x01(\x04\x12\x0c\n\x04meta\x18\x05 \x01(\x0c\x12\x11\n\tchecksums\x18\x06 \x03(\r\x12\x0e\n\x06source\x18\x07 \x01(\t\x12*\n\x06\x64irect\x18\x08 \x03(\x0b\x32\x1a.memckpt.v1.DirectFragment\" \n\x11ReleaseJobRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\"D\n\x12ReleaseJobResponse\x12\x16\n\x0eranks_released\x18\x01 \x01(\x05\x12\x16\n\x0e\x62ytes_released\x18\x02 \x01(\x04\"\x12\n\x10GetStatusRequest\"\xa2\x01\n\nSlotStatus\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04name\x18\x02 \x01(\t\x12$\n\x05state\x18\x03 \x01(\x0e\x32\x15.memckpt.v1.SlotState\x12\x0c\n\x04step\x18\x04 \x01(\x03\x12\x12\n\nsize_bytes\x18\x05 \x01(\x04\x12\x17\n\x0f\x64\x61ta_size_bytes\x18\x06 \x01(\x04\x12\x16\n\x0e\x63hecksum_ready\x18\x07 \x01(\x08\"\xbf\x01\n\nRankStatus\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\x12\n\nworld_size\x18\x03 \x01(\x05\x12\x15\n\rhas_committed\x18\x04 \x01(\x08\x12\x16\n\x0e\x63ommitted_step\x18\x05 \x01(\x03\x12%\n\x05slots\x18\x06 \x03(\x0b\x32\x16.memckpt.v1.SlotStatus\x12\x15\n\rrestored_from\x18\x07 \x01(\t\x12\x15\n\rrestored_step\x18\x08 \x01(\x03\"\x86\x01\n\rPersistStatus\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x15\n\rcomplete_step\x18\x02 \x01(\x03\x12\x14\n\x0cwriting_step\x18\x03 \x01(\x03\x12\x15\n\rwritten_bytes\x18\x04 \x01(\x04\x12\x10\n\x08\x66\x61ilures\x18\x05 \x01(\r\x12\x12\n\nlast_error\x18\x06 \x01(\t\"\xfc\x01\n\x11GetStatusResponse\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x19\n\x11memory_used_bytes\x18\x02 \x01(\x04\x12\x1a\n\x12memory_limit_bytes\x18\x03 \x01(\x04\x12%\n\x05ranks\x18\x04 \x03(\x0b\x32\x16.memckpt.v1.RankStatus\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\x0b\n\x03pid\x18\x06 \x01(\x05\x12.\n\x0bpersistence\x18\x07 \x03(\x0b\x32\x19.memckpt.v1.PersistStatus\x12\x14\n\x0cpersist_root\x18\x08 \x01(\t\x12\x17\n\x0fmetrics_address\x18\t \x01(\t\"|\n\rAttachRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\x12\n\ngeneration\x18\x03 \x01(\x04\x12\x0e\n\x06run_id\x18\x04 \x01(\t\x12\x15\n\rrestored_from\x18\x05 \x01(\t\x12\x15\n\rrestored_step\x18\x06 \x01(\x03\"\x1f\n\x0b\x41ttachEvent\x12\x10\n\x08\x61ttached\x18\x01 \x01(\x08\"N\n\rDetachRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\x12\n\ngeneration\x18\x03 \x01(\x04\x12\x0e\n\x06run_id\x18\x04 \x01(\t\"\x10\n\x0e\x44\x65tachResponse*n\n\tSlotState\x12\x1a\n\x16SLOT_STATE_UNSPECIFIED\x10\x00\x12\x13\n\x0fSLOT_STATE_FREE\x10\x01\x12\x16\n\x12SLOT_STATE_WRITING\x10\x02\x12\x18\n\x14SLOT_STATE_COMMITTED\x10\x03\x32\xce\x05\n\x0c\x41gentService\x12Q\n\x0cRegisterRank\x12\x1f.memckpt.v1.RegisterRankRequest\x1a .memckpt.v1.RegisterRankResponse\x12T\n\rBeginSnapshot\x12 .memckpt.v1.BeginSnapshotRequest\x1a!.memckpt.v1.BeginSnapshotResponse\x12W\n\x0e\x43ommitSnapshot\x12!.memckpt.v1.CommitSnapshotRequest\x1a\".memckpt.v1.CommitSnapshotResponse\x12T\n\rListSnapshots\x12 .memckpt.v1.ListSnapshotsRequest\x1a!.memckpt.v1.ListSnapshotsResponse\x12N\n\x0bOpenRestore\x12\x1e.memckpt.v1.OpenRestoreRequest\x1a\x1f.memckpt.v1.OpenRestoreResponse\x12K\n\nReleaseJob\x12\x1d.memckpt.v1.ReleaseJobRequest\x1a\x1e.memckpt.v1.ReleaseJobResponse\x12H\n\tGetStatus\x12\x1c.memckpt.v1.GetStatusRequest\x1a\x1d.memckpt.v1.GetStatusResponse\x12>\n\x06\x41ttach\x12\x19.memckpt.v1.AttachRequest\x1a\x17.memckpt.v1.AttachEvent0\x01\x12?\n\x06\x44\x65tach\x12\x19.memckpt.v1.DetachRequest\x1a\x1a.memckpt.v1.DetachResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'memckpt.protos.agent_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SLOTSTATE']._serialized_start=2422
-  _globals['_SLOTSTATE']._serialized_end=2532
+  _globals['_SLOTSTATE']._serialized_start=2419
+  _globals['_SLOTSTATE']._serialized_end=2529
   _globals['_REGISTERRANKREQUEST']._serialized_start=43
   _globals['_REGISTERRANKREQUEST']._serialized_end=172
   _globals['_REGISTERRANKRESPONSE']._serialized_start=174
@@ -51,32 +51,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTSNAPSHOTSRESPONSE']._serialized_end=860
   _globals['_OPENRESTOREREQUEST']._serialized_start=862
   _globals['_OPENRESTOREREQUEST']._serialized_end=956
-  _globals['_DIRECTFRAGMENT']._serialized_start=959
-  _globals['_DIRECTFRAGMENT']._serialized_end=1088
-  _globals['_OPENRESTORERESPONSE']._serialized_start=1091
-  _globals['_OPENRESTORERESPONSE']._serialized_end=1288
-  _globals['_RELEASEJOBREQUEST']._serialized_start=1290
-  _globals['_RELEASEJOBREQUEST']._serialized_end=1322
-  _globals['_RELEASEJOBRESPONSE']._serialized_start=1324
-  _globals['_RELEASEJOBRESPONSE']._serialized_end=1392
-  _globals['_GETSTATUSREQUEST']._serialized_start=1394
-  _globals['_GETSTATUSREQUEST']._serialized_end=1412
-  _globals['_SLOTSTATUS']._serialized_start=1415
-  _globals['_SLOTSTATUS']._serialized_end=1577
-  _globals['_RANKSTATUS']._serialized_start=1580
-  _globals['_RANKSTATUS']._serialized_end=1771
-  _globals['_PERSISTSTATUS']._serialized_start=1774
-  _globals['_PERSISTSTATUS']._serialized_end=1908
-  _globals['_GETSTATUSRESPONSE']._serialized_start=1911
-  _globals['_GETSTATUSRESPONSE']._serialized_end=2163
-  _globals['_ATTACHREQUEST']._serialized_start=2165
-  _globals['_ATTACHREQUEST']._serialized_end=2289
-  _globals['_ATTACHEVENT']._serialized_start=2291
-  _globals['_ATTACHEVENT']._serialized_end=2322
-  _globals['_DETACHREQUEST']._serialized_start=2324
-  _globals['_DETACHREQUEST']._serialized_end=2402
-  _globals['_DETACHRESPONSE']._serialized_start=2404
-  _globals['_DETACHRESPONSE']._serialized_end=2420
-  _globals['_AGENTSERVICE']._serialized_start=2535
-  _globals['_AGENTSERVICE']._serialized_end=3253
+  _globals['_DIRECTFRAGMENT']._serialized_start=958
+  _globals['_DIRECTFRAGMENT']._serialized_end=1085
+  _globals['_OPENRESTORERESPONSE']._serialized_start=1088
+  _globals['_OPENRESTORERESPONSE']._serialized_end=1285
+  _globals['_RELEASEJOBREQUEST']._serialized_start=1287
+  _globals['_RELEASEJOBREQUEST']._serialized_end=1319
+  _globals['_RELEASEJOBRESPONSE']._serialized_start=1321
+  _globals['_RELEASEJOBRESPONSE']._serialized_end=1389
+  _globals['_GETSTATUSREQUEST']._serialized_start=1391
+  _globals['_GETSTATUSREQUEST']._serialized_end=1409
+  _globals['_SLOTSTATUS']._serialized_start=1412
+  _globals['_SLOTSTATUS']._serialized_end=1574
+  _globals['_RANKSTATUS']._serialized_start=1577
+  _globals['_RANKSTATUS']._serialized_end=1768
+  _globals['_PERSISTSTATUS']._serialized_start=1771
+  _globals['_PERSISTSTATUS']._serialized_end=1905
+  _globals['_GETSTATUSRESPONSE']._serialized_start=1908
+  _globals['_GETSTATUSRESPONSE']._serialized_end=2160
+  _globals['_ATTACHREQUEST']._serialized_start=2162
+  _globals['_ATTACHREQUEST']._serialized_end=2286
+  _globals['_ATTACHEVENT']._serialized_start=2288
+  _globals['_ATTACHEVENT']._serialized_end=2319
+  _globals['_DETACHREQUEST']._serialized_start=2321
+  _globals['_DETACHREQUEST']._serialized_end=2399
+  _globals['_DETACHRESPONSE']._serialized_start=2401
+  _globals['_DETACHRESPONSE']._serialized_end=2417
+  _globals['_AGENTSERVICE']._serialized_start=2532
+  _globals['_AGENTSERVICE']._serialized_end=3250
 # @@protoc_insertion_point(module_scope)

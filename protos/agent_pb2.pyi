@@ -131,22 +131,20 @@ class OpenRestoreRequest(_message.Message):
     def __init__(self, job: _Optional[str] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., direct_ok: _Optional[bool] = ...) -> None: ...
 
 class DirectFragment(_message.Message):
-    __slots__ = ("index", "host", "port", "ticket", "fragment_bytes", "crc32c", "node")
+    __slots__ = ("index", "host", "port", "ticket", "fragment_bytes", "node")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     HOST_FIELD_NUMBER: _ClassVar[int]
     PORT_FIELD_NUMBER: _ClassVar[int]
     TICKET_FIELD_NUMBER: _ClassVar[int]
     FRAGMENT_BYTES_FIELD_NUMBER: _ClassVar[int]
-    CRC32C_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
     index: int
     host: str
     port: int
     ticket: bytes
     fragment_bytes: int
-    crc32c: int
     node: str
-    def __init__(self, index: _Optional[int] = ..., host: _Optional[str] = ..., port: _Optional[int] = ..., ticket: _Optional[bytes] = ..., fragment_bytes: _Optional[int] = ..., crc32c: _Optional[int] = ..., node: _Optional[str] = ...) -> None: ...
+    def __init__(self, index: _Optional[int] = ..., host: _Optional[str] = ..., port: _Optional[int] = ..., ticket: _Optional[bytes] = ..., fragment_bytes: _Optional[int] = ..., node: _Optional[str] = ...) -> None: ...
 
 class OpenRestoreResponse(_message.Message):
     __slots__ = ("step", "slot_name", "slot_size_bytes", "data_size_bytes", "meta", "checksums", "source", "direct")

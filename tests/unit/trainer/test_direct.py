@@ -143,9 +143,7 @@ def holders(fragments: list[bytes], *, cut_after: int | None = None) -> Iterator
         servers.append(server)
         threads.append(thread)
         port = server.getsockname()[1]
-        described.append(
-            DirectFragment(index=index, node=f"node{index + 1}", host="127.0.0.1", port=port, ticket=ticket, crc32c=0)
-        )
+        described.append(DirectFragment(index=index, node=f"node{index + 1}", host="127.0.0.1", port=port, ticket=ticket))
     try:
         yield described
     finally:
@@ -234,6 +232,6 @@ def test_a_holder_that_stops_sending_or_cannot_be_reached_is_unavailable() -> No
             restore_direct({}, plan_for(image, meta, described, 2), decode_meta(meta), copy_pairs)
     with socket.create_server(("127.0.0.1", 0)) as placeholder:
         port = placeholder.getsockname()[1]
-    gone = DirectFragment(index=0, node="node1", host="127.0.0.1", port=port, ticket=b"t" * 32, crc32c=0)
+    gone = DirectFragment(index=0, node="node1", host="127.0.0.1", port=port, ticket=b"t" * 32)
     with pytest.raises(Unavailable, match="cannot connect"):
         restore_direct({}, plan_for(image, meta, [gone], 1), decode_meta(meta), copy_pairs)
