@@ -8,6 +8,7 @@ that matters. Plans are pinned per (job, generation) so every rank restores the 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
@@ -24,7 +25,7 @@ from memckpt.coordinator.plan import (
     restorable_steps,
     source_of,
 )
-from memckpt.coordinator.protection import NONE, JobProtection, RankProgress, job_protection
+from memckpt.coordinator.protection import NONE, JobPace, JobProtection, RankProgress, job_protection
 from memckpt.errors import FailedPrecondition, InvalidRequest, NotFound, StaleGeneration
 from memckpt.names import check_name
 
@@ -78,8 +79,12 @@ class Cluster:
     _groups: Groups | None = field(default=None, init=False, repr=False)  # None: rebuilt when next asked
     _group_infos: dict[int, list[AgentInfo]] = field(default_factory=dict, init=False, repr=False)
     _protection: dict[str, JobProtection] = field(default_factory=dict, init=False, repr=False)  # job -> latest
-    _newest: dict[str, int] = field(default_factory=dict, init=False, repr=False)  # job -> newest commit seen
-    _strikes: dict[str, int] = field(default_factory=dict, init=False, repr=False)  # job -> refreshes its target looked lost
+    _paces: dict[str, JobPace] = field(default_factory=dict, init=False, repr=False)  # job -> how fast it commits
+    _strikes: dict[str, int] = field(
+        default_factory=dict, init=False, repr=False
+    )  # job -> refreshes in a row its target looked lost
+    _refreshed_at: float | None = field(default=None, init=False, repr=False)
+    _refresh_s: float = field(default=0.0, init=False, repr=False)  # the time between refreshes, smoothed
     # job -> rank -> its progress in the job's current generation, recomputed only for the ranks
     # whose entries changed (`_dirty`), or for whole jobs after a membership or generation change
     _progress: dict[str, dict[int, RankProgress]] = field(default_factory=dict, init=False, repr=False)
@@ -285,10 +290,11 @@ class Cluster:
                 steps[rank] = RankSteps(committed=committed, protected=protected)
         return steps
 
-    def refresh_protection(self) -> dict[str, JobProtection]:
+    def refresh_protection(self, now: float | None = None) -> dict[str, JobProtection]:
         """Recomputes every job's protection target and kept step (see `protection.py`) from
-        live agents' inventories; heartbeat replies carry the result until the next refresh."""
-        for _ in self.refresh_protection_in_steps():
+        live agents' inventories; heartbeat replies carry the result until the next refresh.
+        `now` (monotonic seconds; the clock's by default) times each job's pace."""
+        for _ in self.refresh_protection_in_steps(now=now):
             pass
         return self._protection
 
@@ -297,11 +303,18 @@ class Cluster:
         """job -> its protection, as of the last refresh."""
         return self._protection
 
-    def refresh_protection_in_steps(self, ranks_per_step: int = REFRESH_RANKS_PER_STEP) -> Iterator[int]:
+    def refresh_protection_in_steps(
+        self, ranks_per_step: int = REFRESH_RANKS_PER_STEP, now: float | None = None
+    ) -> Iterator[int]:
         """`refresh_protection` cut in steps: yields (the ranks recomputed so far) after every
         `ranks_per_step` ranks, so that a server answers calls in between; the state may change
         there, and what changed is seen by the next refresh. Only the ranks whose entries
         changed are recomputed."""
+        now = time.monotonic() if now is None else now
+        if self._refreshed_at is not None and now > self._refreshed_at:
+            gap = now - self._refreshed_at
+            self._refresh_s = gap if self._refresh_s == 0.0 else (3 * self._refresh_s + gap) / 4
+        self._refreshed_at = now
         for job in self._dirty_jobs:
             self._dirty.update((job, rank) for rank in self._index.get(job, {}).keys() | self._progress.get(job, {}).keys())
         self._dirty_jobs = set()
@@ -323,7 +336,7 @@ class Cluster:
                 if (previous := self._protection.get(job)) is not None:
                     result[job] = previous
                 continue
-            result[job] = self._job_protection(job, record, ranks)
+            result[job] = self._job_protection(job, record, ranks, now)
         self._protection = result
         self._refreshed_draining = draining
 
@@ -361,27 +374,22 @@ class Cluster:
         complete = {step for step, found in indices.items() if width and len(found) >= width}
         self._progress.setdefault(job, {})[rank] = RankProgress(committed=frozenset(committed), complete=frozenset(complete))
 
-    def _job_protection(self, job: str, record: JobRecord, ranks: dict[int, RankProgress]) -> JobProtection:
+    def _job_protection(self, job: str, record: JobRecord, ranks: dict[int, RankProgress], now: float) -> JobProtection:
         previous = self._protection.get(job)
         current = previous.target if previous is not None and previous.generation == record.generation else NONE
         newest = max((max(p.committed, default=NONE) for p in ranks.values()), default=NONE)
-        last = self._newest.get(job, newest)
-        self._newest[job] = newest
-        # the steps committed while word of a target travels, with margin; 0: the job stands still
-        # since the last look, and then the target is the newest step every rank holds: a job
-        # slower than the refreshes protects the step all its ranks hold, at once
-        lead = min(1000, 4 * (newest - last)) if newest > last else 0
+        # the steps committed while word of a target travels, with margin; 0: the job stands
+        # still, and then the target is the newest step every rank holds
+        lead = self._paces.setdefault(job, JobPace()).lead(record.generation, newest, now, self._refresh_s)
         decided = job_protection(record.generation, record.world_size, ranks, current, lead)
         if current > decided.keep and decided.target != current:
             # given up as unprotectable: inventories lag (holders report a set after its owner
-            # recycled the slot), so only after it has looked so for a few refreshes
+            # recycled the slot), so only after it has looked so for a few refreshes in a row
             strikes = self._strikes[job] = self._strikes.get(job, 0) + 1
             if strikes < TARGET_PATIENCE:
-                decided = replace(decided, target=current)
-            else:
-                log.info("job=%s: target step %d given up (a rank cannot protect it); next %d", job, current, decided.target)
-        if decided.target != current:
-            self._strikes[job] = 0
+                return replace(decided, target=current)
+            log.info("job=%s: target step %d given up (a rank cannot protect it); next %d", job, current, decided.target)
+        self._strikes[job] = 0
         return decided
 
     def _set_held(self, node: str, held: tuple[Held, ...]) -> None:

@@ -12,6 +12,11 @@ loss no step could be restored for every rank. So the coordinator aligns them:
   protects it the moment it commits it. Once chosen it stays the target until every rank
   has protected it, unless a rank can no longer protect it (it recycled that step's slot
   unprotected, or skipped the step): then a new target ahead of the newest commit follows.
+  A target never lies behind a step a rank has already protected: holders keep each rank's
+  newest set and refuse older ones, so such a target could never be protected.
+- Whether the job advances, and how far ahead (`lead`) a target lies, come from the job's
+  pace (`JobPace`): the time it takes per step, measured at the refreshes. A job slower
+  than the refreshes commits nothing in most of them and still advances.
 
 Only the job's current generation counts: a restarted job goes back in steps, and the
 steps it commits again are other snapshots than the ones the same numbers had before.
@@ -19,10 +24,15 @@ steps it commits again are other snapshots than the ones the same numbers had be
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Set
 from dataclasses import dataclass
 
 NONE = -1
+LEAD_REFRESHES = 4  # a target lies as many steps ahead as the job commits in this many refreshes
+STILL_STEPS = 3  # a job that committed nothing for this many of its steps stands still...
+STILL_REFRESHES = 2  # ...and for at least this many refreshes
+MAX_LEAD = 1000
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -58,12 +68,46 @@ def job_protection(
     if current_target > keep and all(_can_still_protect(p, current_target, advancing) for p in progress):
         return JobProtection(generation=generation, target=current_target, keep=keep)
     if not advancing:
-        held_by_all = _held_by_all([p.committed for p in progress])
-        return JobProtection(generation=generation, target=max((s for s in held_by_all if s > keep), default=NONE), keep=keep)
+        candidates = {s for p in progress for s in p.committed | p.complete}
+        protectable = (s for s in candidates if s > keep and all(_can_still_protect(p, s, False) for p in progress))
+        return JobProtection(generation=generation, target=max(protectable, default=NONE), keep=keep)
     newest = max((max(p.committed, default=NONE) for p in progress), default=NONE)
     if newest == NONE:
         return JobProtection(generation=generation, target=NONE, keep=keep)
     return JobProtection(generation=generation, target=max(newest + lead, keep + 1), keep=keep)
+
+
+@dataclass(slots=True)
+class JobPace:
+    """How fast a job commits, from its newest commit seen at each of the coordinator's
+    refreshes: `lead` (0 while it stands still) for `job_protection`.
+
+    Steps that take longer than a refresh land in one refresh out of several; a job is
+    still only when it has committed nothing for several of its own steps (`STILL_STEPS`),
+    so that a target ahead of a slow job is not given up between two of its commits.
+    """
+
+    generation: int = 0
+    newest: int = NONE
+    advanced_at: float = 0.0  # when `newest` was first seen
+    step_s: float = 0.0  # seconds per step, smoothed over the advances; 0: not measured yet
+
+    def lead(self, generation: int, newest: int, now: float, refresh_s: float) -> int:
+        """Records the job's newest commit at time `now`; returns how many steps ahead of it
+        the next target lies (at least 1 while the job advances), or 0 when it stands still or
+        has not been seen to advance yet. `refresh_s`: the time between two refreshes."""
+        if generation != self.generation or newest < self.newest:  # a restart goes back in steps
+            self.generation, self.newest, self.advanced_at, self.step_s = generation, newest, now, 0.0
+        elif newest > self.newest:
+            if self.newest != NONE:
+                per_step = max(now - self.advanced_at, 1e-6) / (newest - self.newest)
+                self.step_s = per_step if self.step_s == 0.0 else (self.step_s + per_step) / 2
+            self.newest, self.advanced_at = newest, now
+        if self.step_s == 0.0:  # not seen to advance yet (a job seen first, or restarted): its steps are there now
+            return 0
+        if now - self.advanced_at > max(STILL_STEPS * self.step_s, STILL_REFRESHES * refresh_s):
+            return 0
+        return max(1, min(MAX_LEAD, math.ceil(round(LEAD_REFRESHES * refresh_s / self.step_s, 6))))
 
 
 def _held_by_all(sets: list[Set[int]]) -> set[int]:
@@ -72,7 +116,10 @@ def _held_by_all(sets: list[Set[int]]) -> set[int]:
 
 
 def _can_still_protect(progress: RankProgress, target: int, advancing: bool) -> bool:
-    """Protected it already, holds it now, or (while the job advances) has not reached it yet."""
-    if target in progress.complete or target in progress.committed:
+    """Protected it already, holds it now and has protected nothing newer (holders refuse an
+    older set than the one they keep), or (while the job advances) has not reached it yet."""
+    if target in progress.complete:
         return True
-    return advancing and target > max(progress.committed, default=NONE)
+    if target <= max(progress.complete, default=NONE):
+        return False
+    return target in progress.committed or (advancing and target > max(progress.committed, default=NONE))

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import logging
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -191,3 +193,41 @@ def test_heartbeat_inventories_are_filed_at_once_in_a_small_cluster_and_at_the_t
     assert cluster.held["n0"] == (own("j", 0, 7),)  # answered, not filed yet
     servicer.tick()
     assert cluster.held["n0"] == (own("j", 0, 8),)
+
+
+def test_a_job_slower_than_the_refreshes_protects_its_targets_without_giving_them_up(caplog: pytest.LogCaptureFixture) -> None:
+    """Steps every 0.4 s, refreshes every 0.2 s, so half the refreshes see no new commit. Each
+    owner protects the target once it holds it (its fragments reach the holders' next
+    reports); no target may be given up as if the job stood still, and the kept step follows
+    the job within a few steps."""
+    caplog.set_level(logging.INFO, logger="memckpt.coordinator.cluster")
+    cluster = Cluster(k=2, m=1, lease_s=3.0)
+    owners = {0: "a", 1: "b"}
+    holders = {0: ("b", "c", "d"), 1: ("a", "c", "d")}
+    protected: dict[int, list[int]] = {0: [], 1: []}
+
+    def inventory(node: str, step: int) -> tuple[Held, ...]:
+        entries = []
+        for rank, owner in owners.items():
+            if node == owner:
+                entries += [own("j", rank, s, protected=s in protected[rank]) for s in (step - 1, step) if s >= 1]
+            if node in holders[rank]:
+                entries += [frag("j", rank, s, holders[rank].index(node)) for s in protected[rank][-2:]]
+        return tuple(entries)
+
+    for node in "abcd":
+        cluster.register_agent(info(node), (), now=0.0)
+    kept = set()
+    for tick in range(1, 61):
+        now = 0.2 * tick
+        step = int(now / 0.4 + 1e-9)
+        for node in "abcd":
+            assert cluster.heartbeat(node, cluster.membership.members[node].incarnation, inventory(node, step), now=now)
+        decided = cluster.refresh_protection(now=now).get("j", JobProtection(generation=1))
+        kept.add(decided.keep)
+        for rank in owners:
+            if decided.target in (step - 1, step) and decided.target not in protected[rank]:
+                protected[rank].append(decided.target)
+    assert "given up" not in caplog.text
+    assert decided.keep >= step - 3, f"the kept step {decided.keep} lags the job's step {step}"
+    assert len(kept) >= 10, f"kept steps {sorted(kept)}: protection went on all along"

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from memckpt.coordinator.protection import NONE, RankProgress, job_protection
+from memckpt.coordinator.protection import NONE, JobPace, RankProgress, job_protection
 
 
 def progress(committed: set[int], complete: set[int] | None = None) -> RankProgress:
@@ -52,3 +52,41 @@ def test_a_job_standing_still_protects_its_newest_common_step() -> None:
 def test_a_rank_without_any_report_holds_back_the_kept_step() -> None:
     p = job_protection(1, 3, {0: progress({4}, {4}), 1: progress({4}, {4})})
     assert p.keep == NONE, "rank 2 has nothing protected: no step is safe for the job"
+
+
+def test_a_standing_job_never_targets_a_step_older_than_one_a_rank_protected() -> None:
+    """Holders keep each rank's newest set and refuse older ones: rank 0 protected 7, so a
+    target of 6 (also held by both) could never be protected; 7 can, by rank 1."""
+    ranks = {0: progress({6, 7}, {7}), 1: progress({6, 7}, {6})}
+    assert job_protection(1, 2, ranks, current_target=NONE, lead=0).target == 7
+    behind = {0: progress({6, 7}, {7}), 1: progress({5, 6}, {6})}
+    assert job_protection(1, 2, behind, lead=0).target == NONE, "no step both can still protect: wait for the next commit"
+
+
+def test_a_target_behind_a_rank_s_newest_protected_step_is_replaced() -> None:
+    ranks = {0: progress({6, 7}, {7}), 1: progress({6, 7})}
+    p = job_protection(1, 2, ranks, current_target=6, lead=1)
+    assert p.target == 8, "rank 0 can no longer protect 6: the next target lies ahead"
+
+
+def test_pace_of_a_job_slower_than_the_refreshes() -> None:
+    """Steps of 0.4 s, refreshes every 0.2 s: half the refreshes see no commit, and the job still advances."""
+    pace = JobPace()
+    assert pace.lead(1, 5, now=0.0, refresh_s=0.2) == 0, "seen first: its steps are there to protect now"
+    assert pace.lead(1, 5, now=0.2, refresh_s=0.2) == 0, "not seen to advance yet"
+    assert pace.lead(1, 6, now=0.4, refresh_s=0.2) == 2, "0.4 s per step: 4 refreshes take 2 steps"
+    assert pace.lead(1, 6, now=0.6, refresh_s=0.2) == 2, "between two commits it still advances"
+    assert pace.lead(1, 7, now=0.8, refresh_s=0.2) == 2
+    assert pace.lead(1, 7, now=1.8, refresh_s=0.2) == 2, "2.5 of its steps without a commit"
+    assert pace.lead(1, 7, now=2.2, refresh_s=0.2) == 0, "3.5 steps without a commit: it stands still"
+
+
+def test_pace_of_a_fast_job_and_after_a_restart() -> None:
+    pace = JobPace()
+    for i in range(5):
+        pace.lead(1, 10 * i, now=0.2 * i, refresh_s=0.2)  # 50 steps per second
+    assert pace.lead(1, 50, now=1.0, refresh_s=0.2) == 40, "4 refreshes' worth of its steps"
+    assert pace.lead(1, 50, now=1.3, refresh_s=0.2) == 40, "1.5 refreshes without a commit"
+    assert pace.lead(1, 50, now=1.5, refresh_s=0.2) == 0, "2.5 refreshes without a commit: it stands still"
+    assert pace.lead(2, 30, now=1.6, refresh_s=0.2) == 0, "a restarted job goes back: its pace is measured again"
+    assert pace.lead(2, 31, now=2.0, refresh_s=0.2) == 2
