@@ -61,6 +61,8 @@ class CoordinatorLink:
         self._protection: dict[str, JobProtection] = {}  # job -> the coordinator's latest word
         # called after the kept steps changed, or this node started or stopped being drained
         self.on_protection: Callable[[], object] = lambda: None
+        # called with (job, generation) at each heartbeat that says the job was released: drop it
+        self.on_release: Callable[[str, int], object] = lambda job, generation: None
 
     @property
     def is_draining(self) -> bool:
@@ -93,6 +95,13 @@ class CoordinatorLink:
         if protection is None or protection.keep < 0:
             return None
         return (protection.generation, protection.keep)
+
+    def release(self, job: str) -> pb.ClusterReleaseJobResponse:
+        """Asks the coordinator to have every agent drop the job; raises grpc.RpcError (NOT_FOUND
+        for a job it does not know, UNAVAILABLE when unreachable)."""
+        request = pb.ClusterReleaseJobRequest(job=job)
+        reply: pb.ClusterReleaseJobResponse = self._stub.ReleaseJob(request, metadata=self._metadata, timeout=CALL_TIMEOUT_S)
+        return reply
 
     def locate(self, job: str, rank: int) -> pb.LocateSnapshotsResponse:
         """Where the cluster holds `rank`'s snapshots (newest first); raises grpc.RpcError when unreachable."""
@@ -156,7 +165,13 @@ class CoordinatorLink:
         return bool(reply.accepted)
 
     def _learn_protection(self, messages: Iterable[pb.JobProtection], force: bool = False) -> None:
-        protection = {p.job: JobProtection(generation=p.generation, target=p.target_step, keep=p.keep_step) for p in messages}
+        protection = {
+            p.job: JobProtection(generation=p.generation, target=p.target_step, keep=p.keep_step, released=p.released)
+            for p in messages
+        }
+        for job, p in protection.items():
+            if p.released:
+                self.on_release(job, p.generation)
         kept_changed = {j: (p.generation, p.keep) for j, p in protection.items()} != {
             j: (p.generation, p.keep) for j, p in self._protection.items()
         }

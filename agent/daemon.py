@@ -169,6 +169,18 @@ def serve(config: AgentConfig, stop: threading.Event) -> int:
         )
         store.protection_target = link.target  # a commit of the target step is kept until protected
         link.on_protection = fragments.prune  # the job's kept step moved on (or this node is drained): older sets go
+
+        def drop_released(job: str, generation: int) -> None:  # each logs what it dropped
+            servicer.drop_job(job, generation)
+            fragments.drop_job(job, generation)
+
+        def release_everywhere(job: str) -> tuple[int, int]:
+            reply = link.release(job)
+            fragments.drop_job(job, reply.generation)  # this node's at once; the others' with their next heartbeat
+            return reply.generation, reply.nodes_holding
+
+        link.on_release = drop_released
+        servicer.release_everywhere = release_everywhere
         link.start()
         replicator = Replicator(
             store=store,

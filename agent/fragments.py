@@ -460,6 +460,33 @@ class FragmentStore:
                     del self._ranks[key]
         return dropped
 
+    def drop_job(self, job: str, generation: int) -> tuple[int, int]:
+        """Drops the job's fragments of `generation` and older (the job was released) and cancels
+        an upload of them in flight (its thread drops its segment); returns (sets, bytes) dropped."""
+        sets = freed = 0
+        with self._lock:
+            for key, entry in list(self._ranks.items()):
+                if key.job != job:
+                    continue
+                if entry.upload is not None and entry.upload.header.generation <= generation:
+                    entry.upload.cancelled = True
+                    entry.upload = None
+                gone = [f for v in [v for v in entry.sets if v[0] <= generation] for f in entry.sets.pop(v).values()]
+                sets += len({f.header.version for f in gone})
+                freed += sum(f.header.fragment_bytes for f in gone)
+                if entry.sets or entry.upload is not None:  # a newer generation's: the manifest names what stays first
+                    if gone:
+                        self._shm.write_file_atomic(self._manifest_name(key), encode_fragment_manifest(entry.fragments()))
+                else:
+                    self._drop_spare(entry)
+                    self._shm.unlink(self._manifest_name(key))
+                    del self._ranks[key]
+                for stored in gone:
+                    self._drop_segment(stored.segment, unlink=True)
+        if sets:
+            log.info("released job %r: dropped %d fragment set(s) of generation <= %d, %d bytes", job, sets, generation, freed)
+        return sets, freed
+
     def settle(self) -> None:
         """Waits until the segments received so far are mapped in (for tests and benchmarks)."""
         self._prefaulter.submit(lambda: None).result()

@@ -52,6 +52,9 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         self.persistence: Callable[[], dict[str, JobStatus]] = dict  # what the persister did, per job
         self.sessions = Sessions(limit=MAX_SESSIONS)
         self.on_rank_died: Callable[[RankKey, Attempt], None] = lambda key, attempt: None
+        # with a coordinator: has every agent drop a job (this one's fragments too); returns
+        # (the generation released, the live nodes that held some); raises grpc.RpcError
+        self.release_everywhere: Callable[[str], tuple[int, int]] | None = None
         self.metrics_address = ""  # where Prometheus scrapes this agent, if it serves metrics
         self._begun: dict[RankKey, float] = {}  # when each rank's snapshot in flight began (commit latency)
         self._restored: dict[RankKey, tuple[str, int]] = {}  # each rank's last restore: (source, step)
@@ -164,13 +167,37 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
 
     @map_errors
     def ReleaseJob(self, request: pb.ReleaseJobRequest, context: Any) -> pb.ReleaseJobResponse:
-        ranks, freed = self._store.release_job(request.job)
-        metrics.forget(request.job)
-        for key in [k for k in self._restored if k.job == request.job]:
-            self._restored.pop(key, None)
-        for key in [k for k in self._begun if k.job == request.job]:
-            self._begun.pop(key, None)
-        return pb.ReleaseJobResponse(ranks_released=ranks, bytes_released=freed)
+        job = check_name(request.job, "job")
+        generation: int | None = None
+        holding, unknown = 0, ""
+        if self.release_everywhere is not None and not request.local_only:
+            try:
+                generation, holding = self.release_everywhere(job)
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.NOT_FOUND:
+                    raise Unavailable(
+                        f"cannot have the coordinator release job {job!r} on every node ({exc.code().name}: {exc.details()}); "
+                        "nothing was released: try again, or drop only this agent's slots with --local"
+                    ) from None
+                unknown = f"; the coordinator: {exc.details()}"
+        ranks, freed = self.drop_job(job, generation)
+        if generation is None and ranks == 0:
+            raise NotFound(f"job {job!r} has no slots on this agent{unknown}")
+        return pb.ReleaseJobResponse(
+            ranks_released=ranks, bytes_released=freed, cluster_wide=generation is not None, nodes_holding=holding
+        )
+
+    def drop_job(self, job: str, up_to_generation: int | None = None) -> tuple[int, int]:
+        """Drops the job's slots here (of attempts of `up_to_generation` and older; None: all)
+        and its metrics; returns (ranks, bytes) dropped."""
+        ranks, freed = self._store.release_job(job, up_to_generation)
+        if ranks:
+            metrics.forget(job)
+            for key in [k for k in self._restored if k.job == job]:
+                self._restored.pop(key, None)
+            for key in [k for k in self._begun if k.job == job]:
+                self._begun.pop(key, None)
+        return ranks, freed
 
     @map_errors
     def GetStatus(self, request: pb.GetStatusRequest, context: Any) -> pb.GetStatusResponse:

@@ -333,17 +333,24 @@ class SlotStore:
                 self._write_manifest(slots)
         log.info("aborted the rebuild of %s step=%d slot=%d", target.key, target.step, target.index)
 
-    def release_job(self, job: str) -> tuple[int, int]:
+    def release_job(self, job: str, up_to_generation: int | None = None) -> tuple[int, int]:
+        """Drops the job's ranks (those of attempts of `up_to_generation` and older; None: all)
+        with their slots; returns (ranks dropped, bytes freed): (0, 0) when it holds none."""
         check_name(job, "job")
         with self._lock:
-            keys = [k for k in self._ranks if k.job == job]
-            if not keys:
-                raise NotFound(f"job {job!r} has no slots on this agent")
+            keys = [
+                k
+                for k, r in self._ranks.items()
+                if k.job == job and (up_to_generation is None or r.attempt.generation <= up_to_generation)
+            ]
             freed = sum(self._ranks[k].reserved_bytes() for k in keys)
             for key in keys:
                 self._drop_rank(key, unlink=True)
-            self._attempts.pop(job, None)
-        log.info("released job=%s ranks=%d bytes=%d", job, len(keys), freed)
+            attempt = self._attempts.get(job)
+            if attempt is not None and (up_to_generation is None or attempt.generation <= up_to_generation):
+                del self._attempts[job]
+        if keys:
+            log.info("released job=%s ranks=%d bytes=%d", job, len(keys), freed)
         return len(keys), freed
 
     def snapshot_status(self) -> tuple[list[RankSlots], int, int]:

@@ -53,6 +53,11 @@ class Held:
 class JobRecord:
     world_size: int
     generation: int
+    released_generation: int = 0  # `memckpt release`: agents drop this generation and older; never restored from
+
+    @property
+    def released(self) -> bool:
+        return self.released_generation >= self.generation
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -224,6 +229,25 @@ class Cluster:
             infos = self._group_infos[position] = list(members.values())
         return list(infos)
 
+    def release_job(self, job: str) -> tuple[int, int]:
+        """Releases a finished job: from the next refresh every live agent that holds some of it
+        is told to drop its slots and fragments of the current generation and older. Returns
+        (that generation, the live nodes holding some of it now). The job leaves the status;
+        a later start is a new generation, protected afresh."""
+        check_name(job, "job")
+        record = self._jobs.get(job)
+        if record is None:
+            raise NotFound(f"job {job!r} is not known to the coordinator")
+        if record.released:
+            raise NotFound(f"job {job!r} was released already (generation {record.generation})")
+        record.released_generation = record.generation
+        self._dirty_jobs.add(job)
+        return record.generation, len(self._nodes_holding(job))
+
+    def _nodes_holding(self, job: str) -> set[str]:
+        alive = self.membership.alive_nodes()
+        return {node for by_node in self._index.get(job, {}).values() for node in by_node if node in alive}
+
     def start_generation(self, job: str, world_size: int, previous: int) -> int:
         """A new generation for a (re)started job; older generations are fenced from now on."""
         check_name(job, "job")
@@ -233,7 +257,8 @@ class Cluster:
         if record is not None and previous < record.generation - 1:
             raise StaleGeneration(f"job {job!r}: caller ran in generation {previous}, the job is at {record.generation}")
         generation = max(record.generation if record else 0, previous) + 1
-        self.jobs[job] = JobRecord(world_size=world_size, generation=generation)
+        released = record.released_generation if record else 0
+        self.jobs[job] = JobRecord(world_size=world_size, generation=generation, released_generation=released)
         self._dirty_jobs.add(job)
         return generation
 
@@ -256,14 +281,20 @@ class Cluster:
         return self.pinned[key]
 
     def inventories(self, job: str) -> dict[int, RankInventory]:
-        return {rank: _rank_inventory(by_node) for rank, by_node in self._index.get(job, {}).items()}
+        released = self._released_generation(job)
+        return {rank: _rank_inventory(by_node, released) for rank, by_node in self._index.get(job, {}).items()}
+
+    def _released_generation(self, job: str) -> int:
+        """Generations up to this one of the job were released: what agents still hold of them is never restored."""
+        record = self._jobs.get(job)
+        return record.released_generation if record is not None else 0
 
     def locate(self, job: str, rank: int) -> tuple[list[tuple[int, RankSource]], str]:
         """Every step of a rank restorable from live agents, newest first, with its sources;
         and, when there is none although the rank had snapshots, why (which nodes held them)."""
         alive = self.membership.alive_nodes()
         by_node = self._index.get(job, {}).get(rank)
-        inventory = _rank_inventory(by_node) if by_node else RankInventory()
+        inventory = _rank_inventory(by_node, self._released_generation(job)) if by_node else RankInventory()
         steps = sorted(restorable_steps(inventory, alive), reverse=True)
         found = [(step, source_of(rank, inventory, step, alive)) for step in steps]
         holders = {c.node for c in inventory.copies} | {n for f in inventory.fragments for _, n in f.holders}
@@ -335,6 +366,10 @@ class Cluster:
             if record.generation != generations.get(job):  # a new generation began meanwhile: next time
                 if (previous := self._protection.get(job)) is not None:
                     result[job] = previous
+                continue
+            if record.released:  # told while live agents still hold some of it
+                if self._nodes_holding(job):
+                    result[job] = JobProtection(generation=record.generation, released=True)
                 continue
             result[job] = self._job_protection(job, record, ranks, now)
         self._protection = result
@@ -444,14 +479,16 @@ class Cluster:
         self._dirty_jobs.update(self._index)
 
 
-def _rank_inventory(by_node: dict[str, tuple[Held, ...]]) -> RankInventory:
-    """What the cluster holds of one rank, from each node's entries of it."""
+def _rank_inventory(by_node: dict[str, tuple[Held, ...]], released_generation: int = 0) -> RankInventory:
+    """What the cluster holds of one rank, from each node's entries of it (of generations after `released_generation`)."""
     copies: list[WholeCopy] = []
     # a step committed by two attempts is two fragment sets: their fragments never mix
     fragments: dict[tuple[int, int], dict[int, str]] = {}
     schemes: dict[tuple[int, int], Held] = {}
     for node, entries in by_node.items():
         for h in entries:
+            if h.generation <= released_generation:
+                continue
             if not h.fragment_indices:
                 copies.append(WholeCopy(node=node, step=h.step))
                 continue

@@ -48,6 +48,7 @@ class JobProtection:
     generation: int
     target: int = NONE  # NONE: nothing to protect now (wait for the next commit)
     keep: int = NONE  # NONE: no step is protected for every rank yet
+    released: bool = False  # the job was released: agents drop what they hold of `generation` and older
 
 
 def job_protection(

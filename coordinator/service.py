@@ -156,7 +156,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         with self._lock:
             groups = self._cluster.groups
         self._protection = [
-            pb.JobProtection(job=job, generation=p.generation, target_step=p.target, keep_step=p.keep)
+            pb.JobProtection(job=job, generation=p.generation, target_step=p.target, keep_step=p.keep, released=p.released)
             for job, p in sorted(protection.items())
         ]
         if change.changed:
@@ -260,6 +260,18 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         return pb.GetDrainStatusResponse(status=wire.drain_to_proto(status))
 
     @map_errors
+    async def ReleaseJob(self, request: pb.ClusterReleaseJobRequest, context: Any) -> pb.ClusterReleaseJobResponse:
+        with self._lock:
+            generation, holding = self._cluster.release_job(request.job)
+        log.info(
+            "job %s released (generation %d and older): %d live agent(s) drop what they hold of it",
+            request.job,
+            generation,
+            holding,
+        )
+        return pb.ClusterReleaseJobResponse(generation=generation, nodes_holding=holding)
+
+    @map_errors
     async def StartGeneration(self, request: pb.StartGenerationRequest, context: Any) -> pb.StartGenerationResponse:
         with self._lock:
             generation = self._cluster.start_generation(request.job, request.world_size, request.previous_generation)
@@ -309,6 +321,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             alive = sum(1 for m in members if m.alive)
             jobs = []
             for job, record in sorted(cluster.jobs.items()):
+                if record.released:
+                    continue
                 steps = cluster.rank_steps(job)
                 whole = len(steps) == record.world_size and record.world_size > 0
                 protection = cluster.protection.get(job)
@@ -342,6 +356,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             )
         jobs = []
         for job, record in sorted(cluster.jobs.items()):
+            if record.released:
+                continue
             steps = cluster.rank_steps(job)
             ranks = [
                 pb.JobRankStatus(rank=r, committed_step=s.committed, protected_step=s.protected) for r, s in sorted(steps.items())

@@ -2,7 +2,7 @@
 
 memckpt demo             a local cluster loses a rank, then a node, and resumes from memory
 memckpt status           what the node agent holds (ranks, slots, steps, memory)
-memckpt release JOB      drops a finished job's snapshots from the agent
+memckpt release JOB      drops a finished job's snapshots and fragments on every node
 memckpt drain NODE       moves a node's fragments and protection to other agents before maintenance
 memckpt list             persisted checkpoints per job: step, size, time, state
 memckpt verify PATH      is a persisted checkpoint complete and intact; if not, what is wrong
@@ -75,8 +75,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_client_tls_flags(status)
     status.add_argument("--json", action="store_true", help="print JSON for scripts")
 
-    release = sub.add_parser("release", help="drop a finished job's snapshots from the local agent")
+    release = sub.add_parser(
+        "release",
+        help="drop a finished job's snapshots and fragments on every node",
+        description="Drops a finished job from memory. With a coordinator, every agent drops its slots and the "
+        "fragments it holds for the job (this one at once, the others with their next heartbeat); persisted "
+        "checkpoints stay. A rank still training re-registers with its next snapshot: release a job once it stopped.",
+    )
     release.add_argument("job")
+    release.add_argument(
+        "--local",
+        action="store_true",
+        help="drop only this agent's slots of the job (when the coordinator cannot be reached); peers keep their fragments",
+    )
     _socket_arg(release)
 
     drain_cli.add_parser(sub)
@@ -297,10 +308,14 @@ def cmd_release(args: argparse.Namespace) -> int:
     channel, stub, path = _stub(args)
     with channel:
         try:
-            reply = stub.ReleaseJob(pb.ReleaseJobRequest(job=args.job), timeout=30)
+            reply = stub.ReleaseJob(pb.ReleaseJobRequest(job=args.job, local_only=args.local), timeout=30)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc, f"agent at {path}") from None
-    print(f"released job {args.job}: {reply.ranks_released} ranks, {format_size(reply.bytes_released)}")
+    here = f"released job {args.job}: {reply.ranks_released} rank(s), {format_size(reply.bytes_released)} on this node"
+    if reply.cluster_wide:
+        print(f"{here}; {reply.nodes_holding} node(s) held slots or fragments of it and drop them with their next heartbeat")
+    else:
+        print(f"{here}; other nodes were not asked (no coordinator, or --local)")
     return 0
 
 

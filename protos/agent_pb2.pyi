@@ -167,18 +167,24 @@ class OpenRestoreResponse(_message.Message):
     def __init__(self, step: _Optional[int] = ..., slot_name: _Optional[str] = ..., slot_size_bytes: _Optional[int] = ..., data_size_bytes: _Optional[int] = ..., meta: _Optional[bytes] = ..., checksums: _Optional[_Iterable[int]] = ..., source: _Optional[str] = ..., direct: _Optional[_Iterable[_Union[DirectFragment, _Mapping]]] = ...) -> None: ...
 
 class ReleaseJobRequest(_message.Message):
-    __slots__ = ("job",)
+    __slots__ = ("job", "local_only")
     JOB_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_ONLY_FIELD_NUMBER: _ClassVar[int]
     job: str
-    def __init__(self, job: _Optional[str] = ...) -> None: ...
+    local_only: bool
+    def __init__(self, job: _Optional[str] = ..., local_only: _Optional[bool] = ...) -> None: ...
 
 class ReleaseJobResponse(_message.Message):
-    __slots__ = ("ranks_released", "bytes_released")
+    __slots__ = ("ranks_released", "bytes_released", "cluster_wide", "nodes_holding")
     RANKS_RELEASED_FIELD_NUMBER: _ClassVar[int]
     BYTES_RELEASED_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_WIDE_FIELD_NUMBER: _ClassVar[int]
+    NODES_HOLDING_FIELD_NUMBER: _ClassVar[int]
     ranks_released: int
     bytes_released: int
-    def __init__(self, ranks_released: _Optional[int] = ..., bytes_released: _Optional[int] = ...) -> None: ...
+    cluster_wide: bool
+    nodes_holding: int
+    def __init__(self, ranks_released: _Optional[int] = ..., bytes_released: _Optional[int] = ..., cluster_wide: _Optional[bool] = ..., nodes_holding: _Optional[int] = ...) -> None: ...
 
 class GetStatusRequest(_message.Message):
     __slots__ = ()

@@ -120,7 +120,9 @@ class AgentServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ReleaseJob(self, request, context):
-        """Drops every slot of a job (the job is finished); its memory returns to the budget.
+        """Drops a finished job: with a coordinator, on every node (the coordinator has every agent
+        drop its slots and fragments; UNAVAILABLE and nothing dropped when it cannot be reached),
+        else, or with local_only, this agent's slots. Its memory returns to the budgets.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -89,16 +89,18 @@ class HeartbeatResponse(_message.Message):
     def __init__(self, accepted: _Optional[bool] = ..., group: _Optional[_Iterable[_Union[AgentDescription, _Mapping]]] = ..., k: _Optional[int] = ..., m: _Optional[int] = ..., protection: _Optional[_Iterable[_Union[JobProtection, _Mapping]]] = ...) -> None: ...
 
 class JobProtection(_message.Message):
-    __slots__ = ("job", "generation", "target_step", "keep_step")
+    __slots__ = ("job", "generation", "target_step", "keep_step", "released")
     JOB_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     TARGET_STEP_FIELD_NUMBER: _ClassVar[int]
     KEEP_STEP_FIELD_NUMBER: _ClassVar[int]
+    RELEASED_FIELD_NUMBER: _ClassVar[int]
     job: str
     generation: int
     target_step: int
     keep_step: int
-    def __init__(self, job: _Optional[str] = ..., generation: _Optional[int] = ..., target_step: _Optional[int] = ..., keep_step: _Optional[int] = ...) -> None: ...
+    released: bool
+    def __init__(self, job: _Optional[str] = ..., generation: _Optional[int] = ..., target_step: _Optional[int] = ..., keep_step: _Optional[int] = ..., released: _Optional[bool] = ...) -> None: ...
 
 class StartGenerationRequest(_message.Message):
     __slots__ = ("job", "world_size", "previous_generation")
@@ -293,3 +295,17 @@ class DrainStatus(_message.Message):
     ranks_protected: int
     reason: str
     def __init__(self, node: _Optional[str] = ..., alive: _Optional[bool] = ..., draining: _Optional[bool] = ..., drained: _Optional[bool] = ..., fragment_sets_held: _Optional[int] = ..., ranks_owned: _Optional[int] = ..., ranks_protected: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class ClusterReleaseJobRequest(_message.Message):
+    __slots__ = ("job",)
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    def __init__(self, job: _Optional[str] = ...) -> None: ...
+
+class ClusterReleaseJobResponse(_message.Message):
+    __slots__ = ("generation", "nodes_holding")
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    NODES_HOLDING_FIELD_NUMBER: _ClassVar[int]
+    generation: int
+    nodes_holding: int
+    def __init__(self, generation: _Optional[int] = ..., nodes_holding: _Optional[int] = ...) -> None: ...

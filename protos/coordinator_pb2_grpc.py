@@ -79,6 +79,11 @@ class CoordinatorServiceStub:
                 request_serializer=memckpt_dot_protos_dot_coordinator__pb2.GetDrainStatusRequest.SerializeToString,
                 response_deserializer=memckpt_dot_protos_dot_coordinator__pb2.GetDrainStatusResponse.FromString,
                 _registered_method=True)
+        self.ReleaseJob = channel.unary_unary(
+                '/memckpt.v1.CoordinatorService/ReleaseJob',
+                request_serializer=memckpt_dot_protos_dot_coordinator__pb2.ClusterReleaseJobRequest.SerializeToString,
+                response_deserializer=memckpt_dot_protos_dot_coordinator__pb2.ClusterReleaseJobResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServiceServicer:
@@ -155,6 +160,15 @@ class CoordinatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReleaseJob(self, request, context):
+        """A finished job is released: every agent drops its slots and fragments of the job's
+        current generation and older, told with its next heartbeats (JobProtection.released).
+        NOT_FOUND for a job the coordinator does not know.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -202,6 +216,11 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     servicer.GetDrainStatus,
                     request_deserializer=memckpt_dot_protos_dot_coordinator__pb2.GetDrainStatusRequest.FromString,
                     response_serializer=memckpt_dot_protos_dot_coordinator__pb2.GetDrainStatusResponse.SerializeToString,
+            ),
+            'ReleaseJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseJob,
+                    request_deserializer=memckpt_dot_protos_dot_coordinator__pb2.ClusterReleaseJobRequest.FromString,
+                    response_serializer=memckpt_dot_protos_dot_coordinator__pb2.ClusterReleaseJobResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -447,6 +466,33 @@ class CoordinatorService:
             '/memckpt.v1.CoordinatorService/GetDrainStatus',
             memckpt_dot_protos_dot_coordinator__pb2.GetDrainStatusRequest.SerializeToString,
             memckpt_dot_protos_dot_coordinator__pb2.GetDrainStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memckpt.v1.CoordinatorService/ReleaseJob',
+            memckpt_dot_protos_dot_coordinator__pb2.ClusterReleaseJobRequest.SerializeToString,
+            memckpt_dot_protos_dot_coordinator__pb2.ClusterReleaseJobResponse.FromString,
             options,
             channel_credentials,
             insecure,

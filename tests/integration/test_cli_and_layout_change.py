@@ -32,7 +32,7 @@ def test_status_shows_ranks_and_release_frees_them(agent_factory) -> None:  # no
     table = cli("status", "--socket", str(agent.socket_path)).stdout
     assert "st" in table and "committed@4" in table
     released = cli("release", "st", "--socket", str(agent.socket_path))
-    assert released.returncode == 0 and "1 ranks" in released.stdout
+    assert released.returncode == 0 and "1 rank(s)" in released.stdout and "other nodes were not asked" in released.stdout
     after = json.loads(cli("status", "--json", "--socket", str(agent.socket_path)).stdout)
     assert after["ranks"] == [] and after["memory_used_bytes"] == 0
     missing = cli("release", "st", "--socket", str(agent.socket_path))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import logging
+import subprocess
+import sys
 
 import grpc
 import pytest
@@ -212,3 +214,41 @@ def test_coordinator_kill9_training_goes_on_and_protection_resumes(cluster: Clus
         cluster.coordinator.start()  # same port: its state is rebuilt from the agents' reports
         wait_until(lambda: protected_step(cluster, "coord", 0) == 2, 30, "step 2 to be protected after the restart")
     wait_until(lambda: sorted(cluster.addresses()) == list(NODES), 30, "every agent to register again")
+
+
+def test_release_drops_the_job_on_every_node_and_a_restart_starts_fresh(cluster: Cluster) -> None:  # noqa: F811
+    """`memckpt release` on the owner's node: every agent drops its slots and fragments of the
+    job (their shared memory goes), another job stays protected, and the job started again
+    under the same name starts fresh instead of restoring what was released."""
+    prefixes = tuple(shm_prefix_of(cluster, node).removesuffix(".") for node in NODES)
+
+    def shm_of(job: str) -> list[str]:
+        return sorted(p.name for p in DEFAULT_ROOT.iterdir() if p.name.startswith(prefixes) and f".{job}.r" in p.name)
+
+    for job, node in (("done", "node0"), ("running", "node1")):
+        with Checkpointer(job, rank=0, world_size=1, socket_path=cluster.agents[node].socket_path, strict=True) as ck:
+            ck.snapshot(3, make_state(3, 1 << 18))
+            ck.wait()
+        wait_until(lambda job=job: protected_step(cluster, job, 0) == 3, 30, f"{job} step 3 to be protected")
+    holding = {name.split(".")[0] for name in shm_of("done")}
+    assert len(holding) >= 4, f"node0's slots and three holders' fragments: {shm_of('done')}"
+    running = shm_of("running")
+    socket = str(cluster.agents["node0"].socket_path)
+    released = subprocess.run(
+        [sys.executable, "-m", "memckpt.cli", "release", "done", "--socket", socket], capture_output=True, text=True, timeout=60
+    )
+    assert released.returncode == 0, released.stderr
+    assert "1 rank(s)" in released.stdout and "4 node(s) held slots or fragments" in released.stdout, released.stdout
+    wait_until(lambda: shm_of("done") == [], 15, "every node to drop the released job")
+    assert shm_of("running") == running and protected_step(cluster, "running", 0) == 3, "the other job is untouched"
+    with grpc.insecure_channel(cluster.coordinator.address) as channel:
+        status = cpb_grpc.CoordinatorServiceStub(channel).GetClusterStatus(
+            cpb.GetClusterStatusRequest(), metadata=token_metadata(TOKEN), timeout=10
+        )
+    assert sorted(j.job for j in status.jobs) == ["running"]
+    again = subprocess.run(
+        [sys.executable, "-m", "memckpt.cli", "release", "done", "--socket", socket], capture_output=True, text=True, timeout=60
+    )
+    assert again.returncode == 1 and "released already" in again.stderr, again.stderr
+    with Checkpointer("done", rank=0, world_size=1, socket_path=cluster.agents["node2"].socket_path, strict=True) as ck:
+        assert ck.restore(make_state(0, 1 << 18)) is None, "released: never restored from, on any node"

@@ -414,3 +414,28 @@ def test_metadata_travels_with_its_checksum() -> None:
     assert header_from_proto(header_to_proto(good)) == good
     with pytest.raises(CorruptSnapshot, match="metadata"):
         check_header(dataclasses.replace(good, meta=meta.replace("1", "2")))
+
+
+def test_a_released_job_drops_its_generation_and_older_and_an_upload_of_them_in_flight(shm: ShmDir) -> None:
+    budget = MemoryBudget(limit_bytes=1 << 20)
+    store = make_store(shm, budget)
+    store.put(header(DATA, step=5, generation=1), chunks(fragments_of(DATA)[0], 1000))
+    store.put(header(DATA, step=6, generation=1), chunks(fragments_of(DATA)[0], 1000))
+    store.put(dataclasses.replace(header(DATA, step=3), job="other"), chunks(fragments_of(DATA)[0], 1000))  # stays
+
+    def arriving() -> Iterator[Chunk]:
+        parts = chunks(fragments_of(DATA)[0], 1000)
+        yield parts[0]
+        assert store.drop_job("j", 1) == (2, 2 * len(fragments_of(DATA)[0])), "steps 5 and 6 of generation 1"
+        yield from parts[1:]
+
+    with pytest.raises(StaleGeneration, match="superseded"):
+        store.put(header(DATA, step=7, generation=1), arriving())
+    assert [(h.job, h.step) for h in store.held()] == [("other", 3)]
+    assert budget.used_bytes == len(fragments_of(DATA)[0]), "only the other job's fragment"
+    assert all(n.startswith(f"{PREFIX}other.") for n in shm.list_names(PREFIX)), shm.list_names(PREFIX)
+    assert store.drop_job("j", 1) == (0, 0), "told again with the next heartbeat: nothing left"
+    store.put(header(DATA, step=1, generation=2), chunks(fragments_of(DATA)[0], 1000))
+    assert store.drop_job("j", 1) == (0, 0) and sorted(h.generation for h in store.held() if h.job == "j") == [2], (
+        "a newer generation (the job started again) stays"
+    )

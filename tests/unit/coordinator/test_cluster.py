@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from memckpt.coordinator.cluster import Cluster, Held
 from memckpt.coordinator.membership import AgentInfo
 from memckpt.coordinator.protection import JobProtection
-from memckpt.errors import StaleGeneration
+from memckpt.errors import NotFound, StaleGeneration
 
 
 def info(node: str) -> AgentInfo:
@@ -231,3 +231,35 @@ def test_a_job_slower_than_the_refreshes_protects_its_targets_without_giving_the
     assert "given up" not in caplog.text
     assert decided.keep >= step - 3, f"the kept step {decided.keep} lags the job's step {step}"
     assert len(kept) >= 10, f"kept steps {sorted(kept)}: protection went on all along"
+
+
+def test_a_released_job_is_dropped_everywhere_and_never_restored_from() -> None:
+    cluster = cluster_of_four()
+    assert cluster.refresh_protection(now=1.0)["j"].keep == 9
+    assert cluster.release_job("j") == (1, 4), "generation 1; a, b, c and d hold some of it"
+    told = cluster.refresh_protection(now=1.2)["j"]
+    assert told == JobProtection(generation=1, released=True), "agents drop generation 1 and older"
+    with pytest.raises(NotFound, match="released already"):
+        cluster.release_job("j")
+    with pytest.raises(NotFound, match="not known"):
+        cluster.release_job("other")
+    # a restart of the job before every agent dropped it: nothing released is restored
+    generation = cluster.start_generation("j", 2, previous=1)
+    decision = cluster.recovery_plan("j", generation)
+    assert decision.plan is None and "a fresh start" in decision.reason, "as after a release"
+    assert cluster.locate("j", 0) == ([], "")
+    for node in "abcd":  # the agents dropped it
+        cluster.heartbeat(node, cluster.membership.members[node].incarnation, (), now=1.5)
+    assert cluster.refresh_protection(now=1.6).get("j", JobProtection(generation=2)) == JobProtection(generation=2), (
+        "the new generation is protected afresh, not released"
+    )
+
+
+def test_a_released_job_is_no_longer_told_once_no_live_agent_holds_it() -> None:
+    cluster = cluster_of_four()
+    cluster.release_job("j")
+    for node in "abc":
+        cluster.heartbeat(node, cluster.membership.members[node].incarnation, (), now=1.0)
+    assert cluster.refresh_protection(now=1.1)["j"].released, "d still holds fragments of it"
+    cluster.heartbeat("d", cluster.membership.members["d"].incarnation, (), now=1.2)
+    assert "j" not in cluster.refresh_protection(now=1.3)
