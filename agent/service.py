@@ -19,7 +19,7 @@ from memckpt.agent.recover import RemoteRestore
 from memckpt.agent.sessions import Sessions
 from memckpt.agent.slots import Attempt, RankKey, RankSlots
 from memckpt.agent.store import SlotStore
-from memckpt.errors import CorruptSnapshot, InvalidRequest, NotFound, Unavailable
+from memckpt.errors import CorruptSnapshot, FailedPrecondition, InvalidRequest, NotFound, Unavailable
 from memckpt.names import check_name
 from memckpt.protos import agent_pb2 as pb
 from memckpt.protos import agent_pb2_grpc as pb_grpc
@@ -58,6 +58,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         self.metrics_address = ""  # where Prometheus scrapes this agent, if it serves metrics
         self._begun: dict[RankKey, float] = {}  # when each rank's snapshot in flight began (commit latency)
         self._restored: dict[RankKey, tuple[str, int]] = {}  # each rank's last restore: (source, step)
+        self._spared: frozenset[str] = frozenset()  # released jobs whose ranks still train here (warned once)
 
     @map_errors
     def RegisterRank(self, request: pb.RegisterRankRequest, context: Any) -> pb.RegisterRankResponse:
@@ -168,6 +169,11 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
     @map_errors
     def ReleaseJob(self, request: pb.ReleaseJobRequest, context: Any) -> pb.ReleaseJobResponse:
         job = check_name(request.job, "job")
+        if training := self.sessions.training(job):
+            raise FailedPrecondition(
+                f"job {job!r}: rank(s) {sorted(training)} still train on this node (their sessions are open); "
+                "release a job once it has stopped"
+            )
         generation: int | None = None
         holding, unknown = 0, ""
         if self.release_everywhere is not None and not request.local_only:
@@ -189,8 +195,15 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
 
     def drop_job(self, job: str, up_to_generation: int | None = None) -> tuple[int, int]:
         """Drops the job's slots here (of attempts of `up_to_generation` and older; None: all)
-        and its metrics; returns (ranks, bytes) dropped."""
-        ranks, freed = self._store.release_job(job, up_to_generation)
+        and its metrics; returns (ranks, bytes) dropped. Ranks still training here keep theirs
+        (a release told by the coordinator drops them once their sessions ended)."""
+        training = frozenset(self.sessions.training(job))
+        if training and job not in self._spared:
+            log.warning(
+                "job %s was released, but rank(s) %s still train here: their slots stay until they stop", job, sorted(training)
+            )
+        self._spared = self._spared | {job} if training else self._spared - {job}
+        ranks, freed = self._store.release_job(job, up_to_generation, spare=training)
         if ranks:
             metrics.forget(job)
             for key in [k for k in self._restored if k.job == job]:

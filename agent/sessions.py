@@ -55,6 +55,11 @@ class Sessions:
             self._detached.discard(session.id)
             return not detached and not self.stopping
 
+    def training(self, job: str) -> set[int]:
+        """The job's ranks with a session open and not ending cleanly: ranks still training here."""
+        with self._lock:
+            return {s.key.rank for s in self._open.values() if s.key.job == job and s.id not in self._detached}
+
     def count(self) -> int:
         with self._lock:
             return len(self._open)

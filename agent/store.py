@@ -333,21 +333,21 @@ class SlotStore:
                 self._write_manifest(slots)
         log.info("aborted the rebuild of %s step=%d slot=%d", target.key, target.step, target.index)
 
-    def release_job(self, job: str, up_to_generation: int | None = None) -> tuple[int, int]:
-        """Drops the job's ranks (those of attempts of `up_to_generation` and older; None: all)
-        with their slots; returns (ranks dropped, bytes freed): (0, 0) when it holds none."""
+    def release_job(self, job: str, up_to_generation: int | None = None, spare: frozenset[int] = frozenset()) -> tuple[int, int]:
+        """Drops the job's ranks (those of attempts of `up_to_generation` and older; None: all;
+        never the ranks in `spare`) with their slots; returns (ranks dropped, bytes freed)."""
         check_name(job, "job")
         with self._lock:
             keys = [
                 k
                 for k, r in self._ranks.items()
-                if k.job == job and (up_to_generation is None or r.attempt.generation <= up_to_generation)
+                if k.job == job and k.rank not in spare and (up_to_generation is None or r.attempt.generation <= up_to_generation)
             ]
             freed = sum(self._ranks[k].reserved_bytes() for k in keys)
             for key in keys:
                 self._drop_rank(key, unlink=True)
             attempt = self._attempts.get(job)
-            if attempt is not None and (up_to_generation is None or attempt.generation <= up_to_generation):
+            if attempt is not None and not spare and (up_to_generation is None or attempt.generation <= up_to_generation):
                 del self._attempts[job]
         if keys:
             log.info("released job=%s ranks=%d bytes=%d", job, len(keys), freed)

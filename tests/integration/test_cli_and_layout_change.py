@@ -25,6 +25,8 @@ def test_status_shows_ranks_and_release_frees_them(agent_factory) -> None:  # no
     with Checkpointer("st", rank=1, world_size=2, socket_path=agent.socket_path, strict=True) as ck:
         ck.snapshot(4, make_state(4))
         ck.wait()
+        training = cli("release", "st", "--socket", str(agent.socket_path))
+        assert training.returncode == 1 and "rank(s) [1] still train on this node" in training.stderr, training.stderr
     status = json.loads(cli("status", "--json", "--socket", str(agent.socket_path)).stdout)
     (rank,) = status["ranks"]
     assert (rank["job"], rank["rank"], rank["world_size"], rank["committed_step"]) == ("st", 1, 2, 4)

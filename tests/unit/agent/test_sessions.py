@@ -32,3 +32,15 @@ def test_at_most_limit_sessions_are_open() -> None:
     assert first is not None and sessions.open(RankKey(job="j", rank=2), FIRST) is None
     sessions.close(first)
     assert sessions.open(RankKey(job="j", rank=2), FIRST) is not None
+
+
+def test_ranks_training_are_those_with_a_session_open_and_not_detached() -> None:
+    sessions = Sessions(limit=4)
+    first = sessions.open(KEY, FIRST)
+    sessions.open(RankKey(job="j", rank=2), FIRST)
+    sessions.open(RankKey(job="other", rank=0), FIRST)
+    assert sessions.training("j") == {1, 2}
+    sessions.detach(RankKey(job="j", rank=2), FIRST)
+    assert sessions.training("j") == {1}, "rank 2 is ending cleanly"
+    assert first is not None and sessions.close(first)
+    assert sessions.training("j") == set() and sessions.training("none") == set()
