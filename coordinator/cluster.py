@@ -85,9 +85,7 @@ class Cluster:
     _group_infos: dict[int, list[AgentInfo]] = field(default_factory=dict, init=False, repr=False)
     _protection: dict[str, JobProtection] = field(default_factory=dict, init=False, repr=False)  # job -> latest
     _paces: dict[str, JobPace] = field(default_factory=dict, init=False, repr=False)  # job -> how fast it commits
-    _strikes: dict[str, int] = field(
-        default_factory=dict, init=False, repr=False
-    )  # job -> refreshes in a row its target looked lost
+    _strikes: dict[str, int] = field(default_factory=dict, init=False, repr=False)  # job -> refreshes in a row lost
     _refreshed_at: float | None = field(default=None, init=False, repr=False)
     _refresh_s: float = field(default=0.0, init=False, repr=False)  # the time between refreshes, smoothed
     # job -> rank -> its progress in the job's current generation, recomputed only for the ranks
