@@ -215,10 +215,14 @@ def _inject(fault: str, victim: dict[str, Any], cluster: LocalCluster, progress:
 
 def _wait_for_step(path: Path, rank: int, step: int, attempt: int, process: Any, timeout_s: float) -> dict[str, Any]:
     found: list[dict[str, Any]] = []
+    log = path.with_name(path.name.removesuffix(".events.jsonl") + ".log")  # torchrun's output (see _run_job)
 
     def reached() -> bool:
         if process.poll() is not None:
-            raise RuntimeError(f"torchrun exited with {process.returncode} before rank {rank} reached step {step}")
+            raise RuntimeError(
+                f"torchrun exited with {process.returncode} before rank {rank} reached step {step}; "
+                f"the end of {log}:\n{_tail(log)}"
+            )
         found[:] = [
             e
             for e in read_events(path)
