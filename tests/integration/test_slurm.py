@@ -169,9 +169,22 @@ def test_sbatch_example_job_requeued_after_a_node_failure_resumes_from_memory(tm
 
         wait_until(start_now, 30, f"the requeued job {job_id} to accept StartTime=now", 0.5)
 
+        requeued_again = False
+
         def finished() -> bool:
+            nonlocal requeued_again
             info = job_info(job_id)
             state = info.get("JobState", "")
+            started = sum(1 for e in read_events(events_path) if e["event"] == "start")
+            if state == "FAILED" and started == RANKS and not requeued_again:
+                # An artifact of standing in for a node failure on a one-node cluster: slurmd may
+                # carry out the failed instance's late terminate on the requeued one (SIGKILL in
+                # its first second, before any rank started; slurmctld logs WTERMSIG 9). Once.
+                print(f"job {job_id} was killed before its ranks started; requeued once more:\n{log_tail()}")
+                requeued_again = True
+                slurm("scontrol", "requeue", job_id)
+                wait_until(start_now, 30, f"the requeued job {job_id} to accept StartTime=now", 0.5)
+                return False
             assert state in ("PENDING", "REQUEUED", "CONFIGURING", "RUNNING", "COMPLETING", "COMPLETED"), (
                 f"job {job_id} is {state}:\n{log_tail()}"
             )
@@ -208,7 +221,7 @@ def test_sbatch_example_job_requeued_after_a_node_failure_resumes_from_memory(tm
         # The requeued run was a new attempt (its own torchrun run id), whose ranks the
         # re-adopting agent let supersede the first run's.
         agent_log = (run_dir / f"agent-{node}.log").read_text()
-        assert f"run_id='{job_id}-0'" in agent_log and f"run_id='{job_id}-1'" in agent_log, agent_log[-3000:]
+        assert f"run_id='{job_id}-0'" in agent_log and re.search(rf"run_id='{job_id}-[12]'", agent_log), agent_log[-3000:]
         assert "adopted_ranks=2" in agent_log, "the second run's agent re-adopted both ranks' slots"
         # A clean finish releases the job's memory on every node.
         left = sorted(p.name for p in DEFAULT_ROOT.iterdir() if p.name.startswith((shm_prefix, f"{shm_prefix[:-1]}-frag.")))
