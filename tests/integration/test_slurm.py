@@ -183,6 +183,8 @@ def test_sbatch_example_job_requeued_after_a_node_failure_resumes_from_memory(tm
                 print(f"job {job_id} was killed before its ranks started; requeued once more:\n{log_tail()}")
                 requeued_again = True
                 slurm("scontrol", "requeue", job_id)
+                ensure_node_up(node)
+                wait_until(old_instance_gone, 120, f"the killed instance of job {job_id} to be gone", 0.5)
                 wait_until(start_now, 30, f"the requeued job {job_id} to accept StartTime=now", 0.5)
                 return False
             assert state in ("PENDING", "REQUEUED", "CONFIGURING", "RUNNING", "COMPLETING", "COMPLETED"), (
