@@ -166,24 +166,23 @@ def _run_job(
     faults: Sequence[tuple[str, int]],
     progress: Progress,
 ) -> _JobRun:
-    events_path = workdir / f"{job}.events.jsonl"
+    events_path, log = workdir / f"{job}.events.jsonl", workdir / f"{job}.log"
     command = torchrun_command(
         nproc=config.ranks,
         max_restarts=len(faults),
         trainer_args=trainer_args(config, job, cluster.socket_template, events_path),
     )
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    process = start_torchrun(command, workdir / f"{job}.log", env=env)
+    process = start_torchrun(command, log, env=env)
     run = _JobRun(events=[])
     try:
         for attempt, (fault, step) in enumerate(faults):
-            victim = _wait_for_step(events_path, config.kill_rank, step, attempt, process, config.timeout_s)
+            victim = _wait_for_step(events_path, log, config.kill_rank, step, attempt, process, config.timeout_s)
             run.faults.append(_inject(fault, victim, cluster, progress))
         returncode = process.wait(config.timeout_s)
     finally:
         stop_process(process)
     if returncode != 0:
-        log = workdir / f"{job}.log"
         raise RuntimeError(f"torchrun for job {job} exited with {returncode}; the end of {log}:\n{_tail(log)}")
     run.events = read_events(events_path)
     return run
@@ -213,9 +212,8 @@ def _inject(fault: str, victim: dict[str, Any], cluster: LocalCluster, progress:
     return _Fault(fault=fault, rank=rank, kill_time=kill_time, lost_node=lost, replacement_node=replacement)
 
 
-def _wait_for_step(path: Path, rank: int, step: int, attempt: int, process: Any, timeout_s: float) -> dict[str, Any]:
+def _wait_for_step(path: Path, log: Path, rank: int, step: int, attempt: int, process: Any, timeout_s: float) -> dict[str, Any]:
     found: list[dict[str, Any]] = []
-    log = path.with_name(path.name.removesuffix(".events.jsonl") + ".log")  # torchrun's output (see _run_job)
 
     def reached() -> bool:
         if process.poll() is not None:
