@@ -20,6 +20,7 @@ from memckpt.errors import ConfigError
 
 DEFAULT_BURST_S = 5.0  # a limit's idle credit: what the agent may do at once after this long at rest
 MAX_REST_S = 1.0  # a rest is taken in slices of at most this, so that a stop is heard at once
+MIN_REST_S = 0.1  # ...and of at least this: each look costs CPU the rest itself is charged for
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -127,7 +128,10 @@ class Throttle:
             delay_s = self._pacer.delay_s(self._clock(), self._cpu_clock())
             if delay_s <= 0:
                 break
-            slice_s = min(delay_s, MAX_REST_S)  # the CPU used meanwhile (peers' fragments) is charged on the next look
+            # The CPU used meanwhile (peers' fragments, and this look) is charged on the next look. Slices
+            # as short as a small debt asks would cost more CPU than they wait out: with an agent near its
+            # limit on its other work alone, the rest would never end and protection would stand still.
+            slice_s = min(max(delay_s, MIN_REST_S), MAX_REST_S)
             stop.wait(slice_s)
             self.rested_s += slice_s
             waited = True

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from memckpt.agent.pacing import MAX_REST_S, DebtBucket, PaceLimits, Pacer, Throttle
+from memckpt.agent.pacing import MAX_REST_S, MIN_REST_S, DebtBucket, PaceLimits, Pacer, Throttle
 from memckpt.errors import ConfigError
 
 MiB = 1 << 20
@@ -110,6 +110,7 @@ class FakeClocks:
         self.now = 100.0
         self.cpu_s = 7.0
         self.cpu_per_rest_s = 0.0  # CPU the agent burns meanwhile per second rested (receiving peers' fragments)
+        self.cpu_per_look_s = 0.0  # CPU each look of the rest costs (a wake-up of its thread)
         self.rests: list[float] = []
 
 
@@ -125,7 +126,7 @@ class FakeStop(threading.Event):
         assert timeout is not None and timeout > 0
         self._clocks.rests.append(timeout)
         self._clocks.now += timeout
-        self._clocks.cpu_s += timeout * self._clocks.cpu_per_rest_s
+        self._clocks.cpu_s += timeout * self._clocks.cpu_per_rest_s + self._clocks.cpu_per_look_s
         if self._stop_after is not None and len(self._clocks.rests) >= self._stop_after:
             self.set()
         return self.is_set()
@@ -158,7 +159,20 @@ def test_throttle_charges_cpu_used_while_resting() -> None:
     clocks.cpu_s += 1.5  # the step: 1 CPU-s of debt beyond the 0.5 of credit, 2 s at 0.5 cores
     clocks.cpu_per_rest_s = 0.25  # peers' fragments arrive meanwhile: it pays off at 0.25 CPU-s per second only
     assert throttle.rest(FakeStop(clocks)) is True
-    assert clocks.now - 100.0 == pytest.approx(4.0, abs=0.05)
+    assert clocks.now - 100.0 == pytest.approx(4.0, abs=MIN_REST_S)
+
+
+def test_a_rest_ends_when_the_agent_idles_near_its_limit_and_each_look_costs_cpu() -> None:
+    clocks = FakeClocks()
+    throttle = make_throttle(clocks, PaceLimits(cpu_cores=0.04, burst_s=5.0))
+    clocks.cpu_s += 0.4  # a protection: 0.2 CPU-s of debt beyond the 0.2 of credit
+    clocks.cpu_per_rest_s = 0.016  # heartbeats, RPCs, checksums: 40 % of the limit
+    clocks.cpu_per_look_s = 0.0005  # a wake-up of the resting thread
+    stop = FakeStop(clocks, stop_after=1000)  # a rest in slices as short as the debt asks never ends here
+    assert throttle.rest(stop) is True
+    assert not stop.is_set(), f"still resting after {len(clocks.rests)} looks"
+    assert min(clocks.rests) >= MIN_REST_S
+    assert clocks.now - 100.0 == pytest.approx(0.2 / (0.04 - 0.016), rel=0.3), "the debt paid at the limit's spare rate"
 
 
 def test_throttle_stops_resting_when_told_to_stop() -> None:
