@@ -1,13 +1,17 @@
 """The slot state machine of one (job, rank), and the agent's memory budget. Pure logic.
 
 Each rank owns two slots. Invariants:
-- a slot goes FREE -> WRITING(step) -> COMMITTED(step), and a committed slot that is not
-  the latest may be written again (COMMITTED -> WRITING) or dropped (-> FREE);
-- the latest committed slot is never handed out for writing, so a restore always finds a
-  whole snapshot; the one before it stays readable until the next write begins, so ranks
-  that died one step apart can still agree on a common step;
+- a slot goes FREE -> WRITING(step) -> COMMITTED(step), and a committed slot may be written
+  again (COMMITTED -> WRITING) or dropped (-> FREE);
+- a write never leaves the rank without a whole committed snapshot: the slot written is the
+  older one, so the one before the latest stays readable until the next write begins and
+  ranks that died one step apart can still agree on a common step;
 - a slot being read (pinned), kept until protected (reserved) or kept until persisted
-  (to_persist) is not handed out: the snapshot that would overwrite it is skipped instead.
+  (to_persist) is never handed out. When the older slot is kept that way, the latest is
+  written over instead (the kept one is the whole snapshot a restore finds meanwhile, and
+  the step the job's ranks agree on: the coordinator's protection target is reserved by every
+  rank); only when both are kept is the snapshot skipped. Snapshots go on at every step
+  however long protection or persistence of the kept one takes.
 """
 
 from __future__ import annotations
@@ -121,11 +125,13 @@ class RankSlots:
         return slot
 
     def begin(self, step: int, size_bytes: int) -> tuple[Slot, bool]:
-        """Moves the slot that is not the latest committed to WRITING(step), whatever it held.
+        """Moves the slot `writable()` names to WRITING(step), whatever it held.
 
         Returns the slot and whether it must be reallocated to fit `size_bytes`.
         """
         index = self.check_begin(step)
+        if index == self.latest:
+            self.latest = 1 - index  # the kept older snapshot is the newest whole one while this is written
         slot = self.slots[index]
         grow = slot.size_bytes < size_bytes
         self.slots[index] = slot.moved_to(
@@ -146,13 +152,37 @@ class RankSlots:
         """The slot `begin(step)` would take, or the error it would raise; changes nothing."""
         if step <= self.session_step:
             raise StaleGeneration(f"{self.key}: snapshot of step {step} after step {self.session_step} in the same session")
-        index = 1 - self.latest if self.latest is not None else self._first_free()
-        if index in self.pinned or index in self.reserved or index in self.to_persist:
-            raise Unavailable(
-                f"{self.key}: slot {index} (step {self.slots[index].step}) is kept for protection or persistence; "
-                f"snapshot {step} skipped"
-            )
+        index = self.writable()
+        if index is None:
+            kept = ", ".join(f"slot {i} (step {s.step}{self._why_kept(i)})" for i, s in enumerate(self.slots))
+            raise Unavailable(f"{self.key}: {kept}; no slot to write: snapshot {step} skipped")
         return index
+
+    def writable(self) -> int | None:
+        """The slot the next snapshot is written into, or None when both are kept (see the module's doc)."""
+        if self.latest is None:
+            return self._first_free()
+        older = 1 - self.latest
+        if not self._kept(older):
+            return older
+        if self.slots[older].state is SlotState.COMMITTED and not self._kept(self.latest):
+            return self.latest
+        return None
+
+    def _kept(self, index: int) -> bool:
+        return index in self.pinned or index in self.reserved or index in self.to_persist
+
+    def _why_kept(self, index: int) -> str:
+        why = [
+            word
+            for word, kept in (
+                ("being read", index in self.pinned),
+                ("kept until protected", index in self.reserved),
+                ("kept until persisted", index in self.to_persist),
+            )
+            if kept
+        ]
+        return f": {' and '.join(why)}" if why else ""
 
     def commit(self, index: int, step: int, data_size_bytes: int, meta: bytes) -> Slot:
         """Makes slot `index` the latest committed snapshot; the previous one stays as the older."""

@@ -205,6 +205,8 @@ class SlotStore:
             slots = self._rank(key)
             if step < 0:
                 raise InvalidRequest(f"{key}: step must be >= 0, got {step}")
+            # the target may have moved on while the replicator rests: its old step is not kept any longer
+            slots.release_reservations(self.protection_target(job, slots.attempt.generation))
             slots.check_begin(step)  # refused requests must not reserve memory
             self._budget.reserve(
                 str(key), self._grown_total(slots, size_bytes), f"{key} step {step} needs {format_size(size_bytes)}"
@@ -457,6 +459,7 @@ class SlotStore:
             slots = self._ranks.get(work.key)
             if slots is None or not slots.set_protected(work.index, work.commit_id, holders):
                 return False
+            slots.reserved.discard(work.index)  # protected: the trainer may write over it now
             self._write_manifest(slots)
             return True
 
@@ -509,7 +512,7 @@ class SlotStore:
         return slots
 
     def _grown_total(self, slots: RankSlots, size_bytes: int) -> int:
-        writable = 1 - slots.latest if slots.latest is not None else 0
+        writable = slots.writable()
         sizes = [s.size_bytes if i != writable else max(s.size_bytes, size_bytes) for i, s in enumerate(slots.slots)]
         return max(sum(sizes), self._budget.held.get(str(slots.key), 0))
 

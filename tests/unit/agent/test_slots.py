@@ -111,17 +111,43 @@ def test_a_pinned_slot_is_never_handed_out_and_protection_sticks_to_its_commit()
     second = committed(slots, 2)
     slots.pin(first.index)  # being sent to peers
     slots.pin(first.index)  # and persisted
-    with pytest.raises(Unavailable, match="skipped"):
+    slots.pin(second.index)  # and the latest being read by a restore
+    with pytest.raises(Unavailable, match=r"slot 0 \(step 1: being read\), slot 1 \(step 2: being read\).*snapshot 3 skipped"):
         slots.begin(3, 100)
-    assert slots.session_step == 2, "a refused begin changes nothing"
+    assert slots.session_step == 2 and slots.latest == second.index, "a refused begin changes nothing"
+    slots.unpin(second.index)
     slots.unpin(first.index)
-    with pytest.raises(Unavailable, match="skipped"):
-        slots.begin(3, 100)  # still read by the other
+    assert slots.set_protected(first.index, first.commit_id)
+    writing, _ = slots.begin(3, 100)  # the older is still read by the other reader: the latest is written over
+    assert writing.index == second.index and not writing.protected
+    assert slots.committed_at(1).protected, "the kept commit keeps its protection"
     slots.unpin(first.index)
-    assert slots.set_protected(second.index, second.commit_id)
-    assert slots.latest_committed().protected
-    slot, _ = slots.begin(3, 100)
-    assert not slot.protected and not slots.set_protected(first.index, first.commit_id)
+    slots.commit(writing.index, 3, 100, b"")
+    slot, _ = slots.begin(4, 100)
+    assert slot.index == first.index and not slots.set_protected(first.index, first.commit_id)
+
+
+def test_a_kept_older_slot_has_snapshots_written_over_the_latest_never_skipped() -> None:
+    slots = new_rank_slots(KEY, 1, 100)
+    target = committed(slots, 10)
+    slots.reserved.add(target.index)  # the coordinator's protection target: kept until protected
+    for step in range(11, 16):
+        writing, _ = slots.begin(step, 100)
+        assert writing.index != target.index, "the reserved target was handed out for writing"
+        assert slots.latest_committed() == target, "while the latest is written over, the kept one is the newest whole"
+        assert slots.committed_steps() == [10]
+        slots.commit(writing.index, step, 100, b"")
+        assert slots.committed_steps() == [step, 10]
+    slots.begin(16, 100)
+    assert slots.abandon_writes() == [1 - target.index]  # the writer died mid-copy
+    assert slots.latest_committed().step == 10 and slots.committed_steps() == [10]
+    slots.release_reservations(None)
+    writing, _ = slots.begin(17, 100)
+    assert writing.index == 1 - target.index, "the free slot, not the latest"
+    slots.commit(writing.index, 17, 100, b"")
+    slots.persist_work()
+    slots.to_persist.add(writing.index)  # the latest kept until persisted, the older not kept: written as usual
+    assert slots.begin(18, 100)[0].index == target.index
 
 
 def test_attempts_fence_zombies_within_a_run_and_a_new_run_supersedes() -> None:
@@ -161,9 +187,11 @@ def test_check_begin_refuses_like_begin_without_changing_anything() -> None:
     with pytest.raises(StaleGeneration):
         slots.check_begin(2)
     slots.pin(first.index)
-    with pytest.raises(Unavailable):
+    assert slots.check_begin(3) == 1 - first.index, "the older is being read: the latest would be written over"
+    slots.reserved.add(1 - first.index)
+    with pytest.raises(Unavailable, match="kept until protected"):
         slots.check_begin(3)
-    assert slots.session_step == 2 and slots.committed_steps() == [2, 1]
+    assert slots.session_step == 2 and slots.committed_steps() == [2, 1] and slots.latest == 1 - first.index
 
 
 def test_to_protect_follows_the_coordinators_target_and_skips_what_is_not_ready() -> None:
