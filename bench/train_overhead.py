@@ -210,7 +210,7 @@ class Target:
     """Where the trainer's ranks snapshot: one agent's socket, or a cluster's socket template."""
 
     socket: Path  # may hold {rank}
-    agent_sockets: tuple[Path, ...]  # where a finished job is released
+    agent_socket: Path  # where a finished job is released (on every node, where a coordinator runs)
     cluster: LocalCluster | None = None  # sampled for the protection lag
     agent_pids: tuple[int, ...] = ()  # whose CPU time is counted
     persist_root: Path | None = None  # where the agent persists (--persist-every)
@@ -259,8 +259,7 @@ def run_trainer(args: argparse.Namespace, target: Target, workdir: Path, snapsho
         # memckpt; every rank had finished, so the run's figures stand
         progress(f"warning: torchrun exited with {returncode} after every rank wrote its 'end' event")
     if snapshot_every > 0:
-        for socket_path in target.agent_sockets:
-            release_job(socket_path, job)
+        release_job(target.agent_socket, job)
     run = summarize(events, snapshot_every, log_path, allow_skips=target.cluster is not None or target.persist_root is not None)
     run = dataclasses.replace(run, agent_cores=agent_cores, job=job)
     window = lag_window(events, rank=0, warmup_steps=WARMUP_STEPS)
@@ -349,7 +348,7 @@ def summarize(events: list[dict[str, Any]], snapshot_every: int, log_path: Path,
 def measure(args: argparse.Namespace, workdir: Path) -> OverheadReport:
     with contextlib.ExitStack() as stack:
         agent = stack.enter_context(running_agent(workdir, memory_limit_bytes=args.memory_limit))
-        target = Target(socket=agent.socket_path, agent_sockets=(agent.socket_path,))
+        target = Target(socket=agent.socket_path, agent_socket=agent.socket_path)
         configs = [Config("off", target, 0), Config("every step", target, 1)]
         if args.persist_every:
             root = workdir / "persisted"
@@ -358,7 +357,7 @@ def measure(args: argparse.Namespace, workdir: Path) -> OverheadReport:
             persisting = stack.enter_context(
                 running_agent(workdir, memory_limit_bytes=args.memory_limit, name="persisting-agent", extra_args=flags)
             )
-            persist_target = Target(socket=persisting.socket_path, agent_sockets=(persisting.socket_path,), persist_root=root)
+            persist_target = Target(socket=persisting.socket_path, agent_socket=persisting.socket_path, persist_root=root)
             configs.append(Config("persist", persist_target, 1))
         runs = run_rounds(args, configs, workdir)
         persisted = sum(len(complete_checkpoints(root, run.job)) for run in runs.get("persist", ()))
@@ -386,7 +385,7 @@ def measure_protected(args: argparse.Namespace, workdir: Path) -> ProtectReport:
         progress("agent pids: " + " ".join(f"{n}={a.pid}" for n, a in zip(cluster.node_names, cluster.hosts) if a))
         target = Target(
             socket=cluster.socket_template,
-            agent_sockets=tuple(cluster.socket_of(rank) for rank in range(args.ranks)),  # rank r on host r
+            agent_socket=cluster.socket_of(0),  # the release goes to every node through the coordinator
             cluster=cluster,
             agent_pids=tuple(a.pid for a in cluster.hosts if a is not None),
         )
