@@ -7,11 +7,12 @@ Each rank owns two slots. Invariants:
   older one, so the one before the latest stays readable until the next write begins and
   ranks that died one step apart can still agree on a common step;
 - a slot being read (pinned), kept until protected (reserved) or kept until persisted
-  (to_persist) is never handed out. When the older slot is kept that way, the latest is
-  written over instead (the kept one is the whole snapshot a restore finds meanwhile, and
-  the step the job's ranks agree on: the coordinator's protection target is reserved by every
-  rank); only when both are kept is the snapshot skipped. Snapshots go on at every step
-  however long protection or persistence of the kept one takes.
+  (to_persist) is never handed out. When the older slot is kept for a step every rank of the
+  job keeps alike (the coordinator's protection target, a step to persist), the latest is
+  written over instead: the kept one is the whole snapshot a restore finds meanwhile, and the
+  step the ranks have in common. Snapshots go on at every step however long protection or
+  persistence of it takes. Otherwise (an older slot read by this rank alone, or both kept)
+  the snapshot is skipped.
 """
 
 from __future__ import annotations
@@ -165,7 +166,11 @@ class RankSlots:
         older = 1 - self.latest
         if not self._kept(older):
             return older
-        if self.slots[older].state is SlotState.COMMITTED and not self._kept(self.latest):
+        # Only a step the job's ranks keep alike (the protection target, a step to persist) is written
+        # around: one read by this rank alone (a send without a target) would leave it without a step
+        # in common with ranks that wrote their older slot.
+        job_wide = older in self.reserved or older in self.to_persist
+        if job_wide and self.slots[older].state is SlotState.COMMITTED and not self._kept(self.latest):
             return self.latest
         return None
 

@@ -217,7 +217,9 @@ class SlotStore:
                 self._unmap(key, slot.index, old_name, unlink=True)
             if (key, slot.index) not in self._segments:  # grown, or an earlier allocation failed
                 self._map_new(key, slot, prefault)
-                self._write_manifest(slots)
+            # The slot is WRITING on record before its bytes change: an agent killed meanwhile and
+            # started again must not adopt it as the committed step it held (nor checksum torn bytes).
+            self._write_manifest(slots)
             return SlotGrant(index=slot.index, name=self._slot_name(key, slot), size_bytes=slot.size_bytes)
 
     def commit(

@@ -109,22 +109,19 @@ def test_a_pinned_slot_is_never_handed_out_and_protection_sticks_to_its_commit()
     slots = new_rank_slots(KEY, 1, 100)
     first = committed(slots, 1)
     second = committed(slots, 2)
-    slots.pin(first.index)  # being sent to peers
+    slots.pin(first.index)  # being sent to peers (no target: this rank's newest, its own choice)
     slots.pin(first.index)  # and persisted
-    slots.pin(second.index)  # and the latest being read by a restore
-    with pytest.raises(Unavailable, match=r"slot 0 \(step 1: being read\), slot 1 \(step 2: being read\).*snapshot 3 skipped"):
-        slots.begin(3, 100)
+    with pytest.raises(Unavailable, match=r"slot 0 \(step 1: being read\), slot 1 \(step 2\); no slot to write: snapshot 3"):
+        slots.begin(3, 100)  # written over the latest, this rank would share no step with ranks that wrote their older
     assert slots.session_step == 2 and slots.latest == second.index, "a refused begin changes nothing"
-    slots.unpin(second.index)
     slots.unpin(first.index)
-    assert slots.set_protected(first.index, first.commit_id)
-    writing, _ = slots.begin(3, 100)  # the older is still read by the other reader: the latest is written over
-    assert writing.index == second.index and not writing.protected
-    assert slots.committed_at(1).protected, "the kept commit keeps its protection"
+    with pytest.raises(Unavailable, match="skipped"):
+        slots.begin(3, 100)  # still read by the other
     slots.unpin(first.index)
-    slots.commit(writing.index, 3, 100, b"")
-    slot, _ = slots.begin(4, 100)
-    assert slot.index == first.index and not slots.set_protected(first.index, first.commit_id)
+    assert slots.set_protected(second.index, second.commit_id)
+    assert slots.latest_committed().protected
+    slot, _ = slots.begin(3, 100)
+    assert slot.index == first.index and not slot.protected and not slots.set_protected(first.index, first.commit_id)
 
 
 def test_a_kept_older_slot_has_snapshots_written_over_the_latest_never_skipped() -> None:
@@ -187,9 +184,12 @@ def test_check_begin_refuses_like_begin_without_changing_anything() -> None:
     with pytest.raises(StaleGeneration):
         slots.check_begin(2)
     slots.pin(first.index)
-    assert slots.check_begin(3) == 1 - first.index, "the older is being read: the latest would be written over"
-    slots.reserved.add(1 - first.index)
-    with pytest.raises(Unavailable, match="kept until protected"):
+    with pytest.raises(Unavailable):
+        slots.check_begin(3)
+    slots.reserved.add(first.index)
+    assert slots.check_begin(3) == 1 - first.index, "the older is the job's target: the latest would be written over"
+    slots.pin(1 - first.index)
+    with pytest.raises(Unavailable, match=r"step 1: being read and kept until protected\), slot 1 \(step 2: being read"):
         slots.check_begin(3)
     assert slots.session_step == 2 and slots.committed_steps() == [2, 1] and slots.latest == 1 - first.index
 

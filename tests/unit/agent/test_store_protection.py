@@ -59,3 +59,20 @@ def test_a_target_given_up_is_not_kept_while_the_replicator_rests(store: SlotSto
     target["step"] = 8  # the coordinator gave step 2 up; the replicator has not looked since
     assert snapshot(store, 4) == kept, "the slot of a former target is written, not the latest"
     assert [s for s, _ in store.list_steps("j", 0)] == [4, 3] and latest != kept
+
+
+def test_an_agent_killed_while_the_latest_is_written_over_adopts_the_kept_step(tmp_path: Path, store: SlotStore) -> None:
+    store.protection_target = lambda job, generation: 1
+    store.register("j", 0, 1, SIZE)
+    kept = snapshot(store, 1)
+    latest = snapshot(store, 2)
+    grant = store.begin("j", 0, 3, SIZE)  # the trainer copies step 3 over step 2 ...
+    assert grant.index == latest != kept
+    # ... when the agent is SIGKILLed: a new one adopts what the manifest says
+    again = SlotStore(shm=ShmDir(tmp_path), prefix="t.", budget=MemoryBudget(limit_bytes=16 * SIZE))
+    try:
+        assert again.adopt() == 1
+        assert [s for s, _ in again.list_steps("j", 0)] == [1], "the slot being written is not adopted as step 2"
+        assert again.open_restore("j", 0).step == 1
+    finally:
+        again.stop(remove=False)  # the fixture's store removes the segments
