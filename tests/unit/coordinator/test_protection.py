@@ -90,3 +90,5 @@ def test_pace_of_a_fast_job_and_after_a_restart() -> None:
     assert pace.lead(1, 50, now=1.5, refresh_s=0.2) == 0, "2.5 refreshes without a commit: it stands still"
     assert pace.lead(2, 30, now=1.6, refresh_s=0.2) == 0, "a restarted job goes back: its pace is measured again"
     assert pace.lead(2, 31, now=2.0, refresh_s=0.2) == 2
+    assert pace.lead(2, 27, now=2.2, refresh_s=0.2) == 2, "only a rank's older step, while its latest is rewritten"
+    assert pace.lead(2, 32, now=2.4, refresh_s=0.2) == 2, "its pace measured from 31, as if 27 was never seen"
