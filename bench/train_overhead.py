@@ -18,7 +18,7 @@ Each (sample, rank) gives one lag, committed - protected (nothing protected yet 
 step 0); the samples taken between the end of rank 0's warm-up and its last step count, and
 the report gives their median and max. The coordinator learns of commits and protections
 from agent heartbeats, so both steps are seen up to a heartbeat interval (0.2 s) late.
-Snapshots the agent refused because both of the rank's slots were kept (skipped; training goes
+Snapshots the agent refused because no slot of the rank was free to write (skipped; training goes
 on) are counted, not treated as failures. A rank's own protected step restores that rank only;
 after a node loss the job resumes at the newest step protected for every rank, so the same
 samples are also measured from that step, as `protect_lag_job_steps_*`.
@@ -75,7 +75,7 @@ WARMUP_STEPS = 3  # the first steps pay allocation, thread start-up and the firs
 # (2026-11-29: 0.05 kept 85-89 % of the steps/s with a lag of 5 steps, 0.03 kept 97 % with 16,
 # 0.04 kept 92 % with 7).
 DEFAULT_AGENT_ARGS = ("--protect-cpu=0.04",)
-SKIP_KIND = "Unavailable"  # what a snapshot the agent skipped (both slots kept) counts as
+SKIP_KIND = "Unavailable"  # what a snapshot the agent skipped (no slot free to write) counts as
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -513,7 +513,7 @@ def format_protect_table(report: ProtectReport) -> str:
             f"max {r.protect_lag_steps_max} over {r.lag_samples} samples",
             f"from the newest step protected for every rank: median "
             f"{r.protect_lag_job_steps_median:.1f} steps, max {r.protect_lag_job_steps_max}",
-            f"snapshots skipped (both slots kept): {r.snapshots_skipped} of {r.snapshots_taken}",
+            f"snapshots skipped (no slot free to write): {r.snapshots_skipped} of {r.snapshots_taken}",
             f"the agents used {r.agent_cores_protected:.2f} cores (without snapshots {r.agent_cores_off:.2f})",
         ]
     )

@@ -38,7 +38,7 @@ COPY_SECONDS = Histogram(
 COMMITTED = Counter("memckpt_client_snapshots_total", "Snapshots this rank committed", ["job", "rank"], registry=REGISTRY)
 FAILURES = Counter(
     "memckpt_client_snapshot_failures_total",
-    "Snapshots that failed or were skipped, by kind (Unavailable: skipped, both slots kept)",
+    "Snapshots that failed or were skipped, by kind (Unavailable: skipped, no slot free to write)",
     ["job", "rank", "kind"],
     registry=REGISTRY,
 )
