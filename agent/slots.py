@@ -155,8 +155,8 @@ class RankSlots:
             raise StaleGeneration(f"{self.key}: snapshot of step {step} after step {self.session_step} in the same session")
         index = self.writable()
         if index is None:
-            kept = ", ".join(f"slot {i} (step {s.step}{self._why_kept(i)})" for i, s in enumerate(self.slots))
-            raise Unavailable(f"{self.key}: {kept}; no slot to write: snapshot {step} skipped")
+            slots = ", ".join(self._describe(i) for i in range(len(self.slots)))
+            raise Unavailable(f"{self.key}: {slots}; no slot to write: snapshot {step} skipped")
         return index
 
     def writable(self) -> int | None:
@@ -175,19 +175,20 @@ class RankSlots:
         return None
 
     def _kept(self, index: int) -> bool:
-        return index in self.pinned or index in self.reserved or index in self.to_persist
+        return bool(self._kept_for(index))
 
-    def _why_kept(self, index: int) -> str:
-        why = [
-            word
-            for word, kept in (
-                ("being read", index in self.pinned),
-                ("kept until protected", index in self.reserved),
-                ("kept until persisted", index in self.to_persist),
-            )
-            if kept
-        ]
-        return f": {' and '.join(why)}" if why else ""
+    def _kept_for(self, index: int) -> list[str]:
+        """Why slot `index` may not be written now (empty: it may)."""
+        reasons = (
+            ("being read", index in self.pinned),
+            ("kept until protected", index in self.reserved),
+            ("kept until persisted", index in self.to_persist),
+        )
+        return [why for why, kept in reasons if kept]
+
+    def _describe(self, index: int) -> str:
+        why = self._kept_for(index)
+        return f"slot {index} (step {self.slots[index].step}{': ' + ' and '.join(why) if why else ''})"
 
     def commit(self, index: int, step: int, data_size_bytes: int, meta: bytes) -> Slot:
         """Makes slot `index` the latest committed snapshot; the previous one stays as the older."""

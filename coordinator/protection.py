@@ -97,10 +97,10 @@ class JobPace:
         """Records the job's newest commit at time `now`; returns how many steps ahead of it
         the next target lies (at least 1 while the job advances), or 0 when it stands still or
         has not been seen to advance yet. `refresh_s`: the time between two refreshes."""
-        if generation != self.generation:  # a restart: its steps go back, its pace is measured again
+        # A lower newest step within a generation is no restart (a rank's latest being written over
+        # shows its older step for a moment): only a new generation is measured again.
+        if generation != self.generation:
             self.generation, self.newest, self.advanced_at, self.step_s = generation, newest, now, 0.0
-        elif newest < self.newest:
-            pass  # within a generation: a rank's latest being written over, its older step shows for a moment
         elif newest > self.newest:
             if self.newest != NONE:
                 per_step = max(now - self.advanced_at, 1e-6) / (newest - self.newest)
