@@ -15,16 +15,7 @@ from dataclasses import dataclass, field, replace
 from memckpt.coordinator.drain import DrainProgress, check_can_drain, drain_progress
 from memckpt.coordinator.groups import Groups, build_groups
 from memckpt.coordinator.membership import AgentInfo, Change, Member, Membership
-from memckpt.coordinator.plan import (
-    Decision,
-    FragmentSet,
-    RankInventory,
-    RankSource,
-    WholeCopy,
-    compute_recovery_plan,
-    restorable_steps,
-    source_of,
-)
+from memckpt.coordinator.plan import Decision, RankSource, compute_recovery_plan, restorable_steps, source_of
 from memckpt.coordinator.protection import NONE, JobPace, JobProtection, RankProgress, job_protection
 from memckpt.errors import FailedPrecondition, InvalidRequest, NotFound, StaleGeneration
 from memckpt.names import check_name
@@ -275,12 +266,9 @@ class Cluster:
         key = (job, generation)
         if key not in self.pinned:
             alive = self.membership.alive_nodes()
-            self.pinned[key] = compute_recovery_plan(self.inventories(job), record.world_size, alive)
+            ranks = self._index.get(job, {})
+            self.pinned[key] = compute_recovery_plan(ranks, record.world_size, alive, record.released_generation)
         return self.pinned[key]
-
-    def inventories(self, job: str) -> dict[int, RankInventory]:
-        released = self._released_generation(job)
-        return {rank: _rank_inventory(by_node, released) for rank, by_node in self._index.get(job, {}).items()}
 
     def _released_generation(self, job: str) -> int:
         """Generations up to this one of the job were released: what agents still hold of them is never restored."""
@@ -291,11 +279,11 @@ class Cluster:
         """Every step of a rank restorable from live agents, newest first, with its sources;
         and, when there is none although the rank had snapshots, why (which nodes held them)."""
         alive = self.membership.alive_nodes()
-        by_node = self._index.get(job, {}).get(rank)
-        inventory = _rank_inventory(by_node, self._released_generation(job)) if by_node else RankInventory()
-        steps = sorted(restorable_steps(inventory, alive), reverse=True)
-        found = [(step, source_of(rank, inventory, step, alive)) for step in steps]
-        holders = {c.node for c in inventory.copies} | {n for f in inventory.fragments for _, n in f.holders}
+        by_node = self._index.get(job, {}).get(rank, {})
+        released = self._released_generation(job)
+        steps = sorted(restorable_steps(by_node, alive, released), reverse=True)
+        found = [(step, source_of(rank, by_node, step, alive, released)) for step in steps]
+        holders = {node for node, entries in by_node.items() if any(h.generation > released for h in entries)}
         lost = ""
         if not found and holders:
             dead = sorted(holders - alive)
@@ -475,35 +463,3 @@ class Cluster:
         (which counts live holders only) is recomputed by the next refresh."""
         self._groups = None
         self._dirty_jobs.update(self._index)
-
-
-def _rank_inventory(by_node: dict[str, tuple[Held, ...]], released_generation: int = 0) -> RankInventory:
-    """What the cluster holds of one rank, from each node's entries of it (of generations after `released_generation`)."""
-    copies: list[WholeCopy] = []
-    # a step committed by two attempts is two fragment sets: their fragments never mix
-    fragments: dict[tuple[int, int], dict[int, str]] = {}
-    schemes: dict[tuple[int, int], Held] = {}
-    for node, entries in by_node.items():
-        for h in entries:
-            if h.generation <= released_generation:
-                continue
-            if not h.fragment_indices:
-                copies.append(WholeCopy(node=node, step=h.step))
-                continue
-            key = (h.step, h.generation)
-            holders = fragments.setdefault(key, {})
-            for index in h.fragment_indices:
-                holders[index] = node
-            schemes[key] = h
-    sets = tuple(
-        FragmentSet(
-            step=step,
-            generation=generation,
-            k=schemes[(step, generation)].k,
-            m=schemes[(step, generation)].m,
-            size_bytes=schemes[(step, generation)].size_bytes,
-            holders=tuple(sorted(holders.items())),
-        )
-        for (step, generation), holders in fragments.items()
-    )
-    return RankInventory(copies=tuple(copies), fragments=sets)

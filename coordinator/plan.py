@@ -5,18 +5,38 @@ peer's copy) or from any k of the k+m fragments of that step held by live agents
 takes the newest step that every rank can restore, so all ranks restore the same step; the
 coordinator pins it for the job's generation. When no such step exists it says which ranks
 are missing and restores nothing (never a partial job).
+
+The functions read what nodes reported holding of a rank as it is kept in the coordinator's
+index (node -> its entries of the rank), without building other objects per entry: a plan of
+16,000 ranks visits some 100,000 entries, and is asked while the whole job waits for it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol, TypeAlias
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class WholeCopy:
-    node: str
-    step: int
+class Entry(Protocol):
+    """One snapshot a node holds of a rank: a whole copy (no fragment indices) or some of
+    its fragments (the coordinator's `Held`)."""
+
+    @property
+    def step(self) -> int: ...
+    @property
+    def generation(self) -> int: ...
+    @property
+    def fragment_indices(self) -> tuple[int, ...]: ...
+    @property
+    def k(self) -> int: ...
+    @property
+    def m(self) -> int: ...
+    @property
+    def size_bytes(self) -> int: ...
+
+
+RankHoldings: TypeAlias = Mapping[str, Sequence[Entry]]  # node -> what it holds of one rank
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -27,14 +47,6 @@ class FragmentSet:
     size_bytes: int
     holders: tuple[tuple[int, str], ...]  # (fragment index, node)
     generation: int = 0  # the attempt that committed the step
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RankInventory:
-    """What the cluster holds of one rank of one job."""
-
-    copies: tuple[WholeCopy, ...] = ()
-    fragments: tuple[FragmentSet, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -56,45 +68,81 @@ class Decision:
     reason: str
 
 
-def restorable_steps(inventory: RankInventory, alive: frozenset[str]) -> set[int]:
-    steps = {c.step for c in inventory.copies if c.node in alive}
-    steps |= {f.step for f in inventory.fragments if _live_holders(f, alive) >= f.k}
+def restorable_steps(holdings: RankHoldings, alive: frozenset[str], released: int = 0) -> set[int]:
+    """The steps a rank can restore from live nodes: a whole copy, or k distinct fragments of
+    one commit of the step (a step committed by two attempts is two fragment sets: their
+    fragments never mix). Entries of generations up to `released` do not count."""
+    steps: set[int] = set()
+    fragments: dict[tuple[int, int], tuple[int, set[int]]] = {}  # (step, generation) -> (k, indices)
+    for node, entries in holdings.items():
+        if node not in alive:
+            continue
+        for e in entries:
+            if e.generation <= released:
+                continue
+            if not e.fragment_indices:
+                steps.add(e.step)
+            elif (found := fragments.get((e.step, e.generation))) is None:
+                fragments[(e.step, e.generation)] = (e.k, set(e.fragment_indices))
+            else:
+                found[1].update(e.fragment_indices)
+    steps.update(step for (step, _), (k, indices) in fragments.items() if len(indices) >= k)
     return steps
 
 
-def compute_recovery_plan(inventories: Mapping[int, RankInventory], world_size: int, alive: Iterable[str]) -> Decision:
-    """The newest step every rank of the job can restore from live agents, with each rank's sources."""
+def source_of(rank: int, holdings: RankHoldings, step: int, alive: frozenset[str], released: int = 0) -> RankSource:
+    """Where `rank` can get `step`: live whole copies, and the live holders of the step's
+    fragments if they are enough (of the newest attempt that committed it, if several did)."""
+    copies: list[str] = []
+    commits: dict[int, tuple[Entry, dict[int, str]]] = {}  # generation -> (an entry, index -> node)
+    for node, entries in holdings.items():
+        if node not in alive:
+            continue
+        for e in entries:
+            if e.step != step or e.generation <= released:
+                continue
+            if not e.fragment_indices:
+                copies.append(node)
+                continue
+            holders = commits.setdefault(e.generation, (e, {}))[1]
+            for index in e.fragment_indices:
+                holders.setdefault(index, node)
+    fragments = None
+    usable = [generation for generation, (e, holders) in commits.items() if len(holders) >= e.k]
+    if usable:
+        scheme, holders = commits[max(usable)]
+        fragments = FragmentSet(
+            step=step,
+            generation=scheme.generation,
+            k=scheme.k,
+            m=scheme.m,
+            size_bytes=scheme.size_bytes,
+            holders=tuple(sorted(holders.items())),
+        )
+    return RankSource(rank=rank, copies=tuple(sorted(copies)), fragments=fragments)
+
+
+def compute_recovery_plan(
+    ranks: Mapping[int, RankHoldings], world_size: int, alive: Iterable[str], released: int = 0
+) -> Decision:
+    """The newest step every rank of the job can restore from live agents, with each rank's
+    sources. `ranks`: rank -> what nodes hold of it; `released`: see `restorable_steps`."""
     live = frozenset(alive)
-    per_rank = {rank: restorable_steps(inventories.get(rank, RankInventory()), live) for rank in range(world_size)}
-    if all(not steps for steps in per_rank.values()):
+    common: set[int] | None = None  # the steps every rank so far can restore
+    missing: list[int] = []
+    for rank in range(world_size):  # each rank's steps dropped at once: nothing piles up for the collector
+        steps = restorable_steps(ranks.get(rank, {}), live, released)
+        if not steps:
+            missing.append(rank)
+        elif common is None:
+            common = steps
+        else:
+            common &= steps
+    if common is None:
         return Decision(plan=None, reason="no rank has a snapshot on a live agent: a fresh start")
-    missing = sorted(rank for rank, steps in per_rank.items() if not steps)
-    common = set.intersection(*per_rank.values())
-    if not common:
+    if missing or not common:
         detail = f"ranks {missing} have nothing on live agents" if missing else "no step is held for every rank"
         return Decision(plan=None, reason=f"memory cannot restore the job: {detail}")
     step = max(common)
-    sources = tuple(source_of(rank, inventories.get(rank, RankInventory()), step, live) for rank in range(world_size))
+    sources = tuple(source_of(rank, ranks.get(rank, {}), step, live, released) for rank in range(world_size))
     return Decision(plan=RecoveryPlan(step=step, sources=sources), reason=f"step {step} is the newest every rank can restore")
-
-
-def _live_holders(fragments: FragmentSet, alive: frozenset[str]) -> int:
-    return len({index for index, node in fragments.holders if node in alive})
-
-
-def source_of(rank: int, inventory: RankInventory, step: int, alive: frozenset[str]) -> RankSource:
-    """Where `rank` can get `step`: live whole copies, and the step's fragments if enough are live."""
-    copies = tuple(sorted(c.node for c in inventory.copies if c.step == step and c.node in alive))
-    usable = [f for f in inventory.fragments if f.step == step and _live_holders(f, alive) >= f.k]
-    fragments = None
-    if usable:
-        chosen = max(usable, key=lambda f: f.generation)  # the newest attempt's commit of the step
-        fragments = FragmentSet(
-            step=step,
-            generation=chosen.generation,
-            k=chosen.k,
-            m=chosen.m,
-            size_bytes=chosen.size_bytes,
-            holders=tuple((i, n) for i, n in chosen.holders if n in alive),
-        )
-    return RankSource(rank=rank, copies=copies, fragments=fragments)

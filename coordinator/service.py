@@ -23,6 +23,7 @@ from memckpt.coordinator import metrics, wire
 from memckpt.coordinator.cluster import Cluster
 from memckpt.coordinator.groups import Groups
 from memckpt.coordinator.membership import AgentInfo, Change
+from memckpt.coordinator.plan import Decision
 from memckpt.coordinator.protection import JobProtection
 from memckpt.errors import MemckptError, Unavailable
 from memckpt.names import check_name
@@ -109,6 +110,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         # inventory; in a small one (FILE_INLINE_MAX_AGENTS) each is filed as it comes
         self._pending: dict[str, tuple[int, Any, int]] = {}
         self._drained: dict[str, bool] = {}  # draining node -> whether it was drained at the last tick (logged on change)
+        # job -> (its pinned plan, the addresses it was sent with, the reply): every rank of a
+        # restarted job may ask, and the reply of 16,000 ranks takes longer to build than to find
+        self._plan_replies: dict[str, tuple[Decision, dict[str, str], pb.GetRecoveryPlanResponse]] = {}
         self.metrics_address = ""  # where Prometheus scrapes the coordinator, if it serves metrics
 
     def tick(self) -> Change:
@@ -285,10 +289,15 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         self._check_warm()
         with self._lock:
             decision = self._cluster.recovery_plan(request.job, request.generation)
-            addresses = self._cluster.membership.addresses()
+            addresses = self._cluster.membership.addresses()  # the same object until membership changes
         metrics.PLANS.labels("memory" if decision.plan is not None else "lost").inc()
+        cached = self._plan_replies.get(request.job)
+        if cached is not None and cached[0] is decision and cached[1] is addresses:
+            return cached[2]
         log.info("plan job=%s generation=%d: %s", request.job, request.generation, decision.reason)
-        return wire.plan_to_proto(decision, addresses)
+        reply = wire.plan_to_proto(decision, addresses)
+        self._plan_replies[request.job] = (decision, addresses, reply)
+        return reply
 
     @map_errors
     async def LocateSnapshots(self, request: pb.LocateSnapshotsRequest, context: Any) -> pb.LocateSnapshotsResponse:
