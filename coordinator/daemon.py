@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -20,7 +21,7 @@ from memckpt import config as config_mod
 from memckpt.coordinator import metrics
 from memckpt.coordinator.cluster import Cluster
 from memckpt.coordinator.config import CoordinatorConfig
-from memckpt.coordinator.service import CoordinatorServicer
+from memckpt.coordinator.service import STATE_WORK_SHARE, CoordinatorServicer
 from memckpt.errors import ConfigError
 from memckpt.metrics import MetricsServer, serve_daemon
 from memckpt.process import run_daemon
@@ -92,14 +93,42 @@ async def serve_async(config: CoordinatorConfig, stop: threading.Event) -> int:
     )
     loop = asyncio.get_running_loop()
     tick_s = min(1.0, config.lease_s / 4, config.heartbeat_interval_s)  # leases, and protection targets
-    while not await loop.run_in_executor(None, stop.wait, tick_s):
-        await servicer.tick_async()
+    leases = asyncio.create_task(expire_leases(servicer, tick_s))
+    began, behind = time.monotonic(), False
+    while not await loop.run_in_executor(None, stop.wait, max(0.0, began + tick_s - time.monotonic())):
+        began = time.monotonic()
+        worked = await servicer.refresh_async()
+        took = time.monotonic() - began
+        metrics.REFRESH_SECONDS.observe(took)
+        if (took > 2 * tick_s) != behind:  # logged when it starts and when it ends, not every time
+            behind = not behind
+            if behind:
+                log.warning(
+                    "inventories are filed every %.1f s (a refresh takes %.2f s of CPU, paced to at most %.0f%% of "
+                    "the coordinator's time): protection targets and plans see reports up to that late",
+                    took,
+                    worked,
+                    100 * STATE_WORK_SHARE,
+                )
+            else:
+                log.info("inventories are filed every %.1f s again", tick_s)
     log.info("stopping")
+    leases.cancel()
     serving.clear()
     await server.stop(GRACE_S)
     if metrics_server is not None:
         metrics_server.stop()
     return 0
+
+
+async def expire_leases(servicer: CoordinatorServicer, every_s: float) -> None:
+    """Fails agents whose lease ran out, every `every_s`, however long a refresh takes."""
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            servicer.expire_leases()
+        except Exception:  # a bug here must not end failure detection for good
+            log.exception("lease expiry failed; trying again in %.1f s", every_s)
 
 
 def start_metrics(config: CoordinatorConfig, servicer: CoordinatorServicer, serving: threading.Event) -> MetricsServer | None:

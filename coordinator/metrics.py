@@ -25,6 +25,14 @@ HEARTBEAT_SECONDS = Histogram(
     buckets=SECONDS_BUCKETS,
     registry=REGISTRY,
 )
+REFRESH_SECONDS = Histogram(
+    "memckpt_coordinator_refresh_seconds",
+    "One refresh of what agents reported (inventories filed, protection targets recomputed), wall "
+    "time: paced to a share of the coordinator's time, so in a large cluster it shows how stale "
+    "the coordinator's view of the inventories can be",
+    buckets=SECONDS_BUCKETS,
+    registry=REGISTRY,
+)
 AGENT_FAILURES = Counter("memckpt_agent_failures_total", "Agents declared failed (their lease ran out)", registry=REGISTRY)
 AGENT_JOINS = Counter("memckpt_agent_joins_total", "Agents that joined (new, or back after a failure)", registry=REGISTRY)
 GENERATIONS = Counter("memckpt_generations_total", "Job generations started (each job restart is one)", registry=REGISTRY)

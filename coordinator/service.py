@@ -1,16 +1,20 @@
 """CoordinatorService over gRPC (asyncio): a thin, locked layer over `Cluster`.
 
 The methods run on the server's event loop, one at a time, so thousands of agents'
-heartbeats cost no thread hand-offs and no lock convoys; each is a few dozen microseconds
-of bookkeeping (only what changed since the node's last report is indexed). The periodic
-tick (leases, protection targets) runs on the loop too, cut in steps of a few milliseconds
-so that heartbeats never wait behind it for long. The lock still guards each step.
+heartbeats cost no thread hand-offs and no lock convoys; a heartbeat renews the lease and
+is answered at once. What the heartbeats report (inventories) is filed, and the protection
+targets recomputed, by a refresh on the loop too: cut in steps of a few milliseconds, and
+paced so that it takes at most a share of the loop's time (`STATE_WORK_SHARE`) whatever the
+cluster's size: heartbeats never wait behind it for long, and a cluster too large for one
+refresh a second is refreshed less often (each node's newest report filed once) instead of
+answering late. Leases expire on their own cadence (`expire_leases`). The lock still guards each step.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import logging
 import threading
 import time
@@ -44,6 +48,11 @@ YIELD_S = 0.002
 # each, and protection targets follow the newest steps of fast jobs); beyond, at the next tick,
 # which lags what the coordinator knows by up to a tick but keeps heartbeats answered at once.
 FILE_INLINE_MAX_AGENTS = 64
+# The largest share of the event loop's time a refresh (filing inventories, recomputing
+# protection) takes: after each step it rests in proportion, so heartbeats are answered in the
+# rest. A refresh of a small cluster takes milliseconds and never rests long; one of 2,000
+# busy agents took 0.9 s of CPU on a slow 2-core VM, and unpaced it starved the heartbeats (p50 0.8 s).
+STATE_WORK_SHARE = 0.25
 GroupView = tuple[Groups, frozenset[str]]  # the groups, and the draining members heartbeats name
 Method = Callable[[Any, Any, Any], Awaitable[R]]
 StreamMethod = Callable[[Any, Any, Any], AsyncIterator[R]]
@@ -112,59 +121,103 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         self._drained: dict[str, bool] = {}  # draining node -> whether it was drained at the last tick (logged on change)
         # job -> (its pinned plan, the addresses it was sent with, the reply): every rank of a
         # restarted job may ask, and the reply of 16,000 ranks takes longer to build than to find
+        self._filed_for: dict[str, int] = {}  # job -> the generation for which the reports were filed before a read
         self._plan_replies: dict[str, tuple[Decision, dict[str, str], pb.GetRecoveryPlanResponse]] = {}
         self.metrics_address = ""  # where Prometheus scrapes the coordinator, if it serves metrics
 
     def tick(self) -> Change:
-        """Fails agents whose lease ran out; recomputes which step each job protects next;
-        logs the groups once whenever they were rebuilt (not once per registration: thousands
-        of agents register at once after a restart)."""
+        """Fails agents whose lease ran out; files the reported inventories and recomputes
+        which step each job protects next, all at once (`expire_leases` and `refresh_async`
+        on the server's loop)."""
         with self._lock:
-            self._file(self._take_pending())
             change = self._cluster.tick(time.monotonic())
+            self._file(self._take_pending())
             protection = self._cluster.refresh_protection()
-        self._publish(change, protection)
+        self._publish_change(change)
+        self._publish_protection(protection)
         return change
 
-    async def tick_async(self) -> Change:
-        """`tick` on the server's event loop, yielding to it between slices of the filing of
-        inventories and steps of the refresh."""
-        with self._lock:
-            reports = self._take_pending()
-        for start in range(0, len(reports), FILE_NODES_PER_STEP):
-            with self._lock:
-                self._file(reports[start : start + FILE_NODES_PER_STEP])
-            await asyncio.sleep(YIELD_S)
+    def expire_leases(self) -> Change:
+        """Fails agents whose lease ran out (cheap: renewals are counted as heartbeats come)."""
         with self._lock:
             change = self._cluster.tick(time.monotonic())
+        self._publish_change(change)
+        return change
+
+    async def refresh_async(self) -> float:
+        """Files the inventories reported since the last refresh and recomputes the protection
+        targets, on the server's event loop: in steps, resting after each so that the refresh
+        takes at most `STATE_WORK_SHARE` of the loop's time. Returns the CPU-bound seconds it took."""
+        rest = (1 - STATE_WORK_SHARE) / STATE_WORK_SHARE
+        worked = 0.0
+
+        async def pause(began: float) -> None:
+            nonlocal worked
+            spent = time.perf_counter() - began
+            worked += spent
+            await asyncio.sleep(max(YIELD_S, spent * rest))
+
+        with self._lock:
+            left = len(self._pending)  # the reports of this refresh; later ones wait for the next
+        while left > 0:  # taken a slice at a time: a report filed meanwhile (by a plan) is never filed over by an older one
+            began = time.perf_counter()
+            with self._lock:
+                self._file(self._take_pending(min(left, FILE_NODES_PER_STEP)))
+            left -= FILE_NODES_PER_STEP
+            await pause(began)
         steps = self._cluster.refresh_protection_in_steps()
         done = False
         while not done:
-            await asyncio.sleep(YIELD_S)
+            began = time.perf_counter()
             with self._lock:
                 done = next(steps, None) is None
-        self._publish(change, self._cluster.protection)
-        return change
+            await pause(began)
+        self._publish_protection(self._cluster.protection)
+        return worked
 
-    def _take_pending(self) -> list[tuple[str, tuple[int, Any, int]]]:
-        """The unfiled heartbeats' inventories; those that arrive from here on wait for the next tick."""
-        reports, self._pending = self._pending, {}
-        return list(reports.items())
+    def _take_pending(self, limit: int | None = None) -> list[tuple[str, tuple[int, Any, int]]]:
+        """Unfiled heartbeats' inventories (the `limit` oldest, or all), each node's newest;
+        those that arrive from here on wait for the next filing."""
+        if limit is None:
+            reports, self._pending = self._pending, {}
+            return list(reports.items())
+        taken = list(itertools.islice(self._pending.items(), limit))
+        for node, _ in taken:
+            del self._pending[node]
+        return taken
+
+    def _file_pending(self, job: str | None = None) -> None:
+        """Files the reports not filed yet (the lock held), for a call that reads the index: a
+        refresh may be seconds behind in a large cluster, and a plan over reports of different
+        ages could find no step common to all ranks of a job that just stopped. For a `job`'s
+        plan or locations, once per generation: every rank of a restarted job asks, and what
+        its agents reported before the restart is filed by the first ask."""
+        if job is not None:
+            record = self._cluster.jobs.get(job)
+            generation = record.generation if record is not None else 0
+            if self._filed_for.get(job) == generation:
+                return
+            self._filed_for[job] = generation
+        self._file(self._take_pending())
 
     def _file(self, reports: list[tuple[str, tuple[int, Any, int]]]) -> None:
         for node, (incarnation, messages, memory_used) in reports:
             self._cluster.file_inventory(node, incarnation, self._decoder.decode(node, messages), memory_used)
 
-    def _publish(self, change: Change, protection: dict[str, JobProtection]) -> None:
+    def _publish_change(self, change: Change) -> None:
         metrics.AGENT_FAILURES.inc(len(change.failed))
+        if change.changed:
+            log.warning("membership: %s", change.reason)
+
+    def _publish_protection(self, protection: dict[str, JobProtection]) -> None:
+        """What heartbeat replies carry from now on; logs the groups once whenever they were
+        rebuilt (not once per registration: thousands of agents register at once after a restart)."""
         with self._lock:
             groups = self._cluster.groups
         self._protection = [
             pb.JobProtection(job=job, generation=p.generation, target_step=p.target, keep_step=p.keep, released=p.released)
             for job, p in sorted(protection.items())
         ]
-        if change.changed:
-            log.warning("membership: %s", change.reason)
         if groups is not self._logged_groups:
             self._logged_groups = groups
             log.info("groups: %s", groups.reason)
@@ -288,6 +341,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         check_name(request.job, "job")
         self._check_warm()
         with self._lock:
+            self._file_pending(request.job)
             decision = self._cluster.recovery_plan(request.job, request.generation)
             addresses = self._cluster.membership.addresses()  # the same object until membership changes
         metrics.PLANS.labels("memory" if decision.plan is not None else "lost").inc()
@@ -304,6 +358,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         check_name(request.job, "job")
         self._check_warm()
         with self._lock:
+            self._file_pending(request.job)
             found, lost = self._cluster.locate(request.job, request.rank)
             addresses = self._cluster.membership.addresses()
         locations = [wire.location_to_proto(step, s, addresses) for step, s in found]
@@ -312,6 +367,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
     @map_errors
     async def GetClusterStatus(self, request: pb.GetClusterStatusRequest, context: Any) -> pb.GetClusterStatusResponse:
         with self._lock:
+            self._file_pending()
             return self._status()
 
     def _check_warm(self) -> None:
