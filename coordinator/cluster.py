@@ -415,27 +415,30 @@ class Cluster:
 
     def _set_held(self, node: str, held: tuple[Held, ...]) -> None:
         """Replaces what `node` holds in the index, touching only the ranks whose entries changed:
-        entries are compared by identity (the wire decoder hands the same object for an entry the
-        node reported unchanged; an equal copy merely costs its rank a recomputation). A
-        restarted coordinator learns jobs and generations from them."""
-        old = self._held.get(node, ())
+        a rank's entries are compared with those it had (an identity check each: the wire
+        decoder hands the same object for an entry the node reported unchanged). A restarted
+        coordinator learns jobs and generations from them."""
         self._held[node] = held
-        old_ids, new_ids = {id(h) for h in old}, {id(h) for h in held}
-        changed = {(h.job, h.rank) for h in old if id(h) not in new_ids}
-        changed.update((h.job, h.rank) for h in held if id(h) not in old_ids)
-        if not changed:
-            return
         by_key = self._by_node.setdefault(node, {})
-        regrouped: dict[tuple[str, int], list[Held]] = {key: [] for key in changed}
+        grouped: dict[tuple[str, int], list[Held]] = {}
         for h in held:
-            group = regrouped.get((h.job, h.rank))
-            if group is not None:
+            key = (h.job, h.rank)
+            if (group := grouped.get(key)) is None:
+                grouped[key] = [h]
+            else:
                 group.append(h)
+        regrouped: dict[tuple[str, int], tuple[Held, ...]] = {key: () for key in by_key if key not in grouped}
+        for key, group in grouped.items():
+            entries = tuple(group)
+            if by_key.get(key) != entries:  # tuples compare items by identity first: equal ones cost no __eq__
+                regrouped[key] = entries
+        if not regrouped:
+            return
         learned: dict[str, tuple[int, int]] = {}  # job -> (highest rank, newest generation), of changed ranks
-        for key, group in regrouped.items():
+        for key, entries in regrouped.items():
             self._dirty.add(key)
             job, rank = key
-            if not group:
+            if not entries:
                 del by_key[key]
                 by_rank = self._index[job]
                 by_node = by_rank[rank]
@@ -443,7 +446,7 @@ class Cluster:
                 if not by_node:
                     del by_rank[rank]
                 continue
-            entries = by_key[key] = tuple(group)
+            by_key[key] = entries
             self._index.setdefault(job, {}).setdefault(rank, {})[node] = entries
             top_rank, generation = learned.get(job, (-1, 0))
             learned[job] = (max(top_rank, rank), max(generation, *(h.generation for h in entries)))

@@ -121,6 +121,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         self._drained: dict[str, bool] = {}  # draining node -> whether it was drained at the last tick (logged on change)
         # job -> (its pinned plan, the addresses it was sent with, the reply): every rank of a
         # restarted job may ask, and the reply of 16,000 ranks takes longer to build than to find
+        # id(group's members as protobuf) -> (those members, the protection list, the reply to them)
+        self._replies: dict[int, tuple[list[pb.AgentDescription], list[pb.JobProtection], pb.HeartbeatResponse]] = {}
         self._filed_for: dict[str, int] = {}  # job -> the generation for which the reports were filed before a read
         self._plan_replies: dict[str, tuple[Decision, dict[str, str], pb.GetRecoveryPlanResponse]] = {}
         self.metrics_address = ""  # where Prometheus scrapes the coordinator, if it serves metrics
@@ -274,11 +276,24 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             elif accepted:
                 self._pending[request.node] = (request.incarnation, request.held, request.memory_used_bytes)
             group = self._group_proto(request.node) if accepted else []
+        reply = self._reply(group) if accepted else pb.HeartbeatResponse(accepted=False, k=self._cluster.k, m=self._cluster.m)
         metrics.HEARTBEATS.inc()
         metrics.HEARTBEAT_SECONDS.observe(time.perf_counter() - started)
-        return pb.HeartbeatResponse(
-            accepted=accepted, group=group, k=self._cluster.k, m=self._cluster.m, protection=self._protection if accepted else []
-        )
+        return reply
+
+    def _reply(self, group: list[pb.AgentDescription]) -> pb.HeartbeatResponse:
+        """An accepted heartbeat's reply: the same for every member of a group until the groups
+        or the protection targets change, so built once per group (a reply copies its messages)."""
+        key = id(group)
+        cached = self._replies.get(key)
+        if cached is not None and cached[0] is group and cached[1] is self._protection:
+            return cached[2]
+        k, m = self._cluster.k, self._cluster.m
+        reply = pb.HeartbeatResponse(accepted=True, group=group, k=k, m=m, protection=self._protection)
+        if len(self._replies) > 4 * len(self._cluster.membership.members) + 16:  # stale groups' replies
+            self._replies.clear()
+        self._replies[key] = (group, self._protection, reply)
+        return reply
 
     def _group_proto(self, node: str) -> list[pb.AgentDescription]:
         view = (self._cluster.groups, self._cluster.announced_draining)

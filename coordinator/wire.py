@@ -81,17 +81,12 @@ class InventoryDecoder:
 
     def decode(self, node: str, messages: Iterable[pb.HeldSnapshot]) -> tuple[Held, ...]:
         last = self._last.get(node, {})
-        current: dict[bytes, Held] = {}
-        entries = []
+        current: dict[bytes, Held] = {}  # an entry reported twice counts once
         for message in messages:
             encoded = message.SerializeToString()
-            held = last.get(encoded)
-            if held is None:
-                held = _held_from_proto(message)
-            current[encoded] = held
-            entries.append(held)
+            current[encoded] = last.get(encoded) or _held_from_proto(message)
         self._last[node] = current
-        return tuple(entries)
+        return tuple(current.values())
 
 
 def held_to_proto(held: Iterable[Held]) -> list[pb.HeldSnapshot]:
