@@ -17,6 +17,11 @@ rank (GetRecoveryPlan, pinned), then every rank locates its snapshots (LocateSna
 RPC the agents' restore path calls), while the heartbeats go on; the plan is also computed in
 process, without gRPC, on the same inventory.
 
+The baseline, measured in the same run: the same load generators against a bare grpc.aio
+server that parses each heartbeat and answers with fixed bytes, keeping no state. Its CPU
+per heartbeat is gRPC's own share on this machine, the floor under any coordinator in Python;
+the coordinator's beside it is what its bookkeeping adds.
+
     python bench/coordinator_scale.py --agents 2000 --ranks-per-agent 8 --duration-s 30 [--rpc unary] [--quick] [--json]
 """
 
@@ -33,10 +38,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
@@ -54,6 +59,8 @@ DOMAINS = 50  # racks
 ON_TIME_S = 0.1  # a heartbeat sent later than this after its slot was late (the client's fault)
 CALL_TIMEOUT_S = 10.0
 CHANNELS_PER_CLIENT = 4
+FLOOR_WINDOW_S = 10.0  # the baseline's window at most
+T = TypeVar("T")
 REGISTER_CONCURRENCY = 32
 LOCATE_CONCURRENCY = 64
 TARGET_HEARTBEAT_P99_MS = 50.0
@@ -308,6 +315,42 @@ async def client_main(args: argparse.Namespace) -> int:
     return 0
 
 
+async def echo_main() -> int:
+    """The baseline: a bare grpc.aio server that answers registrations and heartbeats (one
+    stream per agent, as the coordinator) with fixed bytes and keeps no state. What it costs
+    per heartbeat is gRPC's own share, the floor under any coordinator in Python. Prints its
+    address, serves until stdin closes."""
+    group = [pb.AgentDescription(node=node_name(a), address=agent_info(a).address) for a in range(K + M)]
+    protection = [pb.JobProtection(job=JOB, generation=1, target_step=FIRST_STEP, keep_step=FIRST_STEP)]
+    reply = pb.HeartbeatResponse(accepted=True, group=group, k=K, m=M, protection=protection).SerializeToString()
+    registered = pb.RegisterAgentResponse(incarnation=1, lease_s=10.0, heartbeat_interval_s=1.0).SerializeToString()
+
+    async def register(request: bytes, context: Any) -> bytes:
+        return registered
+
+    async def heartbeat(request: pb.HeartbeatRequest, context: Any) -> bytes:
+        return reply
+
+    async def heartbeats(requests: AsyncIterator[pb.HeartbeatRequest], context: Any) -> AsyncIterator[bytes]:
+        async for _ in requests:  # parsed, as any server must
+            yield reply
+
+    handlers = {
+        "RegisterAgent": grpc.unary_unary_rpc_method_handler(register),
+        "Heartbeat": grpc.unary_unary_rpc_method_handler(heartbeat, pb.HeartbeatRequest.FromString),
+        "StreamHeartbeats": grpc.stream_stream_rpc_method_handler(heartbeats, pb.HeartbeatRequest.FromString),
+    }
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.strip("/"), handlers),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print(f"127.0.0.1:{port}", flush=True)
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, sys.stdin.read)
+    await server.stop(1.0)
+    return 0
+
+
 # --- the driver -------------------------------------------------------------------------------
 
 
@@ -336,6 +379,13 @@ class ScaleReport:
     heartbeat_failures: dict[str, int]  # status code -> count
     heartbeats_refused: int
     coordinator_cpu_pct: float  # of one core, over the window
+    coordinator_cpu_us_per_heartbeat: float
+    # the baseline: a bare gRPC server (fixed replies, no state) under the same load (`echo_main`)
+    floor_heartbeats_per_s: float
+    floor_heartbeat_p50_ms: float
+    floor_heartbeat_p99_ms: float
+    floor_cpu_pct: float
+    floor_cpu_us_per_heartbeat: float
     clients_cpu_pct: float  # all load generators together, of one core
     plan_s: float  # GetRecoveryPlan of the whole job, first ask (computed and pinned)
     plan_again_s: float  # the pinned plan asked again
@@ -475,6 +525,69 @@ def compute_in_process(shape: Shape) -> tuple[float, float]:
     return plan_s, time.perf_counter() - began
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Window:
+    """The load generators' reports of one steady-state window, and the server's CPU in it."""
+
+    results: list[dict[str, Any]]
+    register_s: float
+    server_cpu_s: float
+
+    def latencies(self) -> list[float]:
+        return [x for r in self.results for x in r["latencies_s"]]
+
+
+def heartbeat_window(
+    args: argparse.Namespace, address: str, server_pid: int, warmup_s: float, duration_s: float, after: Callable[[], T]
+) -> tuple[Window, T]:
+    """Registers the simulated agents with the server at `address`, heartbeats through the
+    warm-up and the measured window, runs `after` while the heartbeats go on, then stops them."""
+    clients: list[subprocess.Popen[str]] = []
+    try:
+        began = time.monotonic()
+        clients = start_clients(args, address)
+        for client in clients:
+            expect_line(client, 600, "ready")
+        register_s = time.monotonic() - began
+        progress(f"{args.agents} agents registered in {register_s:.2f}s; warming up {warmup_s:.0f}s")
+        t0 = time.monotonic() + 0.2
+        window = (t0 + warmup_s, t0 + warmup_s + duration_s)
+        tell(clients, f"start {t0!r} {window[0]!r} {window[1]!r}")
+        time.sleep(max(0.0, window[0] - time.monotonic()))
+        cpu_begin = process_cpu_s(server_pid)
+        time.sleep(max(0.0, window[1] - time.monotonic()))
+        cpu_window = process_cpu_s(server_pid) - cpu_begin
+        outcome = after()
+        tell(clients, "stop")
+        results = [json.loads(expect_line(c, 120, "report")) for c in clients]
+        for client in clients:
+            client.wait(30)
+    finally:
+        for client in clients:
+            stop_process(client, grace_s=2.0)  # type: ignore[arg-type]
+    return Window(results=results, register_s=register_s, server_cpu_s=cpu_window), outcome
+
+
+def measure_floor(args: argparse.Namespace) -> Window:
+    """The same load on `echo_main`'s bare server, for at most FLOOR_WINDOW_S."""
+    server = subprocess.Popen(
+        [sys.executable, str(Path(__file__).resolve()), "--echo-server"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        address = expect_line(server, 60, "address").strip()  # type: ignore[arg-type]
+        progress(f"baseline: a bare gRPC server (pid {server.pid}) under the same load")
+        window, _ = heartbeat_window(
+            args, address, server.pid, min(args.warmup_s, 2.0), min(args.duration_s, FLOOR_WINDOW_S), lambda: None
+        )
+        return window
+    finally:
+        stop_process(server, grace_s=2.0)  # type: ignore[arg-type]
+
+
 def run(args: argparse.Namespace) -> ScaleReport:
     shape = Shape(agents=args.agents, ranks_per_agent=args.ranks_per_agent, step_interval_s=args.step_interval_s)
     with tempfile.TemporaryDirectory(prefix="memckpt-coordinator-scale-") as workdir:
@@ -485,49 +598,40 @@ def run(args: argparse.Namespace) -> ScaleReport:
                 *("--k", str(K), "--m", str(M), "--log-level", "WARNING"),
             ],
         )
-        clients: list[subprocess.Popen[str]] = []
+
+        def restart_the_job() -> tuple[float, float, int, int, float, list[float]]:
+            progress("steady state measured; the job stops, and restarts once every agent reported its last step")
+            time.sleep(args.interval_s + 0.5)
+            storm = asyncio.run(restore_storm(coordinator.address, shape))
+            time.sleep(args.interval_s)  # heartbeats stuck behind the restore complete
+            return storm
+
         try:
             coordinator.start()
             progress(f"coordinator pid {coordinator.pid} on {coordinator.address}; registering {args.agents} agents")
-            began = time.monotonic()
-            clients = start_clients(args, coordinator.address)
-            for client in clients:
-                expect_line(client, 600, "ready")
-            register_s = time.monotonic() - began
-            progress(f"{args.agents} agents registered in {register_s:.2f}s; warming up {args.warmup_s:.0f}s")
-            t0 = time.monotonic() + 0.2
-            window = (t0 + args.warmup_s, t0 + args.warmup_s + args.duration_s)
-            tell(clients, f"start {t0!r} {window[0]!r} {window[1]!r}")
-            time.sleep(max(0.0, window[0] - time.monotonic()))
-            cpu_begin = process_cpu_s(coordinator.pid)
-            time.sleep(max(0.0, window[1] - time.monotonic()))
-            cpu_window = process_cpu_s(coordinator.pid) - cpu_begin
-            progress("steady state measured; the job stops, and restarts once every agent reported its last step")
-            time.sleep(args.interval_s + 0.5)
-            plan_s, plan_again_s, step, sources, locate_all_s, locates = asyncio.run(restore_storm(coordinator.address, shape))
-            time.sleep(args.interval_s)  # heartbeats stuck behind the restore complete
-            tell(clients, "stop")
-            results = [json.loads(expect_line(c, 120, "report")) for c in clients]
-            for client in clients:
-                client.wait(30)
+            measured, storm = heartbeat_window(
+                args, coordinator.address, coordinator.pid, args.warmup_s, args.duration_s, restart_the_job
+            )
         except BaseException:
             tail = coordinator.log_path.read_bytes()[-LOG_TAIL_BYTES:] if coordinator.log_path.exists() else b""
             progress(f"coordinator log tail:\n{tail.decode(errors='replace')}")
             raise
         finally:
-            for client in clients:
-                stop_process(client, grace_s=2.0)  # type: ignore[arg-type]
             coordinator.stop()
+    plan_s, plan_again_s, step, sources, locate_all_s, locates = storm
+    results, register_s, cpu_window = measured.results, measured.register_s, measured.server_cpu_s
     progress("computing the plan in process")
     plan_compute_s, locate_compute_s = compute_in_process(shape)
-    latencies = [x for r in results for x in r["latencies_s"]]
+    floor = measure_floor(args)
+    floor_latencies = floor.latencies()
+    latencies = measured.latencies()
     lags = [x for r in results for x in r["lags_s"]]
     during = [x for r in results for x in r["during_plan_latencies_s"]]
     p99_ms = percentile(latencies, 0.99) * 1e3
     return ScaleReport(
         agents=args.agents,
         ranks=shape.ranks,
-        clients=len(clients),
+        clients=len(results),
         duration_s=args.duration_s,
         heartbeat_interval_s=args.interval_s,
         heartbeat_rpc=args.rpc,
@@ -550,6 +654,12 @@ def run(args: argparse.Namespace) -> ScaleReport:
         },
         heartbeats_refused=sum(r["refused"] for r in results),
         coordinator_cpu_pct=100 * cpu_window / args.duration_s,
+        coordinator_cpu_us_per_heartbeat=1e6 * cpu_window / max(1, len(latencies)),
+        floor_heartbeats_per_s=len(floor_latencies) / min(args.duration_s, FLOOR_WINDOW_S),
+        floor_heartbeat_p50_ms=percentile(floor_latencies, 0.50) * 1e3,
+        floor_heartbeat_p99_ms=percentile(floor_latencies, 0.99) * 1e3,
+        floor_cpu_pct=100 * floor.server_cpu_s / min(args.duration_s, FLOOR_WINDOW_S),
+        floor_cpu_us_per_heartbeat=1e6 * floor.server_cpu_s / max(1, len(floor_latencies)),
         clients_cpu_pct=100 * sum(r["cpu_s"] / r["wall_s"] for r in results),
         plan_s=plan_s,
         plan_again_s=plan_again_s,
@@ -584,7 +694,17 @@ def format_table(r: ScaleReport) -> str:
             f"{r.heartbeats_missed}/{r.heartbeats_failed}/{r.heartbeats_refused}",
             ", ".join(f"{code}: {n}" for code, n in sorted(r.heartbeat_failures.items())),
         ),
-        ("coordinator CPU", f"{r.coordinator_cpu_pct:.0f} %", "of one core, steady state"),
+        (
+            "coordinator CPU",
+            f"{r.coordinator_cpu_pct:.0f} %",
+            f"of one core, steady state: {r.coordinator_cpu_us_per_heartbeat:.0f} us a heartbeat",
+        ),
+        (
+            "baseline: bare gRPC p50/p99",
+            f"{r.floor_heartbeat_p50_ms:.1f}/{r.floor_heartbeat_p99_ms:.1f} ms",
+            f"same load, fixed replies, no state: {r.floor_cpu_pct:.0f} % of one core, "
+            f"{r.floor_cpu_us_per_heartbeat:.0f} us a heartbeat",
+        ),
         ("load generators CPU", f"{r.clients_cpu_pct:.0f} %", f"of one core, {r.clients} processes, whole run"),
         ("register all agents", f"{r.register_s:.2f} s", ""),
         ("GetRecoveryPlan", f"{r.plan_s:.3f} s", f"step {r.plan_step}, " + target(r.plan_target_met, f"{TARGET_PLAN_S:.0f} s")),
@@ -626,12 +746,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a small run: 100 agents, 1 s warm-up, 3 s window")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--client", action="store_true", help=argparse.SUPPRESS)  # a load generator
+    parser.add_argument("--echo-server", action="store_true", help=argparse.SUPPRESS)  # the baseline's server
     parser.add_argument("--address", help=argparse.SUPPRESS)
     parser.add_argument("--first-agent", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--agent-count", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.client:
         return asyncio.run(client_main(args))
+    if args.echo_server:
+        return asyncio.run(echo_main())
     if args.quick:
         args.agents, args.warmup_s, args.duration_s = 100, 1.0, 3.0
     if args.agents < K + M + 1 or args.ranks_per_agent < 1 or args.duration_s <= 0 or args.clients < 1:
