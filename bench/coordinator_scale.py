@@ -569,7 +569,7 @@ def heartbeat_window(
 
 
 def measure_floor(args: argparse.Namespace) -> Window:
-    """The same load on `echo_main`'s bare server, for at most FLOOR_WINDOW_S."""
+    """The same load on `echo_main`'s bare server: the same warm-up, a window of at most FLOOR_WINDOW_S."""
     server = subprocess.Popen(
         [sys.executable, str(Path(__file__).resolve()), "--echo-server"],
         stdin=subprocess.PIPE,
@@ -580,9 +580,7 @@ def measure_floor(args: argparse.Namespace) -> Window:
     try:
         address = expect_line(server, 60, "address").strip()  # type: ignore[arg-type]
         progress(f"baseline: a bare gRPC server (pid {server.pid}) under the same load")
-        window, _ = heartbeat_window(
-            args, address, server.pid, min(args.warmup_s, 2.0), min(args.duration_s, FLOOR_WINDOW_S), lambda: None
-        )
+        window, _ = heartbeat_window(args, address, server.pid, args.warmup_s, min(args.duration_s, FLOOR_WINDOW_S), lambda: None)
         return window
     finally:
         stop_process(server, grace_s=2.0)  # type: ignore[arg-type]

@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 from memckpt.coordinator.drain import DrainProgress, check_can_drain, drain_progress
 from memckpt.coordinator.groups import Groups, build_groups
@@ -25,9 +26,10 @@ TARGET_PATIENCE = 3  # refreshes a target may look unprotectable before a new on
 REFRESH_RANKS_PER_STEP = 500  # ranks a refresh recomputes between two yields (a few ms)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Held:
-    """One snapshot an agent holds: a whole copy (no fragment indices) or some fragments."""
+class Held(NamedTuple):
+    """One snapshot an agent holds: a whole copy (no fragment indices) or some fragments.
+    A named tuple: the coordinator builds tens of thousands a second from heartbeats, and a
+    tuple is built in half the time of a frozen dataclass."""
 
     job: str
     rank: int

@@ -119,11 +119,11 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         # inventory; in a small one (FILE_INLINE_MAX_AGENTS) each is filed as it comes
         self._pending: dict[str, tuple[int, Any, int]] = {}
         self._drained: dict[str, bool] = {}  # draining node -> whether it was drained at the last tick (logged on change)
-        # job -> (its pinned plan, the addresses it was sent with, the reply): every rank of a
-        # restarted job may ask, and the reply of 16,000 ranks takes longer to build than to find
         # id(group's members as protobuf) -> (those members, the protection list, the reply to them)
         self._replies: dict[int, tuple[list[pb.AgentDescription], list[pb.JobProtection], pb.HeartbeatResponse]] = {}
         self._filed_for: dict[str, int] = {}  # job -> the generation for which the reports were filed before a read
+        # job -> (its pinned plan, the addresses it was sent with, the reply): every rank of a
+        # restarted job may ask, and the reply of 16,000 ranks takes longer to build than to find
         self._plan_replies: dict[str, tuple[Decision, dict[str, str], pb.GetRecoveryPlanResponse]] = {}
         self.metrics_address = ""  # where Prometheus scrapes the coordinator, if it serves metrics
 
