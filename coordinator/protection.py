@@ -66,11 +66,11 @@ def job_protection(
     protected_by_all = _held_by_all([p.complete for p in progress])
     keep = max(protected_by_all, default=NONE)
     advancing = lead > 0
-    if current_target > keep and all(_can_still_protect(p, current_target, advancing) for p in progress):
+    if current_target > keep and _all_can_still_protect(progress, current_target, advancing):
         return JobProtection(generation=generation, target=current_target, keep=keep)
     if not advancing:
         candidates = {s for p in progress for s in p.committed | p.complete}
-        protectable = (s for s in candidates if s > keep and all(_can_still_protect(p, s, False) for p in progress))
+        protectable = (s for s in candidates if s > keep and _all_can_still_protect(progress, s, False))
         return JobProtection(generation=generation, target=max(protectable, default=NONE), keep=keep)
     newest = max((max(p.committed, default=NONE) for p in progress), default=NONE)
     if newest == NONE:
@@ -118,11 +118,20 @@ def _held_by_all(sets: list[Set[int]]) -> set[int]:
     return set(sets[0]).intersection(*sets[1:]) if sets else set()
 
 
-def _can_still_protect(progress: RankProgress, target: int, advancing: bool) -> bool:
-    """Protected it already, holds it now and has protected nothing newer (holders refuse an
-    older set than the one they keep), or (while the job advances) has not reached it yet."""
-    if target in progress.complete:
-        return True
-    if target <= max(progress.complete, default=NONE):
-        return False
-    return target in progress.committed or (advancing and target > max(progress.committed, default=NONE))
+def _all_can_still_protect(progress: list[RankProgress], target: int, advancing: bool) -> bool:
+    """Whether every rank protected `target` already, holds it now and has protected nothing
+    newer (holders refuse an older set than the one they keep), or (while the job advances)
+    has not reached it yet. One loop without a call per rank: a job of 16,000 ranks is looked
+    at on every refresh, while the coordinator's heartbeats wait."""
+    for p in progress:
+        complete = p.complete
+        if target in complete:
+            continue
+        if complete and target <= max(complete):
+            return False
+        committed = p.committed
+        if target in committed:
+            continue
+        if not advancing or (committed and target <= max(committed)):
+            return False
+    return True
