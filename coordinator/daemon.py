@@ -91,9 +91,24 @@ async def serve_async(config: CoordinatorConfig, stop: threading.Event) -> int:
         config.lease_s,
         os.getpid(),
     )
-    loop = asyncio.get_running_loop()
     tick_s = min(1.0, config.lease_s / 4, config.heartbeat_interval_s)  # leases, and protection targets
     leases = asyncio.create_task(expire_leases(servicer, tick_s))
+    try:
+        await refresh_forever(servicer, tick_s, stop)
+    finally:
+        leases.cancel()
+    log.info("stopping")
+    serving.clear()
+    await server.stop(GRACE_S)
+    if metrics_server is not None:
+        metrics_server.stop()
+    return 0
+
+
+async def refresh_forever(servicer: CoordinatorServicer, tick_s: float, stop: threading.Event) -> None:
+    """Refreshes what the agents reported every `tick_s` (at once after one that took longer)
+    until `stop` is set; logs when refreshes fall behind the tick and when they catch up."""
+    loop = asyncio.get_running_loop()
     began, behind = time.monotonic(), False
     while not await loop.run_in_executor(None, stop.wait, max(0.0, began + tick_s - time.monotonic())):
         began = time.monotonic()
@@ -112,13 +127,6 @@ async def serve_async(config: CoordinatorConfig, stop: threading.Event) -> int:
                 )
             else:
                 log.info("inventories are filed every %.1f s again", tick_s)
-    log.info("stopping")
-    leases.cancel()
-    serving.clear()
-    await server.stop(GRACE_S)
-    if metrics_server is not None:
-        metrics_server.stop()
-    return 0
 
 
 async def expire_leases(servicer: CoordinatorServicer, every_s: float) -> None:

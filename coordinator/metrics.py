@@ -21,7 +21,8 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 HEARTBEATS = Counter("memckpt_heartbeats_total", "Agent heartbeats answered", registry=REGISTRY)
 HEARTBEAT_SECONDS = Histogram(
     "memckpt_heartbeat_seconds",
-    "Handling one heartbeat (its inventory applied), as the coordinator measures it",
+    "Handling one heartbeat, as the coordinator measures it (its inventory applied in a cluster "
+    "of up to 64 agents; filed later by a refresh in a larger one)",
     buckets=SECONDS_BUCKETS,
     registry=REGISTRY,
 )

@@ -16,6 +16,7 @@ import asyncio
 import functools
 import itertools
 import logging
+import math
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -39,14 +40,14 @@ log = logging.getLogger(__name__)
 
 R = TypeVar("R")
 FILE_NODES_PER_STEP = 50  # heartbeats' inventories filed between two yields to the event loop (a few ms)
-# How long a slice of the tick sleeps between slices. Not 0: grpc.aio's I/O completes on its
+# How long a slice of a refresh rests at least. Not 0: grpc.aio's I/O completes on its
 # poller thread and reaches the loop only while the loop waits in select(); a loop that only
-# ever yields with sleep(0) never waits, and every call's reply stalled for the whole tick
+# ever yields with sleep(0) never waits, and every call's reply stalled for the whole refresh
 # (bench/coordinator_scale.py, 2,000 agents: heartbeat p99 513 ms with sleep(0), 32 ms with this).
 YIELD_S = 0.002
 # Up to this many agents a heartbeat's inventory is filed as it comes (well under a millisecond
-# each, and protection targets follow the newest steps of fast jobs); beyond, at the next tick,
-# which lags what the coordinator knows by up to a tick but keeps heartbeats answered at once.
+# each, and protection targets follow the newest steps of fast jobs); beyond, by the next refresh
+# (or a read), which lags what the coordinator knows but keeps heartbeats answered at once.
 FILE_INLINE_MAX_AGENTS = 64
 # The largest share of the event loop's time a refresh (filing inventories, recomputing
 # protection) takes: after each step it rests in proportion, so heartbeats are answered in the
@@ -111,17 +112,17 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         self._logged_groups: Groups | None = None
         # each group's members as protobuf, for heartbeat replies; dropped when groups (or who drains) change
         self._group_protos: tuple[GroupView | None, dict[tuple[AgentInfo, ...], list[pb.AgentDescription]]] = (None, {})
-        self._protection: list[pb.JobProtection] = []  # every job's, for heartbeat replies; rebuilt each tick
+        self._protection: list[pb.JobProtection] = []  # every job's, for heartbeat replies; rebuilt each refresh
         self._decoder = wire.InventoryDecoder()
         # node -> (incarnation, inventory, memory used) of its newest heartbeat not yet filed:
         # in a large cluster heartbeats are answered at once and their inventories filed by the
-        # next tick, in slices between other calls, so no heartbeat waits behind another's
+        # next refresh, in slices between other calls, so no heartbeat waits behind another's
         # inventory; in a small one (FILE_INLINE_MAX_AGENTS) each is filed as it comes
         self._pending: dict[str, tuple[int, Any, int]] = {}
-        self._drained: dict[str, bool] = {}  # draining node -> whether it was drained at the last tick (logged on change)
+        self._drained: dict[str, bool] = {}  # draining node -> whether it was drained at the last refresh (logged on change)
         # id(group's members as protobuf) -> (those members, the protection list, the reply to them)
         self._replies: dict[int, tuple[list[pb.AgentDescription], list[pb.JobProtection], pb.HeartbeatResponse]] = {}
-        self._filed_for: dict[str, int] = {}  # job -> the generation for which the reports were filed before a read
+        self._filed_at = -math.inf  # when a read last filed every pending report (monotonic)
         # job -> (its pinned plan, the addresses it was sent with, the reply): every rank of a
         # restarted job may ask, and the reply of 16,000 ranks takes longer to build than to find
         self._plan_replies: dict[str, tuple[Decision, dict[str, str], pb.GetRecoveryPlanResponse]] = {}
@@ -188,19 +189,16 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             del self._pending[node]
         return taken
 
-    def _file_pending(self, job: str | None = None) -> None:
+    def _file_pending(self, *, now: float, force: bool = False) -> None:
         """Files the reports not filed yet (the lock held), for a call that reads the index: a
         refresh may be seconds behind in a large cluster, and a plan over reports of different
-        ages could find no step common to all ranks of a job that just stopped. For a `job`'s
-        plan or locations, once per generation: every rank of a restarted job asks, and what
-        its agents reported before the restart is filed by the first ask."""
-        if job is not None:
-            record = self._cluster.jobs.get(job)
-            generation = record.generation if record is not None else 0
-            if self._filed_for.get(job) == generation:
-                return
-            self._filed_for[job] = generation
-        self._file(self._take_pending())
+        ages could find no step common to all ranks of a job that just stopped. Always before a
+        plan is pinned (`force`); otherwise at most once a heartbeat interval, so that a storm
+        of reads (every rank of a restarted job locating its snapshots, a script polling the
+        status) files each node's report no more often than its agent sends one."""
+        if force or now - self._filed_at >= self._interval_s:
+            self._filed_at = now
+            self._file(self._take_pending())
 
     def _file(self, reports: list[tuple[str, tuple[int, Any, int]]]) -> None:
         for node, (incarnation, messages, memory_used) in reports:
@@ -226,7 +224,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         self._log_drains()
 
     def _log_drains(self) -> None:
-        """Logs each drain that finished (or stopped being finished) since the last tick."""
+        """Logs each drain that finished (or stopped being finished) since the last refresh."""
         with self._lock:
             members = self._cluster.membership.members
             statuses = [self._cluster.drain_status(n) for n, m in members.items() if m.draining and m.alive]
@@ -356,7 +354,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         check_name(request.job, "job")
         self._check_warm()
         with self._lock:
-            self._file_pending(request.job)
+            self._file_pending(now=time.monotonic(), force=(request.job, request.generation) not in self._cluster.pinned)
             decision = self._cluster.recovery_plan(request.job, request.generation)
             addresses = self._cluster.membership.addresses()  # the same object until membership changes
         metrics.PLANS.labels("memory" if decision.plan is not None else "lost").inc()
@@ -373,7 +371,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         check_name(request.job, "job")
         self._check_warm()
         with self._lock:
-            self._file_pending(request.job)
+            self._file_pending(now=time.monotonic())
             found, lost = self._cluster.locate(request.job, request.rank)
             addresses = self._cluster.membership.addresses()
         locations = [wire.location_to_proto(step, s, addresses) for step, s in found]
@@ -382,7 +380,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
     @map_errors
     async def GetClusterStatus(self, request: pb.GetClusterStatusRequest, context: Any) -> pb.GetClusterStatusResponse:
         with self._lock:
-            self._file_pending()
+            self._file_pending(now=time.monotonic())
             return self._status()
 
     def _check_warm(self) -> None:

@@ -44,28 +44,36 @@ def ask(method: Any, request: Any) -> Any:
     return asyncio.run(method(request, None))  # no context: these calls succeed
 
 
-def test_a_plan_and_locations_see_every_report_made_before_the_job_restarted() -> None:
-    """A refresh may be seconds behind: the first read of a new generation files what is
-    pending, so ranks whose reports were filed at different times never look disjoint."""
+def test_a_plan_is_pinned_over_every_report_made_before_it() -> None:
+    """A refresh may be seconds behind: a plan files what is pending before it is pinned, even
+    right after another read filed (reports of different ages can hold no step in common; here
+    the filed ones alone would pin step 5 for the whole generation, though every rank holds 7)."""
     cluster, servicer = large_cluster()
-    both_ranks_at(cluster, servicer, 4, 5)
-    servicer.tick()
+    beat(cluster, servicer, "n000", own(0, 4), own(0, 5))
+    beat(cluster, servicer, "n001", own(1, 4), own(1, 5))
+    ask(servicer.LocateSnapshots, pb.LocateSnapshotsRequest(job="j", rank=0))  # files both
     beat(cluster, servicer, "n000", own(0, 6), own(0, 7))  # rank 0 went on; not filed yet
-    beat(cluster, servicer, "n001", own(1, 6), own(1, 7))
-    assert cluster.held["n000"] == (own(0, 4), own(0, 5))
     generation = cluster.start_generation("j", 2, previous=1)
+    beat(cluster, servicer, "n001", own(1, 6), own(1, 7))
+    assert cluster.held["n001"] == (own(1, 4), own(1, 5))
 
     plan = ask(servicer.GetRecoveryPlan, pb.GetRecoveryPlanRequest(job="j", generation=generation))
     assert plan.has_plan and plan.step == 7, plan.reason
 
-    # the same generation's later reads do not file again: every rank of a restart asks
-    beat(cluster, servicer, "n000", own(0, 8))
+
+def test_reads_file_pending_reports_at_most_once_a_heartbeat_interval() -> None:
+    """Every rank of a restarted job locates its snapshots: the reads file each node's report
+    no more often than its agent sends one (here the interval is 1 s)."""
+    cluster, servicer = large_cluster()
+    both_ranks_at(cluster, servicer, 4, 5)
     located = ask(servicer.LocateSnapshots, pb.LocateSnapshotsRequest(job="j", rank=0))
-    assert [loc.step for loc in located.locations] == [7, 6]
-    # a new generation's first read does
-    cluster.start_generation("j", 2, previous=generation)
+    assert [loc.step for loc in located.locations] == [5, 4]  # filed by the read
+    beat(cluster, servicer, "n000", own(0, 6))
     located = ask(servicer.LocateSnapshots, pb.LocateSnapshotsRequest(job="j", rank=0))
-    assert [loc.step for loc in located.locations] == [8]
+    assert [loc.step for loc in located.locations] == [5, 4], "filed again within the interval"
+    servicer._filed_at -= 1.0  # an interval later
+    located = ask(servicer.LocateSnapshots, pb.LocateSnapshotsRequest(job="j", rank=0))
+    assert [loc.step for loc in located.locations] == [6]
 
 
 def test_a_pinned_plan_is_answered_again_without_rebuilding_its_reply() -> None:
