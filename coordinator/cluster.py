@@ -419,8 +419,7 @@ class Cluster:
         """Replaces what `node` holds in the index, touching only the ranks whose entries changed:
         a rank's entries are compared with those it had (a tuple compare: identity first, as the
         wire decoder hands the same object for an entry the node reported unchanged; then by
-        value). A restarted
-        coordinator learns jobs and generations from them."""
+        value). A restarted coordinator learns jobs and generations from them."""
         self._held[node] = held
         by_key = self._by_node.setdefault(node, {})
         grouped: dict[tuple[str, int], list[Held]] = {}
