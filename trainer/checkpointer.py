@@ -186,8 +186,8 @@ class Checkpointer:
             grant = self._begin(step, layout.size_bytes, wait_s)
             slot = self._map(grant.name, grant.index)
             views = slot.views(layout, [t.dtype for t in flat.tensors])
-            meta = encode_meta(flat, [p.offset for p in layout.placements], layout.size_bytes, self.world_size)
-            commit = lambda job: self._commit(handle, grant, layout.size_bytes, meta, job)  # noqa: E731
+            # the metadata is wanted at the commit only: the copy thread encodes it, off the training thread
+            commit = lambda job: self._commit(handle, grant, layout, flat, job)  # noqa: E731
             handle._job = self._copier.start(list(zip(views, flat.tensors)), commit)
         except Exception as exc:  # a snapshot failure never stops training (unless strict)
             self._record_failure(handle, _as_memckpt_error(exc, step))
@@ -427,12 +427,13 @@ class Checkpointer:
             self._slot_names[index] = name
         return slot
 
-    def _commit(self, handle: SnapshotHandle, grant: SlotGrant, size: int, meta: bytes, job: CopyJob) -> None:
+    def _commit(self, handle: SnapshotHandle, grant: SlotGrant, layout: Layout, flat: Flat, job: CopyJob) -> None:
         handle.copy_s = job.copy_s
         try:
             if job.error is not None:
                 raise MemckptError(f"copy of step {handle.step} failed: {job.error!r}")
-            self._client.commit(handle.step, grant.index, size, meta)
+            meta = encode_meta(flat, [p.offset for p in layout.placements], layout.size_bytes, self.world_size)
+            self._client.commit(handle.step, grant.index, layout.size_bytes, meta)
             self.stats.snapshots_committed += 1
             trainer_metrics.COMMITTED.labels(*self._labels).inc()
             trainer_metrics.COPY_SECONDS.labels(*self._labels).observe(job.copy_s)

@@ -145,6 +145,18 @@ def init_distributed(backend: str) -> None:
     dist.init_process_group(backend, store=store, rank=rank, world_size=world)
 
 
+def use_deterministic_cuda() -> None:
+    """On a GPU too, one seed gives the same losses bit for bit, so that a resumed run can be
+    compared with one never stopped: deterministic kernels only (cuBLAS needs a fixed workspace,
+    set before its first use), and the plain attention (the fused attention kernels' backward
+    passes add up in an order that changes from run to run)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cuda.enable_flash_sdp(False)
+    torch.backends.cuda.enable_mem_efficient_sdp(False)
+    torch.backends.cuda.enable_cudnn_sdp(False)
+
+
 def run(args: argparse.Namespace) -> int:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     init_distributed(backend)
@@ -154,8 +166,9 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if backend == "nccl" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        use_deterministic_cuda()
     events = EventLog(args.events, rank, int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)))
-    events.write("start", world_size=world)
+    events.write("start", world_size=world, device=str(device))
 
     model = build_model(args).to(device)
     shard(model, world, device)
