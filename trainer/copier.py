@@ -4,7 +4,10 @@ CPU tensors are copied as raw byte spans by a few threads calling libc's memmove
 uses non-temporal stores for large copies: on the 2-core machine of BASELINES.md this is
 about 1.6x faster than `Tensor.copy_` (50 ms against 79 ms per GiB). CUDA tensors are copied on a side stream into slot memory
 registered as pinned (cudaHostRegister), so the copy runs on the copy engine while the
-next forward/backward runs; `CopyJob.fence()` makes the current stream wait for it.
+next forward/backward runs; `CopyJob.fence()` makes the current stream wait for it. The copy
+thread starts those copies too (one call per tensor: hundreds for a sharded model and its
+optimizer, milliseconds the training thread would otherwise spend), after an event that the
+training thread records, so they read the values of the moment `Copier.start` was called.
 """
 
 from __future__ import annotations
@@ -132,18 +135,22 @@ class CopyJob:
 
     def __init__(self) -> None:
         self.cpu_copied = threading.Event()
+        self.cuda_started = threading.Event()  # the GPU copies are queued (or failed to be)
         self.copied = threading.Event()
         self.error: BaseException | None = None
         self.copy_s = 0.0
-        self.cuda_event: Any = None
+        self.cuda_ready: Any = None  # recorded on the training stream when the copy was asked for
+        self.cuda_event: Any = None  # recorded on the side stream after the GPU copies
 
     def fence(self) -> float:
         """Orders later changes of the sources after the copy; returns the seconds the CPU waited.
 
         CUDA sources: the current stream waits for the copy's event on the GPU, so the CPU
-        goes on queueing work. CPU sources: the CPU waits for the copy thread.
+        goes on queueing work (it waits only until the copy thread has queued the copies,
+        long done by the next optimizer step). CPU sources: the CPU waits for the copy thread.
         """
         start = time.perf_counter()
+        self.cuda_started.wait()
         if self.cuda_event is not None:
             torch.cuda.current_stream().wait_event(self.cuda_event)
         self.cpu_copied.wait()
@@ -163,9 +170,14 @@ class Copier:
         job = CopyJob()
         cuda_pairs = [(d, s) for d, s in pairs if s.is_cuda]
         cpu_pairs = [(d, s) for d, s in pairs if not s.is_cuda]
+        device = None
         if cuda_pairs:
-            job.cuda_event = self._start_cuda(cuda_pairs)
-        self._executor.submit(self._run, job, cpu_pairs, then)
+            device = torch.cuda.current_device()
+            job.cuda_ready = torch.cuda.Event()
+            job.cuda_ready.record()
+        else:
+            job.cuda_started.set()
+        self._executor.submit(self._run, job, device, cuda_pairs, cpu_pairs, then)
         return job
 
     def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
@@ -176,30 +188,48 @@ class Copier:
         self._executor.shutdown(wait=True)
         self.parallel.close()
 
-    def _start_cuda(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
-        if self._stream is None:
-            self._stream = torch.cuda.Stream()
-        self._stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self._stream):
-            for dst, src in pairs:
-                dst.copy_(src, non_blocking=True)
-                src.record_stream(self._stream)  # keep the source alive until the copy ran
-            event = torch.cuda.Event()
-            event.record(self._stream)
+    def _start_cuda(self, device: int, ready: Any, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
+        """Queues the GPU copies on the side stream, after `ready`; returns the event after them.
+        No `record_stream`: `_run` holds the sources until the copies are done, so their memory
+        cannot be reused meanwhile."""
+        with torch.cuda.device(device):
+            if self._stream is None:
+                self._stream = torch.cuda.Stream()
+            self._stream.wait_event(ready)
+            with torch.cuda.stream(self._stream):
+                for dst, src in pairs:
+                    dst.copy_(src, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(self._stream)
         return event
 
-    def _run(self, job: CopyJob, pairs: list[tuple[torch.Tensor, torch.Tensor]], then: Callable[[CopyJob], None]) -> None:
+    def _run(
+        self,
+        job: CopyJob,
+        device: int | None,
+        cuda_pairs: list[tuple[torch.Tensor, torch.Tensor]],
+        pairs: list[tuple[torch.Tensor, torch.Tensor]],
+        then: Callable[[CopyJob], None],
+    ) -> None:
         start = time.perf_counter()
         try:
+            try:
+                if device is not None:
+                    job.cuda_event = self._start_cuda(device, job.cuda_ready, cuda_pairs)
+            finally:
+                job.cuda_started.set()
             try:
                 self.parallel.copy(pairs)
             finally:
                 job.cpu_copied.set()
-            if job.cuda_event is not None:
-                job.cuda_event.synchronize()  # the slot must hold every byte before the commit
         except BaseException as exc:  # reported through the job, never raised on this thread
             job.error = exc
         finally:
+            if job.cuda_event is not None:  # every byte in the slot before the commit (or the next write)
+                try:
+                    job.cuda_event.synchronize()
+                except BaseException as exc:
+                    job.error = job.error or exc
             job.copy_s = time.perf_counter() - start
             job.copied.set()
         then(job)

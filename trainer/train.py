@@ -213,11 +213,13 @@ def run(args: argparse.Namespace) -> int:
         stalled_before = ck.stats.total_stall_s if ck is not None else 0.0
         optimizer.step()  # the pre-hook waits for the previous snapshot's copy
         optimizer.zero_grad(set_to_none=True)
-        value = mean_loss(loss)
         if ck is not None and step % args.snapshot_every == 0:
             refresh_training_state(state, step=step, data_position=step + 1)
             # the last step waits for a slot rather than be skipped: a finished run keeps its end
             ck.snapshot(step, state, wait_s=FINAL_SNAPSHOT_WAIT_S if step == args.steps else 0.0)
+        # after the snapshot call: on a GPU it runs while the optimizer step and the loss's
+        # all-reduce still run there, not after waiting for them
+        value = mean_loss(loss)
         # what this step waited for checkpointing: the fence in optimizer.step plus snapshot()
         stall_ms = ((ck.stats.total_stall_s if ck is not None else 0.0) - stalled_before) * 1e3
         stalls_ms.append(stall_ms)
