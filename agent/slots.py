@@ -221,11 +221,19 @@ class RankSlots:
         return slot.state is SlotState.COMMITTED and slot.commit_id == commit_id
 
     def release_reservations(self, target: int | None) -> None:
-        """Frees reserved slots that are no longer the protection target (or are protected)."""
+        """Frees reserved slots that are no longer the protection target (or are protected), and
+        reserves the target's slot where the target came after its commit: a step chosen from what
+        is committed already (a restarted job's first target) is kept until it is sent, as a
+        target known at its commit is, not written over by the next snapshot but one."""
         for index in list(self.reserved):
             slot = self.slots[index]
             if slot.state is not SlotState.COMMITTED or slot.protected or slot.step != target:
                 self.reserved.discard(index)
+        if target is None:
+            return
+        for slot in self.slots:
+            if slot.state is SlotState.COMMITTED and not slot.protected and slot.step == target:
+                self.reserved.add(slot.index)
 
     def pin(self, index: int) -> None:
         self.pinned[index] += 1

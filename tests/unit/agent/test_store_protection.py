@@ -61,6 +61,22 @@ def test_a_target_given_up_is_not_kept_while_the_replicator_rests(store: SlotSto
     assert [s for s, _ in store.list_steps("j", 0)] == [4, 3] and latest != kept
 
 
+def test_a_target_chosen_after_its_commit_is_kept_from_the_next_snapshot_on(store: SlotStore) -> None:
+    target: dict[str, int | None] = {"step": None}
+    store.protection_target = lambda job, generation: target["step"]
+    store.register("j", 0, 1, SIZE)
+    snapshot(store, 1)
+    kept = snapshot(store, 2)
+    target["step"] = 2  # a restarted job's first target: a step it has committed already
+    for step in (3, 4, 5):
+        assert snapshot(store, step) != kept, f"snapshot {step} wrote over the target before it was protected"
+    assert [s for s, _ in store.list_steps("j", 0)] == [5, 2]
+    wait_until(lambda: bool(store.protection_work(lambda job, generation: 2)), 10, "step 2 checksummed")
+    (work,) = store.protection_work(lambda job, generation: 2)
+    assert work.step == 2 and store.mark_protected(work, ("b", "c", "d"))
+    assert snapshot(store, 6) == kept, "protected: its slot is written again"
+
+
 def test_an_agent_killed_while_the_latest_is_written_over_adopts_the_kept_step(tmp_path: Path, store: SlotStore) -> None:
     store.protection_target = lambda job, generation: 1
     store.register("j", 0, 1, SIZE)
