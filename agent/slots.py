@@ -229,11 +229,13 @@ class RankSlots:
             slot = self.slots[index]
             if slot.state is not SlotState.COMMITTED or slot.protected or slot.step != target:
                 self.reserved.discard(index)
-        if target is None:
+        if target is None or target < 0:
             return
-        for slot in self.slots:
-            if slot.state is SlotState.COMMITTED and not slot.protected and slot.step == target:
-                self.reserved.add(slot.index)
+        kept = self.committed_at(target)  # the newest commit of it: both slots may hold the step
+        if kept is None or kept.protected or kept.index in self.reserved:
+            return
+        if not any(self._kept(other.index) for other in self.slots if other.index != kept.index):
+            self.reserved.add(kept.index)  # never both slots kept: snapshots would stop until it is sent
 
     def pin(self, index: int) -> None:
         self.pinned[index] += 1

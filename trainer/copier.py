@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 import torch
 
 from memckpt.agent.shm import Segment
+from memckpt.errors import InvalidRequest
 from memckpt.faults import crash_point
 from memckpt.trainer.layout import Layout
 
@@ -139,6 +140,7 @@ class CopyJob:
         self.copied = threading.Event()
         self.error: BaseException | None = None
         self.copy_s = 0.0
+        self.device: torch.device | None = None  # the CUDA sources' device
         self.cuda_ready: Any = None  # recorded on the training stream when the copy was asked for
         self.cuda_event: Any = None  # recorded on the side stream after the GPU copies
 
@@ -152,7 +154,7 @@ class CopyJob:
         start = time.perf_counter()
         self.cuda_started.wait()
         if self.cuda_event is not None:
-            torch.cuda.current_stream().wait_event(self.cuda_event)
+            torch.cuda.current_stream(self.device).wait_event(self.cuda_event)
         self.cpu_copied.wait()
         return time.perf_counter() - start
 
@@ -172,12 +174,17 @@ class Copier:
         cpu_pairs = [(d, s) for d, s in pairs if not s.is_cuda]
         device = None
         if cuda_pairs:
-            device = torch.cuda.current_device()
+            device = cuda_pairs[0][1].device
+            if any(s.device != device for _, s in cuda_pairs):
+                raise InvalidRequest(
+                    f"a snapshot's CUDA tensors must be on one device; found {sorted({str(s.device) for _, s in cuda_pairs})}"
+                )
+            job.device = device
             job.cuda_ready = torch.cuda.Event()
-            job.cuda_ready.record()
+            job.cuda_ready.record(torch.cuda.current_stream(device))
         else:
             job.cuda_started.set()
-        self._executor.submit(self._run, job, device, cuda_pairs, cpu_pairs, then)
+        self._executor.submit(self._run, job, cuda_pairs, cpu_pairs, then)
         return job
 
     def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
@@ -188,25 +195,27 @@ class Copier:
         self._executor.shutdown(wait=True)
         self.parallel.close()
 
-    def _start_cuda(self, device: int, ready: Any, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
-        """Queues the GPU copies on the side stream, after `ready`; returns the event after them.
-        No `record_stream`: `_run` holds the sources until the copies are done, so their memory
-        cannot be reused meanwhile."""
-        with torch.cuda.device(device):
-            if self._stream is None:
+    def _start_cuda(self, job: CopyJob, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Queues the GPU copies on the side stream, after `job.cuda_ready`; `job.cuda_event`
+        follows them, also when queueing failed part way (the copies queued still write the slot:
+        `_run` waits for them before the slot can be written again). No `record_stream`: `_run`
+        holds the sources until the copies are done, so their memory cannot be reused meanwhile."""
+        with torch.cuda.device(job.device):
+            if self._stream is None or self._stream.device != job.device:
                 self._stream = torch.cuda.Stream()
-            self._stream.wait_event(ready)
+            self._stream.wait_event(job.cuda_ready)
             with torch.cuda.stream(self._stream):
-                for dst, src in pairs:
-                    dst.copy_(src, non_blocking=True)
-                event = torch.cuda.Event()
-                event.record(self._stream)
-        return event
+                try:
+                    for dst, src in pairs:
+                        dst.copy_(src, non_blocking=True)
+                finally:
+                    event = torch.cuda.Event()
+                    event.record(self._stream)
+                    job.cuda_event = event
 
     def _run(
         self,
         job: CopyJob,
-        device: int | None,
         cuda_pairs: list[tuple[torch.Tensor, torch.Tensor]],
         pairs: list[tuple[torch.Tensor, torch.Tensor]],
         then: Callable[[CopyJob], None],
@@ -214,8 +223,8 @@ class Copier:
         start = time.perf_counter()
         try:
             try:
-                if device is not None:
-                    job.cuda_event = self._start_cuda(device, job.cuda_ready, cuda_pairs)
+                if cuda_pairs:
+                    self._start_cuda(job, cuda_pairs)
             finally:
                 job.cuda_started.set()
             try:

@@ -226,3 +226,18 @@ def test_a_commit_protected_on_a_peer_that_may_hold_nothing_now_is_unprotected()
     first = committed(unknown, 1)
     unknown.set_protected(first.index, first.commit_id)  # holders not recorded (an older agent's manifest)
     assert unknown.unprotect_unless_held_by(frozenset()) == [] and unknown.latest_committed().protected
+
+
+def test_a_target_learned_after_its_commit_reserves_one_slot_and_never_both() -> None:
+    slots = new_rank_slots(KEY, 1, 100)
+    committed(slots, 4)
+    slots.abandon_writes()  # the rank registered again (a restarted attempt) ...
+    newest = committed(slots, 4)  # ... and committed step 4 again: both slots hold it
+    slots.release_reservations(4)
+    assert slots.reserved == {newest.index}, "only the newest commit of the target is kept"
+    assert slots.writable() is not None, "the other slot still takes snapshots"
+    slots.release_reservations(9)
+    assert slots.reserved == set(), "a target that moved on frees its slot"
+    slots.pin(newest.index)  # being read (a restore)
+    slots.release_reservations(3)  # the other slot's step
+    assert slots.reserved == set(), "with one slot kept already, the other is never kept too"
