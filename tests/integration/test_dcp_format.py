@@ -2,7 +2,7 @@
 
 4 torchrun ranks (gloo, tiny preset) train a few steps, snapshot their state into a buffer as
 the Checkpointer lays it out (`flatten` + `compute_layout`), and write it with `write_rank`;
-rank 0 finalizes. New torchrun jobs of 4, 2 and 3 ranks then load it with stock
+rank 0 finalizes. The same 4 ranks, then new torchrun jobs of 2 and 3 ranks load it with stock
 `dcp.load(state, storage_reader=FileSystemReader(dir))` into the trainer's own state: 4 -> 4
 is bit-exact against each rank's snapshot, except per-rank values DCP keeps once (the unseeded
 numpy/Python RNG states: every rank gets rank 0's); memckpt's own `read_rank_snapshot` gives
@@ -59,6 +59,8 @@ def _torchrun(nproc: int, *args: str, log_path: Path) -> None:
 def test_snapshot_written_by_memckpt_loads_with_stock_dcp_into_4_2_and_3_ranks(tmp_path: Path) -> None:
     checkpoint, work = tmp_path / "step-000000000003", tmp_path / "work"
     work.mkdir()
+    # the 4 ranks that write the checkpoint then load it back (4 -> 4) in the same job, with stock
+    # dcp.load into a model built anew: a torchrun job fewer
     _torchrun(4, "save", str(checkpoint), str(work), log_path=tmp_path / "save.log")
     assert (checkpoint / ".metadata").is_file()
     # keys DCP stores once though their values are per rank: only the RNGs the trainer does not seed per rank
@@ -66,7 +68,8 @@ def test_snapshot_written_by_memckpt_loads_with_stock_dcp_into_4_2_and_3_ranks(t
     report = verify(checkpoint)
     assert report.is_ok and report.checked_bytes > 0, report.problems
     for world in (4, 2, 3):
-        _torchrun(world, "load", str(checkpoint), str(work), log_path=tmp_path / f"load{world}.log")
+        if world != 4:
+            _torchrun(world, "load", str(checkpoint), str(work), log_path=tmp_path / f"load{world}.log")
         verdicts = [json.loads((work / f"verdict-{world}-{r}.json").read_text()) for r in range(world)]
         for verdict in verdicts:
             assert verdict["mismatches"] == [], f"loaded into {world} ranks: {verdict}"
@@ -205,7 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo")
     try:
-        (_save if args.mode == "save" else _load)(args.checkpoint, args.work)
+        if args.mode == "save":
+            _save(args.checkpoint, args.work)
+        _load(args.checkpoint, args.work)
     finally:
         torch.distributed.destroy_process_group()
     return 0
