@@ -96,7 +96,7 @@ def _measure(workdir: Path, device: torch.device, preset: str, repeats: int, pro
         train_step()
     step_ms = timed(train_step, max(3, repeats // 4))
     flatten_ms = timed(lambda: flatten(state), repeats)
-    bare_ms = None
+    bare_ms: float | None = None
     if device.type == "cuda":
         pinned = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in flat.tensors]
 
@@ -104,9 +104,8 @@ def _measure(workdir: Path, device: torch.device, preset: str, repeats: int, pro
             for dst, src in zip(pinned, flat.tensors):
                 dst.copy_(src, non_blocking=True)
 
-        launch()
+        launch()  # the first launches allocate and warm up: not counted
         sync(device)
-        bare_ms = timed(lambda: (launch(), sync(device)) and None, 1)  # warm
         samples = []
         for _ in range(repeats):
             start = time.perf_counter()

@@ -158,7 +158,7 @@ def live_tensors(state: Any, tree: dict[str, Any]) -> dict[int, torch.Tensor]:
     def walk(live: Any, node: dict[str, Any]) -> None:
         ((kind, body),) = node.items()
         if kind in ("tensor", "dtensor"):
-            target = live.to_local() if isinstance(live, DTensor) else live
+            target = _local_shard(live) if isinstance(live, DTensor) else live
             if isinstance(target, torch.Tensor) and (kind == "tensor" or isinstance(live, DTensor)):
                 found[body] = target
         elif kind == "dict" and isinstance(live, dict):
@@ -202,7 +202,7 @@ def _fill_tensor(live: Any, kind: str, src: torch.Tensor, path: str, pairs: Pair
             np.copyto(live, src.numpy())
             return live
         return src.numpy().copy()
-    target = live.to_local() if isinstance(live, DTensor) else live
+    target = _local_shard(live) if isinstance(live, DTensor) else live
     if kind == "dtensor" and not isinstance(live, DTensor):
         raise InvalidRequest(f"snapshot holds a DTensor shard at {path}; the state must hold that DTensor to restore it")
     if not isinstance(target, torch.Tensor):
