@@ -32,7 +32,6 @@ import asyncio
 import dataclasses
 import json
 import math
-import os
 import select
 import subprocess
 import sys
@@ -44,6 +43,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+import psutil
 
 from memckpt.coordinator.cluster import Cluster, Held
 from memckpt.coordinator.membership import AgentInfo
@@ -410,8 +410,9 @@ def percentile(samples: Sequence[float], q: float) -> float:
 
 
 def process_cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU seconds of a server process and its children (the coordinator's state process)."""
+    process = psutil.Process(pid)
+    return sum(t.user + t.system for p in (process, *process.children(recursive=True)) for t in (p.cpu_times(),))
 
 
 def start_clients(args: argparse.Namespace, address: str) -> list[subprocess.Popen[str]]:
@@ -594,6 +595,7 @@ def run(args: argparse.Namespace) -> ScaleReport:
             extra_args=[
                 *("--lease-s", str(max(10.0, 10 * args.interval_s)), "--heartbeat-interval-s", str(args.interval_s)),
                 *("--k", str(K), "--m", str(M), "--log-level", "WARNING"),
+                *(("--no-state-process",) if args.one_process else ()),
             ],
         )
 
@@ -616,6 +618,8 @@ def run(args: argparse.Namespace) -> ScaleReport:
             raise
         finally:
             coordinator.stop()
+            if args.coordinator_log and coordinator.log_path.exists():
+                Path(args.coordinator_log).write_bytes(coordinator.log_path.read_bytes())
     plan_s, plan_again_s, step, sources, locate_all_s, locates = storm
     results, register_s, cpu_window = measured.results, measured.register_s, measured.server_cpu_s
     progress("computing the plan in process")
@@ -743,6 +747,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--quick", action="store_true", help="a small run: 100 agents, 1 s warm-up, 3 s window")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.add_argument(
+        "--one-process", action="store_true", help="the coordinator without its state process (state_process false)"
+    )
+    parser.add_argument("--coordinator-log", metavar="PATH", help="keep the coordinator's log here (it runs at WARNING)")
     parser.add_argument("--client", action="store_true", help=argparse.SUPPRESS)  # a load generator
     parser.add_argument("--echo-server", action="store_true", help=argparse.SUPPRESS)  # the baseline's server
     parser.add_argument("--address", help=argparse.SUPPRESS)

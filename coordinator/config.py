@@ -28,6 +28,11 @@ class CoordinatorConfig:
         "host:port of the HTTP server for Prometheus (/metrics) and probes (/healthz); port 0: any free one",
         default_text="none: off",
     )
+    state_process: bool = field(
+        True,
+        "keep the cluster's tables in a second process, so that heartbeats are answered at once however "
+        "busy the bookkeeping is (off: one process)",
+    )
     log_level: str = field("INFO", "log level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
 
     def __post_init__(self) -> None:

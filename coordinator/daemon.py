@@ -10,7 +10,6 @@ import logging
 import os
 import sys
 import threading
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -18,24 +17,25 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from memckpt import config as config_mod
-from memckpt.coordinator import metrics
 from memckpt.coordinator.cluster import Cluster
 from memckpt.coordinator.config import CoordinatorConfig
-from memckpt.coordinator.service import STATE_WORK_SHARE, CoordinatorServicer
+from memckpt.coordinator.service import CoordinatorServicer
+from memckpt.coordinator.state import (
+    GC_THRESHOLDS,
+    Frontend,
+    expire_leases,
+    refresh_forever,
+    start_metrics,
+    tick_interval,
+)
 from memckpt.errors import ConfigError
-from memckpt.metrics import MetricsServer, serve_daemon
 from memckpt.process import run_daemon
 from memckpt.protos import coordinator_pb2_grpc as pb_grpc
 from memckpt.security import HEALTH_METHOD_PREFIX, describe_security, server_credentials
 
 log = logging.getLogger("memckpt.coordinator")
-# The tables of thousands of agents are millions of long-lived objects: with Python's default
-# thresholds the cyclic collector walks them several times a second and every call waits for
-# it (bench/coordinator_scale.py, 2,000 agents: heartbeat p99 267 ms with the defaults, 114 ms
-# with these). Little the coordinator allocates is cyclic; reference counting frees the rest.
-GC_THRESHOLDS = (50_000, 20, 100)
-
 GRACE_S = 3.0
+STOP_POLL_S = 0.5  # how often the daemon looks whether its state process is still there
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,20 +57,31 @@ def serve(config: CoordinatorConfig, stop: threading.Event) -> int:
 
 
 async def serve_async(config: CoordinatorConfig, stop: threading.Event) -> int:
-    """An asyncio gRPC server: one event loop answers every agent, without a thread per call."""
-    cluster = Cluster(k=config.k, m=config.m, lease_s=config.lease_s)
-    servicer = CoordinatorServicer(cluster, config.heartbeat_interval_s)
+    """An asyncio gRPC server: one event loop answers every agent, without a thread per call;
+    the cluster's tables in a state process of their own (`state.py`), or in this one."""
     interceptors: list[grpc.aio.ServerInterceptor] = [AsyncTokenInterceptor(config.token)] if config.token else []
     server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
-    pb_grpc.add_CoordinatorServiceServicer_to_server(servicer, server)
+    frontend: Frontend | None = None
+    servicer: CoordinatorServicer | None = None
+    if config.state_process:
+        frontend = await Frontend.start(config)
+        frontend.add_to(server)
+    else:
+        servicer = CoordinatorServicer(Cluster(k=config.k, m=config.m, lease_s=config.lease_s), config.heartbeat_interval_s)
+        pb_grpc.add_CoordinatorServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     credentials = server_credentials(config.tls)
-    if credentials is None:
-        port = server.add_insecure_port(config.listen)
-    else:
-        port = server.add_secure_port(config.listen, credentials)
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(config.listen)
+        else:
+            port = server.add_secure_port(config.listen, credentials)
+    except RuntimeError:
+        port = 0
     if port == 0:
+        if frontend is not None:
+            await frontend.close()
         raise ConfigError(f"cannot listen on {config.listen}")
     await server.start()
     gc.freeze()  # what start-up made lives as long as the process: never walk it again
@@ -80,74 +91,54 @@ async def serve_async(config: CoordinatorConfig, stop: threading.Event) -> int:
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     serving = threading.Event()
     serving.set()
-    metrics_server = start_metrics(config, servicer, serving)
+    metrics_server = start_metrics(config, servicer, serving) if servicer is not None else None
     log.info("%s", describe_security("coordinator", config.tls, config.token))
     log.info(
-        "coordinator ready listen=%s port=%d k=%d m=%d lease_s=%.1f pid=%d",
+        "coordinator ready listen=%s port=%d k=%d m=%d lease_s=%.1f pid=%d state=%s",
         config.listen,
         port,
         config.k,
         config.m,
         config.lease_s,
         os.getpid(),
+        f"process {frontend.process.pid}" if frontend is not None else "in this process",
     )
-    tick_s = min(1.0, config.lease_s / 4, config.heartbeat_interval_s)  # leases, and protection targets
-    leases = asyncio.create_task(expire_leases(servicer, tick_s))
-    try:
-        await refresh_forever(servicer, tick_s, stop)
-    finally:
-        leases.cancel()
+    code = 0
+    if frontend is not None:
+        code = await serve_until_stopped(frontend, stop)
+    else:
+        assert servicer is not None
+        tick_s = tick_interval(config)
+        leases = asyncio.create_task(expire_leases(servicer, tick_s))
+        try:
+            await refresh_forever(servicer, tick_s, stop)
+        finally:
+            leases.cancel()
     log.info("stopping")
     serving.clear()
     await server.stop(GRACE_S)
+    if frontend is not None:
+        await frontend.close()
     if metrics_server is not None:
         metrics_server.stop()
-    return 0
+    return code
 
 
-async def refresh_forever(servicer: CoordinatorServicer, tick_s: float, stop: threading.Event) -> None:
-    """Refreshes what the agents reported every `tick_s` (at once after one that took longer)
-    until `stop` is set; logs when refreshes fall behind the tick and when they catch up."""
+async def serve_until_stopped(frontend: Frontend, stop: threading.Event) -> int:
+    """Until `stop` is set (0), or the state process is gone (1: the supervisor starts the
+    coordinator again; its state is soft)."""
     loop = asyncio.get_running_loop()
-    began, behind = time.monotonic(), False
-    while not await loop.run_in_executor(None, stop.wait, max(0.0, began + tick_s - time.monotonic())):
-        began = time.monotonic()
-        worked = await servicer.refresh_async()
-        took = time.monotonic() - began
-        metrics.REFRESH_SECONDS.observe(took)
-        if (took > 2 * tick_s) != behind:  # logged when it starts and when it ends, not every time
-            behind = not behind
-            if behind:
-                log.warning(
-                    "inventories are filed every %.1f s (a refresh takes %.2f s of CPU, paced to at most %.0f%% of "
-                    "the coordinator's time): protection targets and plans see reports up to that late",
-                    took,
-                    worked,
-                    100 * STATE_WORK_SHARE,
-                )
-            else:
-                log.info("inventories are filed every %.1f s again", tick_s)
-
-
-async def expire_leases(servicer: CoordinatorServicer, every_s: float) -> None:
-    """Fails agents whose lease ran out, every `every_s`, however long a refresh takes."""
-    while True:
-        await asyncio.sleep(every_s)
-        try:
-            servicer.expire_leases()
-        except Exception:  # a bug here must not end failure detection for good
-            log.exception("lease expiry failed; trying again in %.1f s", every_s)
-
-
-def start_metrics(config: CoordinatorConfig, servicer: CoordinatorServicer, serving: threading.Event) -> MetricsServer | None:
-    """The Prometheus endpoint (`metrics_listen`, see `memckpt.metrics.serve_daemon`), healthy
-    while `serving` is set; None when off."""
-    if not config.metrics_listen:
-        return None
-    metrics.REGISTRY.register(metrics.StateCollector(servicer.metrics_view))
-    server = serve_daemon(config.metrics_listen, metrics.REGISTRY, ready=serving.is_set, tls=config.tls)
-    servicer.metrics_address = server.address
-    return server
+    while not await loop.run_in_executor(None, stop.wait, STOP_POLL_S):
+        if frontend.ended.is_set():
+            await loop.run_in_executor(None, frontend.process.wait)
+            log.error(
+                "the state process (pid %d) ended (exit %s): the coordinator stops; started again, it relearns "
+                "the cluster from the agents",
+                frontend.process.pid,
+                frontend.process.returncode,
+            )
+            return 1
+    return 0
 
 
 class AsyncTokenInterceptor(grpc.aio.ServerInterceptor):

@@ -54,6 +54,7 @@ FILE_INLINE_MAX_AGENTS = 64
 # rest. A refresh of a small cluster takes milliseconds and never rests long; one of 2,000
 # busy agents took 0.9 s of CPU on a slow 2-core VM, and unpaced it starved the heartbeats (p50 0.8 s).
 STATE_WORK_SHARE = 0.25
+Report = pb.HeartbeatRequest | bytes  # a heartbeat's report: parsed, or as it came (parsed when filed)
 GroupView = tuple[Groups, frozenset[str]]  # the groups, and the draining members heartbeats name
 Method = Callable[[Any, Any, Any], Awaitable[R]]
 StreamMethod = Callable[[Any, Any, Any], AsyncIterator[R]]
@@ -114,11 +115,14 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         self._group_protos: tuple[GroupView | None, dict[tuple[AgentInfo, ...], list[pb.AgentDescription]]] = (None, {})
         self._protection: list[pb.JobProtection] = []  # every job's, for heartbeat replies; rebuilt each refresh
         self._decoder = wire.InventoryDecoder()
-        # node -> (incarnation, inventory, memory used) of its newest heartbeat not yet filed:
+        # node -> its last report filed as it came (from `state.py`'s front end): the same bytes
+        # again (an idle node, a stopped job) are filed at the cost of comparing them
+        self._filed_raw: dict[str, bytes] = {}
+        # node -> (incarnation, request or its encoding) of its newest heartbeat not yet filed:
         # in a large cluster heartbeats are answered at once and their inventories filed by the
         # next refresh, in slices between other calls, so no heartbeat waits behind another's
         # inventory; in a small one (FILE_INLINE_MAX_AGENTS) each is filed as it comes
-        self._pending: dict[str, tuple[int, Any, int]] = {}
+        self._pending: dict[str, tuple[int, Report]] = {}
         self._drained: dict[str, bool] = {}  # draining node -> whether it was drained at the last refresh (logged on change)
         # id(group's members as protobuf) -> (those members, the protection list, the reply to them)
         self._replies: dict[int, tuple[list[pb.AgentDescription], list[pb.JobProtection], pb.HeartbeatResponse]] = {}
@@ -147,38 +151,37 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         self._publish_change(change)
         return change
 
-    async def refresh_async(self) -> float:
+    async def refresh_async(self, share: float = STATE_WORK_SHARE) -> float:
         """Files the inventories reported since the last refresh and recomputes the protection
         targets, on the server's event loop: in steps, resting after each so that the refresh
-        takes at most `STATE_WORK_SHARE` of the loop's time. Returns the CPU-bound seconds it took."""
-        rest = (1 - STATE_WORK_SHARE) / STATE_WORK_SHARE
+        takes at most `share` of the loop's time. Returns the CPU seconds its steps took."""
+        rest = (1 - share) / share
         worked = 0.0
 
-        async def pause(began: float) -> None:
+        async def pause(began: float, cpu_began: float) -> None:
             nonlocal worked
-            spent = time.perf_counter() - began
-            worked += spent
-            await asyncio.sleep(max(YIELD_S, spent * rest))
+            worked += time.thread_time() - cpu_began
+            await asyncio.sleep(max(YIELD_S, (time.perf_counter() - began) * rest))
 
         with self._lock:
             left = len(self._pending)  # the reports of this refresh; later ones wait for the next
         while left > 0:  # taken a slice at a time: a report filed meanwhile (by a plan) is never filed over by an older one
-            began = time.perf_counter()
+            began, cpu_began = time.perf_counter(), time.thread_time()
             with self._lock:
                 self._file(self._take_pending(min(left, FILE_NODES_PER_STEP)))
             left -= FILE_NODES_PER_STEP
-            await pause(began)
+            await pause(began, cpu_began)
         steps = self._cluster.refresh_protection_in_steps()
         done = False
         while not done:
-            began = time.perf_counter()
+            began, cpu_began = time.perf_counter(), time.thread_time()
             with self._lock:
                 done = next(steps, None) is None
-            await pause(began)
+            await pause(began, cpu_began)
         self._publish_protection(self._cluster.protection)
         return worked
 
-    def _take_pending(self, limit: int | None = None) -> list[tuple[str, tuple[int, Any, int]]]:
+    def _take_pending(self, limit: int | None = None) -> list[tuple[str, tuple[int, Report]]]:
         """Unfiled heartbeats' inventories (the `limit` oldest, or all), each node's newest;
         those that arrive from here on wait for the next filing."""
         if limit is None:
@@ -200,9 +203,19 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             self._filed_at = now
             self._file(self._take_pending())
 
-    def _file(self, reports: list[tuple[str, tuple[int, Any, int]]]) -> None:
-        for node, (incarnation, messages, memory_used) in reports:
-            self._cluster.file_inventory(node, incarnation, self._decoder.decode(node, messages), memory_used)
+    def _file(self, reports: list[tuple[str, tuple[int, Report]]]) -> None:
+        for node, (incarnation, report) in reports:
+            raw = report if isinstance(report, bytes) else None
+            if raw is not None:
+                if self._filed_raw.get(node) == raw:  # node, incarnation, inventory and memory as last filed
+                    continue
+                report = pb.HeartbeatRequest.FromString(raw)
+            assert isinstance(report, pb.HeartbeatRequest)
+            held = self._decoder.decode(node, report.held)
+            if self._cluster.file_inventory(node, incarnation, held, report.memory_used_bytes) and raw is not None:
+                self._filed_raw[node] = raw
+            else:
+                self._filed_raw.pop(node, None)
 
     def _publish_change(self, change: Change) -> None:
         metrics.AGENT_FAILURES.inc(len(change.failed))
@@ -267,17 +280,60 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
     def _heartbeat(self, request: pb.HeartbeatRequest) -> pb.HeartbeatResponse:
         started = time.perf_counter()
         check_name(request.node, "node")
-        with self._lock:
-            accepted = self._cluster.renew(request.node, request.incarnation, time.monotonic())
-            if accepted and len(self._cluster.membership.members) <= FILE_INLINE_MAX_AGENTS:
-                self._file([(request.node, (request.incarnation, request.held, request.memory_used_bytes))])
-            elif accepted:
-                self._pending[request.node] = (request.incarnation, request.held, request.memory_used_bytes)
-            group = self._group_proto(request.node) if accepted else []
-        reply = self._reply(group) if accepted else pb.HeartbeatResponse(accepted=False, k=self._cluster.k, m=self._cluster.m)
+        accepted = self.accept_report(request.node, request.incarnation, request, time.monotonic())
+        if accepted:
+            with self._lock:
+                group = self._group_proto(request.node)
+            reply = self._reply(group)
+        else:
+            reply = pb.HeartbeatResponse(accepted=False, k=self._cluster.k, m=self._cluster.m)
         metrics.HEARTBEATS.inc()
         metrics.HEARTBEAT_SECONDS.observe(time.perf_counter() - started)
         return reply
+
+    def accept_report(self, node: str, incarnation: int, report: Report, now: float) -> bool:
+        """A heartbeat of `node` received at `now` (monotonic): renews its lease and keeps its
+        report (the request, or its encoding: the front end of `state.py` forwards it unparsed)
+        to be filed; False when the node must register again."""
+        with self._lock:
+            accepted = self._cluster.renew(node, incarnation, now)
+            if accepted and len(self._cluster.membership.members) <= FILE_INLINE_MAX_AGENTS:
+                self._file([(node, (incarnation, report))])
+            elif accepted:
+                self._pending[node] = (incarnation, report)
+        return accepted
+
+    def heartbeat_view(self) -> tuple[dict[str, tuple[int, int]], list[bytes]]:
+        """What a heartbeat of each live node is answered now, for a front end that answers
+        them without this state (`state.py`): node -> (its incarnation, the index of its reply),
+        and the encoded replies (one per group)."""
+        nodes: dict[str, tuple[int, int]] = {}
+        replies: list[bytes] = []
+        numbered: dict[int, int] = {}  # id(reply) -> its index
+        with self._lock:
+            for node, member in self._cluster.membership.members.items():
+                if not member.alive:
+                    continue
+                reply = self._reply(self._group_proto(node))
+                index = numbered.get(id(reply))
+                if index is None:
+                    index = numbered[id(reply)] = len(replies)
+                    replies.append(reply.SerializeToString())
+                nodes[node] = (member.incarnation, index)
+        return nodes, replies
+
+    def view_version(self) -> tuple[object, ...]:
+        """Changes whenever `heartbeat_view` may: registrations, failures, drains, groups and
+        protection targets (compare with `same_version`)."""
+        with self._lock:
+            cluster = self._cluster
+            return (
+                cluster.membership.incarnations,
+                cluster.membership.alive_nodes(),
+                cluster.groups,
+                cluster.announced_draining,
+                self._protection,
+            )
 
     def _reply(self, group: list[pb.AgentDescription]) -> pb.HeartbeatResponse:
         """An accepted heartbeat's reply: the same for every member of a group until the groups

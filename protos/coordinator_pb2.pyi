@@ -74,6 +74,14 @@ class HeartbeatRequest(_message.Message):
     memory_used_bytes: int
     def __init__(self, node: _Optional[str] = ..., incarnation: _Optional[int] = ..., held: _Optional[_Iterable[_Union[HeldSnapshot, _Mapping]]] = ..., memory_used_bytes: _Optional[int] = ...) -> None: ...
 
+class HeartbeatHeader(_message.Message):
+    __slots__ = ("node", "incarnation")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    incarnation: int
+    def __init__(self, node: _Optional[str] = ..., incarnation: _Optional[int] = ...) -> None: ...
+
 class HeartbeatResponse(_message.Message):
     __slots__ = ("accepted", "group", "k", "m", "protection")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
+import psutil
 import pytest
 
 from memckpt.agent.coordination import HeartbeatStream
@@ -24,10 +25,12 @@ pytestmark = pytest.mark.integration
 TOKEN = "s3cret-token"
 
 
-@pytest.fixture
-def coordinator(tmp_path: Path) -> Iterator[CoordinatorProcess]:
+@pytest.fixture(params=["--state-process", "--no-state-process"], ids=["state-process", "one-process"])
+def coordinator(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[CoordinatorProcess]:
+    """A coordinator with its tables in a state process of their own (the default), or in its one process."""
     process = CoordinatorProcess(
-        workdir=tmp_path, extra_args=["--lease-s", "1.5", "--heartbeat-interval-s", "0.3", "--token", TOKEN]
+        workdir=tmp_path,
+        extra_args=["--lease-s", "1.5", "--heartbeat-interval-s", "0.3", "--token", TOKEN, request.param],
     )
     process.start()
     yield process
@@ -150,6 +153,47 @@ def test_heartbeat_streams_renew_leases_carry_inventories_and_outlive_a_refusal(
         finally:
             for stream in streams.values():
                 stream.close()
+
+
+def test_the_state_process_lives_and_dies_with_the_coordinator(tmp_path: Path) -> None:
+    """The tables live in a child process: a heartbeat is answered without it, a bad one is
+    refused before it; the coordinator stops (exit 1, said in its log) when its state process
+    dies, and the state process ends when the coordinator is killed."""
+    coordinator = CoordinatorProcess(workdir=tmp_path, extra_args=["--lease-s", "1.5", "--heartbeat-interval-s", "0.3"])
+    coordinator.start()
+    try:
+        (state,) = psutil.Process(coordinator.pid).children()
+        assert "memckpt.coordinator.state" in state.cmdline()
+        assert state.nice() > psutil.Process(coordinator.pid).nice(), "heartbeats come first on a shared core"
+        with grpc.insecure_channel(coordinator.address) as channel:
+            stub = pb_grpc.CoordinatorServiceStub(channel)
+            agent = pb.AgentDescription(node="a", address="127.0.0.1:9100", capacity_bytes=1 << 30, domain="rack0")
+            incarnation = stub.RegisterAgent(pb.RegisterAgentRequest(agent=agent), timeout=10).incarnation
+            reply = stub.Heartbeat(pb.HeartbeatRequest(node="a", incarnation=incarnation, held=[held("j", 0, 3)]), timeout=10)
+            assert reply.accepted, "the registration's reply comes after the view that names it"
+            assert not stub.Heartbeat(pb.HeartbeatRequest(node="a", incarnation=incarnation + 1), timeout=10).accepted
+            raw = channel.unary_unary("/memckpt.v1.CoordinatorService/Heartbeat")
+            with pytest.raises(grpc.RpcError) as info:
+                raw(b"\xff\xff\xff", timeout=10)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, "a malformed heartbeat"
+
+            def committed() -> list[int]:
+                status = stub.GetClusterStatus(pb.GetClusterStatusRequest(), timeout=10)
+                return [r.committed_step for job in status.jobs for r in job.ranks]
+
+            wait_until(lambda: committed() == [3], 10, "the report to reach the state process")
+        state.kill()
+        assert coordinator.process is not None
+        assert coordinator.process.wait(timeout=30) == 1
+        assert f"the state process (pid {state.pid}) ended" in coordinator.log_path.read_text()
+
+        coordinator.start()
+        (state,) = psutil.Process(coordinator.pid).children()
+        coordinator.kill()
+        gone, _ = psutil.wait_procs([state], timeout=30)
+        assert gone, "the state process outlived the coordinator"
+    finally:
+        coordinator.kill()
 
 
 def test_agents_heartbeat_with_one_call_each_when_the_coordinator_has_no_streams() -> None:

@@ -1,0 +1,94 @@
+"""What the state process tells the front end (`state.py`): how each live node's heartbeat is
+answered, when that changes, and reports passed on unparsed. The servicer is called directly."""
+
+from __future__ import annotations
+
+import asyncio
+
+from memckpt.coordinator.cluster import Cluster, Held
+from memckpt.coordinator.membership import AgentInfo
+from memckpt.coordinator.service import CoordinatorServicer
+from memckpt.coordinator.wire import held_to_proto
+from memckpt.protos import coordinator_pb2 as pb
+
+
+def cluster_of(nodes: int) -> tuple[Cluster, CoordinatorServicer]:
+    cluster = Cluster(k=2, m=1, lease_s=10.0)
+    servicer = CoordinatorServicer(cluster, heartbeat_interval_s=1.0, warmup_s=0.0)
+    for i in range(nodes):
+        join(cluster, f"n{i}", now=0.0)
+    return cluster, servicer
+
+
+def join(cluster: Cluster, node: str, now: float) -> int:
+    info = AgentInfo(node=node, address=f"{node}:1", capacity_bytes=1, domain=node)
+    incarnation, _ = cluster.register_agent(info, (), now=now)
+    return incarnation
+
+
+def reply_of(servicer: CoordinatorServicer, node: str, incarnation: int) -> pb.HeartbeatResponse:
+    return servicer._heartbeat(pb.HeartbeatRequest(node=node, incarnation=incarnation))
+
+
+def test_the_view_answers_each_live_node_as_a_heartbeat_would() -> None:
+    cluster, servicer = cluster_of(8)
+    nodes, replies = servicer.heartbeat_view()
+    members = cluster.membership.members
+    assert set(nodes) == set(members)
+    for node, (incarnation, index) in nodes.items():
+        assert incarnation == members[node].incarnation
+        assert pb.HeartbeatResponse.FromString(replies[index]) == reply_of(servicer, node, incarnation)
+    assert len(replies) == len(cluster.groups.groups), "one encoded reply per group"
+
+
+def test_the_version_changes_with_what_heartbeats_are_answered_and_only_then() -> None:
+    cluster, servicer = cluster_of(4)
+    version = servicer.view_version()
+    report = pb.HeartbeatRequest(held=held_to_proto((Held(job="j", rank=0, step=3, generation=1),)))
+    assert servicer.accept_report("n0", cluster.membership.members["n0"].incarnation, report, now=1.0)
+    assert servicer.view_version() == version, "a report is answered the same until a refresh"
+
+    asyncio.run(servicer.refresh_async())
+    assert servicer.view_version() != version, "job j's protection target"
+    (protection,) = pb.HeartbeatResponse.FromString(servicer.heartbeat_view()[1][0]).protection
+    assert protection.job == "j"
+    version = servicer.view_version()
+    join(cluster, "n9", now=1.0)
+    assert servicer.view_version() != version, "a registration"
+    version = servicer.view_version()
+    cluster.tick(now=10.5)  # every lease but n0's and n9's ran out
+    assert servicer.view_version() != version, "failures"
+    nodes, _ = servicer.heartbeat_view()
+    assert set(nodes) == {"n0", "n9"}, "failed nodes must register again"
+
+
+def test_a_report_passed_on_unparsed_is_filed_as_the_request_would_be() -> None:
+    cluster, servicer = cluster_of(4)
+    held = (
+        Held(job="j", rank=0, step=3, generation=1),
+        Held(job="j", rank=1, step=3, generation=1, fragment_indices=(0,), k=2, m=1),
+    )
+    request = pb.HeartbeatRequest(node="n0", incarnation=cluster.membership.members["n0"].incarnation, held=held_to_proto(held))
+    request.memory_used_bytes = 4096
+    assert servicer.accept_report("n0", request.incarnation, request.SerializeToString(), now=1.0)
+    assert cluster.held["n0"] == held
+    assert cluster.memory_used["n0"] == 4096
+    assert not servicer.accept_report("n0", request.incarnation + 1, request.SerializeToString(), now=1.0), "another incarnation"
+
+
+def test_a_report_the_same_as_the_last_filed_costs_no_decoding_and_changes_nothing() -> None:
+    cluster, servicer = cluster_of(4)
+    incarnation = cluster.membership.members["n0"].incarnation
+    first = (Held(job="j", rank=0, step=3, generation=1),)
+    raw = pb.HeartbeatRequest(node="n0", incarnation=incarnation, held=held_to_proto(first)).SerializeToString()
+    assert servicer.accept_report("n0", incarnation, raw, now=1.0)
+    decoded = []
+    decode = servicer._decoder.decode
+    servicer._decoder.decode = lambda node, messages: decoded.append(node) or decode(node, messages)  # type: ignore[method-assign]
+    assert servicer.accept_report("n0", incarnation, bytes(raw), now=2.0)
+    assert decoded == [] and cluster.held["n0"] == first
+
+    second = (Held(job="j", rank=0, step=4, generation=1),)
+    changed = pb.HeartbeatRequest(node="n0", incarnation=incarnation, held=held_to_proto(second)).SerializeToString()
+    assert servicer.accept_report("n0", incarnation, changed, now=3.0)
+    assert decoded == ["n0"] and cluster.held["n0"] == second
