@@ -30,7 +30,7 @@ from memckpt.coordinator.groups import Groups
 from memckpt.coordinator.membership import AgentInfo, Change
 from memckpt.coordinator.plan import Decision
 from memckpt.coordinator.protection import JobProtection
-from memckpt.errors import MemckptError, Unavailable
+from memckpt.errors import InvalidRequest, MemckptError, Unavailable
 from memckpt.names import check_name
 from memckpt.protos import coordinator_pb2 as pb
 from memckpt.protos import coordinator_pb2_grpc as pb_grpc
@@ -205,17 +205,21 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
 
     def _file(self, reports: list[tuple[str, tuple[int, Report]]]) -> None:
         for node, (incarnation, report) in reports:
-            raw = report if isinstance(report, bytes) else None
-            if raw is not None:
-                if self._filed_raw.get(node) == raw:  # node, incarnation, inventory and memory as last filed
-                    continue
-                report = pb.HeartbeatRequest.FromString(raw)
-            assert isinstance(report, pb.HeartbeatRequest)
-            held = self._decoder.decode(node, report.held)
-            if self._cluster.file_inventory(node, incarnation, held, report.memory_used_bytes) and raw is not None:
-                self._filed_raw[node] = raw
-            else:
+            if isinstance(report, pb.HeartbeatRequest):
+                held = self._decoder.decode(node, report.held)
+                self._cluster.file_inventory(node, incarnation, held, report.memory_used_bytes)
                 self._filed_raw.pop(node, None)
+                continue
+            if self._filed_raw.get(node) == report:  # node, incarnation, inventory and memory as last filed
+                continue
+            try:
+                entries, memory_used = wire.scan_report(report)
+                held = self._decoder.decode_encoded(node, entries)
+            except InvalidRequest as exc:  # the front end read only its header
+                log.warning("node %s: a heartbeat's report is dropped: %s", node, exc)
+                continue
+            if self._cluster.file_inventory(node, incarnation, held, memory_used):
+                self._filed_raw[node] = report
 
     def _publish_change(self, change: Change) -> None:
         metrics.AGENT_FAILURES.inc(len(change.failed))

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from memckpt.coordinator.cluster import Cluster, Held
 from memckpt.coordinator.membership import AgentInfo
 from memckpt.coordinator.service import CoordinatorServicer
@@ -83,8 +85,8 @@ def test_a_report_the_same_as_the_last_filed_costs_no_decoding_and_changes_nothi
     raw = pb.HeartbeatRequest(node="n0", incarnation=incarnation, held=held_to_proto(first)).SerializeToString()
     assert servicer.accept_report("n0", incarnation, raw, now=1.0)
     decoded = []
-    decode = servicer._decoder.decode
-    servicer._decoder.decode = lambda node, messages: decoded.append(node) or decode(node, messages)  # type: ignore[method-assign]
+    decode = servicer._decoder.decode_encoded
+    servicer._decoder.decode_encoded = lambda node, entries: decoded.append(node) or decode(node, entries)  # type: ignore[method-assign]
     assert servicer.accept_report("n0", incarnation, bytes(raw), now=2.0)
     assert decoded == [] and cluster.held["n0"] == first
 
@@ -92,3 +94,16 @@ def test_a_report_the_same_as_the_last_filed_costs_no_decoding_and_changes_nothi
     changed = pb.HeartbeatRequest(node="n0", incarnation=incarnation, held=held_to_proto(second)).SerializeToString()
     assert servicer.accept_report("n0", incarnation, changed, now=3.0)
     assert decoded == ["n0"] and cluster.held["n0"] == second
+
+
+def test_a_report_malformed_past_its_header_is_dropped_and_filing_goes_on(caplog: pytest.LogCaptureFixture) -> None:
+    """The front end reads only a heartbeat's header: the state process must not fail on the rest."""
+    cluster, servicer = cluster_of(4)
+    incarnation = cluster.membership.members["n0"].incarnation
+    header = pb.HeartbeatHeader(node="n0", incarnation=incarnation).SerializeToString()
+    good = (Held(job="j", rank=0, step=3, generation=1),)
+    assert servicer.accept_report("n0", incarnation, header + b"\x1a\x40xx", now=1.0)  # an entry cut short
+    assert cluster.held["n0"] == () and "report is dropped" in caplog.text
+    raw = pb.HeartbeatRequest(node="n0", incarnation=incarnation, held=held_to_proto(good)).SerializeToString()
+    assert servicer.accept_report("n0", incarnation, raw, now=2.0)
+    assert cluster.held["n0"] == good
