@@ -57,6 +57,9 @@ FIRST_STEP = 100
 SNAPSHOT_BYTES = 1 << 30
 DOMAINS = 50  # racks
 ON_TIME_S = 0.1  # a heartbeat sent later than this after its slot was late (the client's fault)
+# a heartbeat slower than this is counted in the second of the window it was sent in: slow ones
+# in bursts that the bare server sees too are the machine's pauses, not the coordinator's
+SLOW_S = 0.1
 CALL_TIMEOUT_S = 10.0
 CHANNELS_PER_CLIENT = 4
 FLOOR_WINDOW_S = 10.0  # the baseline's window at most
@@ -154,6 +157,7 @@ class ClientStats:
     latencies_s: list[float] = dataclasses.field(default_factory=list)  # in the window
     lags_s: list[float] = dataclasses.field(default_factory=list)
     during_plan_latencies_s: list[float] = dataclasses.field(default_factory=list)  # after the window
+    slow_sent_s: list[float] = dataclasses.field(default_factory=list)  # when heartbeats slower than SLOW_S were sent
     missed: int = 0  # slots skipped because the client was a whole interval behind
     failed: int = 0
     failures: dict[str, int] = dataclasses.field(default_factory=dict)  # status code -> count
@@ -239,6 +243,8 @@ class SimulatedAgents:
             if self.window[0] <= slot < self.window[1]:
                 stats.latencies_s.append(done - sent)
                 stats.lags_s.append(sent - slot)
+                if done - sent > SLOW_S:
+                    stats.slow_sent_s.append(sent - self.window[0])
             elif slot >= self.window[1]:
                 stats.during_plan_latencies_s.append(done - sent)
             slot += self.interval_s
@@ -569,6 +575,15 @@ def heartbeat_window(
     return Window(results=results, register_s=register_s, server_cpu_s=cpu_window), outcome
 
 
+def slow_by_second(window: Window) -> list[int]:
+    """How many heartbeats slower than SLOW_S were sent in each second of the window."""
+    sent = [t for r in window.results for t in r["slow_sent_s"]]
+    counts = [0] * max(1, math.ceil(max(sent, default=0.0)) + 1)
+    for t in sent:
+        counts[max(0, int(t))] += 1
+    return counts
+
+
 def measure_floor(args: argparse.Namespace) -> Window:
     """The same load on `echo_main`'s bare server: the same warm-up, a window of at most FLOOR_WINDOW_S."""
     server = subprocess.Popen(
@@ -625,6 +640,8 @@ def run(args: argparse.Namespace) -> ScaleReport:
     progress("computing the plan in process")
     plan_compute_s, locate_compute_s = compute_in_process(shape)
     floor = measure_floor(args)
+    for name, window in (("coordinator", measured), ("bare gRPC", floor)):
+        progress(f"{name}: heartbeats slower than {SLOW_S * 1e3:.0f} ms, by the second of the window: {slow_by_second(window)}")
     floor_latencies = floor.latencies()
     latencies = measured.latencies()
     lags = [x for r in results for x in r["lags_s"]]

@@ -69,12 +69,13 @@ log = logging.getLogger(__name__)
 # it (bench/coordinator_scale.py, 2,000 agents: heartbeat p99 267 ms with the defaults, 114 ms
 # with these). Little the coordinator allocates is cyclic; reference counting frees the rest.
 GC_THRESHOLDS = (50_000, 20, 100)
-STATE_NICE = 5  # the state process's niceness above the front end's: about a quarter of a shared core
+STATE_NICE = 10  # the state process's niceness above the front end's: a tenth of a core they share
 # The state process's refreshes (filing reports, recomputing protection) take at most this share
-# of a core on average: at 2,000 busy agents a refresh takes 0.4-0.9 s of CPU on a slow 2-core
-# VM, refreshed then every few seconds, and the heartbeats' front end keeps the CPU it needs. A
-# small cluster refreshes every tick (its refresh takes milliseconds).
-STATE_CPU_SHARE = 0.15
+# of a core on average: at 2,000 busy agents a refresh takes 0.2-0.9 s of CPU on a slow 2-core
+# VM, refreshed then every 2-9 s, and the heartbeats' front end keeps the CPU it needs. A small
+# cluster refreshes every tick (its refresh takes milliseconds). Plans and locations file what
+# is pending first, whatever this pace.
+STATE_CPU_SHARE = 0.1
 # While a refresh runs it takes at most this share of the state process's event loop: the rest
 # goes to the heartbeats' renewals and to calls (plans, locations) passed on by the front end.
 STATE_PROCESS_WORK_SHARE = 0.5
