@@ -28,7 +28,7 @@ from memckpt.coordinator.state import (
     start_metrics,
     tick_interval,
 )
-from memckpt.errors import ConfigError
+from memckpt.errors import ConfigError, Unavailable
 from memckpt.process import run_daemon
 from memckpt.protos import coordinator_pb2_grpc as pb_grpc
 from memckpt.security import HEALTH_METHOD_PREFIX, describe_security, server_credentials
@@ -64,7 +64,11 @@ async def serve_async(config: CoordinatorConfig, stop: threading.Event) -> int:
     frontend: Frontend | None = None
     servicer: CoordinatorServicer | None = None
     if config.state_process:
-        frontend = await Frontend.start(config)
+        try:
+            frontend = await Frontend.start(config)
+        except Unavailable as exc:
+            log.error("%s; see its log lines above", exc)
+            return 1
         frontend.add_to(server)
     else:
         servicer = CoordinatorServicer(Cluster(k=config.k, m=config.m, lease_s=config.lease_s), config.heartbeat_interval_s)
