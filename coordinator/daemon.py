@@ -8,6 +8,7 @@ import gc
 import hmac
 import logging
 import os
+import subprocess
 import sys
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -22,6 +23,7 @@ from memckpt.coordinator.config import CoordinatorConfig
 from memckpt.coordinator.service import CoordinatorServicer
 from memckpt.coordinator.state import (
     GC_THRESHOLDS,
+    STATE_SILENT_S,
     Frontend,
     expire_leases,
     refresh_forever,
@@ -133,8 +135,20 @@ async def serve_until_stopped(frontend: Frontend, stop: threading.Event) -> int:
     coordinator again; its state is soft)."""
     loop = asyncio.get_running_loop()
     while not await loop.run_in_executor(None, stop.wait, STOP_POLL_S):
+        if frontend.silent_s() > STATE_SILENT_S and not frontend.ended.is_set():
+            log.error(
+                "the state process (pid %d) has said nothing for %.0f s: killed, and the coordinator stops; "
+                "started again, it relearns the cluster from the agents",
+                frontend.process.pid,
+                frontend.silent_s(),
+            )
+            frontend.process.kill()
+            return 1
         if frontend.ended.is_set():
-            await loop.run_in_executor(None, frontend.process.wait)
+            try:
+                await loop.run_in_executor(None, frontend.process.wait, STOP_POLL_S * 10)
+            except subprocess.TimeoutExpired:
+                frontend.process.kill()
             log.error(
                 "the state process (pid %d) ended (exit %s): the coordinator stops; started again, it relearns "
                 "the cluster from the agents",

@@ -86,6 +86,11 @@ VIEW_EVERY_S = 0.1  # the state process sends a whole view at most this often
 # processes a system call and a wake-up each (2,000 a second at 2,000 agents).
 BEATS_EVERY_S = 0.02
 UNVIEWED = -1  # the reply index of a node admitted since the last view
+CLOCK_S = 0.25  # the front end sends a batch of heartbeats at least this often, an empty one if need be
+# The state process reads heartbeats this late at most before it stops expiring leases (after a
+# stall of its own, the renewals it has not read yet would otherwise fail live agents).
+READ_LAG_S = 2.0
+STATE_SILENT_S = 30.0  # a state process silent this long is stalled: the coordinator stops
 FRAME = struct.Struct("!Q")
 SERVICE = pb.DESCRIPTOR.services_by_name["CoordinatorService"]
 HEARTBEAT_METHODS = frozenset({"Heartbeat", "StreamHeartbeats"})
@@ -101,10 +106,17 @@ PR_SET_PDEATHSIG = 1
 
 class Beats(NamedTuple):
     """Heartbeats the front end accepted: (node, incarnation, the request as it came, when it
-    came (monotonic)), and the seconds each took the front end (for the latency metric)."""
+    came (monotonic)), the newest of each node; the seconds each took the front end (for the
+    latency metric); when this was sent (sent at least every `CLOCK_S`, empty if need be: the
+    state process expires no lease while it reads them late)."""
 
     reports: list[tuple[str, int, bytes, float]]
     seconds: list[float]
+    sent_at: float
+
+
+class Alive(NamedTuple):
+    """The state process's tick: a front end that hears nothing for `STATE_SILENT_S` stops."""
 
 
 class Call(NamedTuple):
@@ -175,14 +187,18 @@ class Frontend:
         self._nodes: dict[str, tuple[int, int]] = {}
         self._replies: list[bytes] = []
         self._rejected = pb.HeartbeatResponse(accepted=False, k=config.k, m=config.m).SerializeToString()
-        self._reports: list[tuple[str, int, bytes, float]] = []  # accepted since the last batch was sent
+        # node -> (incarnation, report, when it came) of its newest heartbeat since the last batch
+        self._reports: dict[str, tuple[int, bytes, float]] = {}
         self._seconds: list[float] = []
+        self._sent_at = time.monotonic()  # when the last batch went
+        self.heard_at = time.monotonic()  # when the state process last said something
         self._calls: dict[int, asyncio.Future[Reply | Failure]] = {}
         self._ids = itertools.count()
         self._viewed = asyncio.Event()
         self._new_view = asyncio.Event()  # set (and replaced) when a view comes
         self.ended = asyncio.Event()  # the state process is gone
         self._reading = asyncio.create_task(self._read())
+        self._clock = asyncio.create_task(self._keep_time())
 
     @classmethod
     async def start(cls, config: CoordinatorConfig) -> Frontend:
@@ -191,7 +207,7 @@ class Frontend:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         with theirs:
             process = subprocess.Popen(
-                [sys.executable, "-m", "memckpt.coordinator.state", str(theirs.fileno())],
+                [sys.executable, "-m", "memckpt.coordinator.state", str(theirs.fileno()), str(os.getpid())],
                 pass_fds=(theirs.fileno(),),
                 stdin=subprocess.PIPE,
             )
@@ -230,10 +246,14 @@ class Frontend:
             self.process.kill()
             await loop.run_in_executor(None, self.process.wait)
         self._reading.cancel()
+        self._clock.cancel()
 
     async def _read(self) -> None:
         try:
             while (message := await receive(self._reader)) is not None:
+                self.heard_at = time.monotonic()
+                if isinstance(message, Alive):
+                    continue
                 if isinstance(message, View):
                     self._nodes, self._replies = message.nodes, message.replies
                     self._viewed.set()
@@ -244,6 +264,8 @@ class Frontend:
                     self._nodes[message.node] = (message.incarnation, known[1] if known is not None else UNVIEWED)
                 elif (future := self._calls.pop(message.id, None)) is not None and not future.done():
                     future.set_result(message)
+        except ConnectionError as exc:  # it died with bytes unread
+            log.warning("the state process's socket: %s", exc)
         except Exception:
             log.exception("reading from the state process failed")
             raise
@@ -269,16 +291,29 @@ class Frontend:
             raise Unavailable("the coordinator is stopping")
         if known is None or known[0] != header.incarnation:
             return self._rejected
-        if not self._reports:
+        if not self._seconds:
             asyncio.get_running_loop().call_later(BEATS_EVERY_S, self._send_beats)
-        self._reports.append((header.node, header.incarnation, request, time.monotonic()))
+        self._reports[header.node] = (header.incarnation, request, time.monotonic())
         self._seconds.append(time.perf_counter() - started)
         return self._replies[known[1]]
 
     def _send_beats(self) -> None:
-        reports, seconds, self._reports, self._seconds = self._reports, self._seconds, [], []
+        reports = [(node, incarnation, report, at) for node, (incarnation, report, at) in self._reports.items()]
+        seconds, self._reports, self._seconds = self._seconds, {}, []
+        self._sent_at = time.monotonic()
         if not self._writer.is_closing():
-            send(self._writer, Beats(reports, seconds))
+            send(self._writer, Beats(reports, seconds, self._sent_at))
+
+    async def _keep_time(self) -> None:
+        """An empty batch when no heartbeat came for `CLOCK_S`: the state process's clock."""
+        while True:
+            await asyncio.sleep(CLOCK_S)
+            if time.monotonic() - self._sent_at >= CLOCK_S and not self._seconds:
+                self._send_beats()
+
+    def silent_s(self) -> float:
+        """How long the state process has said nothing (it ticks every second or less)."""
+        return time.monotonic() - self.heard_at
 
     @map_errors
     async def _heartbeat(self, request: bytes, context: Any) -> bytes:
@@ -337,6 +372,7 @@ class StateLink:
         self._later: asyncio.TimerHandle | None = None  # a view due later
         self._calls: set[asyncio.Task[None]] = set()
         self._encoded: dict[str, tuple[object, bytes]] = {}  # method -> its last response and its encoding
+        self.heard_at = time.monotonic()  # when the front end sent the newest batch of heartbeats read
 
     def send_view_if_changed(self) -> None:
         """Sends a new view if the answers changed, at most once every `VIEW_EVERY_S` (a view
@@ -350,10 +386,10 @@ class StateLink:
         version = self._servicer.view_version()
         if version == self._version:
             return
-        self._version = version
-        self._sent_at = time.monotonic()
         nodes, replies = self._servicer.heartbeat_view()
         send(self._writer, View(nodes, replies))
+        self._version = version
+        self._sent_at = time.monotonic()
 
     def _send_view_when_due(self) -> None:
         self._later = None
@@ -363,6 +399,7 @@ class StateLink:
         """Until the front end closes its end."""
         while (message := await receive(reader)) is not None:
             if isinstance(message, Beats):
+                self.heard_at = message.sent_at
                 for node, incarnation, request, at in message.reports:
                     self._servicer.accept_report(node, incarnation, request, at)
                 metrics.HEARTBEATS.inc(len(message.seconds))
@@ -373,6 +410,15 @@ class StateLink:
                 task = asyncio.create_task(self._call(message))
                 self._calls.add(task)
                 task.add_done_callback(self._calls.discard)
+
+    def reading_on_time(self) -> bool:
+        """Whether the heartbeats read are at most `READ_LAG_S` old: leases may expire."""
+        return time.monotonic() - self.heard_at <= READ_LAG_S
+
+    def tick(self) -> None:
+        """After each lease check: a new view if need be, and a sign of life."""
+        self.send_view_if_changed()
+        send(self._writer, Alive())
 
     def _encode(self, method: str, response: Any) -> bytes:
         """The response's encoding; the same reply object again (a pinned plan, asked by every
@@ -396,6 +442,9 @@ class StateLink:
                 answer = Reply(call.id, self._encode(call.method, response))
             except _Aborted as exc:  # map_errors logged it
                 answer = Failure(call.id, exc.code.name, exc.details)
+            except Exception as exc:  # never leave the caller without an answer
+                log.exception("rpc=%s failed", call.method)
+                answer = Failure(call.id, "INTERNAL", f"{type(exc).__name__}: {exc}")
             else:
                 if call.method == "RegisterAgent":  # its heartbeats are accepted from its reply on
                     send(self._writer, Admit(request.agent.node, response.incarnation))
@@ -417,7 +466,7 @@ async def serve_state(config: CoordinatorConfig, sock: socket.socket) -> int:
     tick_s = tick_interval(config)
     stop = threading.Event()
     tasks = [
-        asyncio.create_task(expire_leases(servicer, tick_s, then=link.send_view_if_changed)),
+        asyncio.create_task(expire_leases(servicer, tick_s, then=link.tick, ready=link.reading_on_time), name="expire_leases"),
         asyncio.create_task(
             refresh_forever(
                 servicer,
@@ -426,38 +475,52 @@ async def serve_state(config: CoordinatorConfig, sock: socket.socket) -> int:
                 then=link.send_view_if_changed,
                 work_share=STATE_PROCESS_WORK_SHARE,
                 cpu_share=STATE_CPU_SHARE,
-            )
+            ),
+            name="refresh_forever",
         ),
     ]
+    serving_link = asyncio.create_task(link.serve(reader), name="serve")
     try:
-        await link.serve(reader)
+        done, _ = await asyncio.wait([serving_link, *tasks], return_when=asyncio.FIRST_COMPLETED)
     finally:
         stop.set()
         serving.clear()
-        for task in tasks:
+        for task in (serving_link, *tasks):
             task.cancel()
         if metrics_server is not None:
             metrics_server.stop()
-    log.info("state process stopping: the front end closed its end")
-    return 0
+    failed = [task for task in done if task is not serving_link or task.exception() is not None]
+    for task in failed:  # a bug: stop, and the coordinator is started again whole
+        log.error("state process stopping: %s ended", task.get_name(), exc_info=task.exception())
+    if not failed:
+        log.info("state process stopping: the front end closed its end")
+    return 1 if failed else 0
 
 
-def _die_with_parent() -> None:
-    """SIGKILL this process when the daemon's process dies (Linux), even if the socket lingers."""
+def _die_with_parent(parent: int) -> bool:
+    """SIGKILL this process when the daemon's process `parent` dies (Linux), even if the socket
+    lingers; False when it is gone already."""
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
+            log.warning(
+                "no death signal (prctl: %s): the state process ends when its socket closes", os.strerror(ctypes.get_errno())
+            )
     except (OSError, AttributeError):  # not Linux: the socket's end still ends it
         pass
+    return os.getppid() == parent  # not `!= 1`: in a container the daemon may be process 1
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m memckpt.coordinator.state FD`, the config pickled on stdin (`Frontend.start`)."""
+    """`python -m memckpt.coordinator.state FD DAEMON_PID`, the config pickled on stdin (`Frontend.start`)."""
     args = sys.argv[1:] if argv is None else argv
-    _die_with_parent()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the process group: the front end stops, then this
+    # Ctrl-C and a supervisor's SIGTERM reach the process group: the front end stops serving
+    # (it still passes calls on in its grace period), then closes the socket, which ends this
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
     config: CoordinatorConfig = pickle.load(sys.stdin.buffer)
     logging.basicConfig(level=config.log_level, format=LOG_FORMAT)
-    if os.getppid() == 1:  # the daemon died before the death signal was armed
+    if not _die_with_parent(int(args[1])):
+        log.error("the coordinator (pid %s) that started this state process is gone", args[1])
         return 1
     os.nice(STATE_NICE)
     return asyncio.run(serve_state(config, socket.socket(fileno=int(args[0]))))
@@ -510,12 +573,23 @@ async def refresh_forever(
                 log.info("inventories are filed every %.1f s again", tick_s)
 
 
-async def expire_leases(servicer: CoordinatorServicer, every_s: float, then: Callable[[], None] = lambda: None) -> None:
-    """Fails agents whose lease ran out, every `every_s`, however long a refresh takes."""
+async def expire_leases(
+    servicer: CoordinatorServicer,
+    every_s: float,
+    then: Callable[[], None] = lambda: None,
+    ready: Callable[[], bool] = lambda: True,
+) -> None:
+    """Fails agents whose lease ran out, every `every_s`, however long a refresh takes, while
+    `ready()` (the renewals are read in time); calls `then` after each."""
+    late = False
     while True:
         await asyncio.sleep(every_s)
         try:
-            servicer.expire_leases()
+            if ready():
+                servicer.expire_leases()
+            elif not late:
+                log.warning("leases are not expired: heartbeats are read late (the state process was stalled)")
+            late = not ready()
             then()
         except Exception:  # a bug here must not end failure detection for good
             log.exception("lease expiry failed; trying again in %.1f s", every_s)

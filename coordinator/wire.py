@@ -122,6 +122,8 @@ def scan_report(raw: bytes) -> tuple[list[bytes], int]:
         while i < end:
             key, i = _varint(raw, i)
             field, kind = key >> 3, key & 7
+            if field == 0:
+                raise InvalidRequest("field number 0 is not in a heartbeat report")
             if kind == 2:  # length-delimited: strings, messages
                 size, i = _varint(raw, i)
                 if i + size > end:
@@ -155,6 +157,8 @@ def _varint(data: bytes, i: int) -> tuple[int, int]:
         i += 1
         value |= (byte & 0x7F) << shift
         if byte < 0x80:
+            if value >> 64:
+                raise InvalidRequest("a varint of more than 64 bits")
             return value, i
         shift += 7
         if shift > 63:

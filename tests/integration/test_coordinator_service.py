@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -170,7 +172,7 @@ def test_the_state_process_lives_and_dies_with_the_coordinator(tmp_path: Path) -
             agent = pb.AgentDescription(node="a", address="127.0.0.1:9100", capacity_bytes=1 << 30, domain="rack0")
             incarnation = stub.RegisterAgent(pb.RegisterAgentRequest(agent=agent), timeout=10).incarnation
             reply = stub.Heartbeat(pb.HeartbeatRequest(node="a", incarnation=incarnation, held=[held("j", 0, 3)]), timeout=10)
-            assert reply.accepted, "the registration's reply comes after the view that names it"
+            assert reply.accepted, "a heartbeat right after its registration"
             assert not stub.Heartbeat(pb.HeartbeatRequest(node="a", incarnation=incarnation + 1), timeout=10).accepted
             raw = channel.unary_unary("/memckpt.v1.CoordinatorService/Heartbeat")
             with pytest.raises(grpc.RpcError) as info:
@@ -194,6 +196,29 @@ def test_the_state_process_lives_and_dies_with_the_coordinator(tmp_path: Path) -
         assert gone, "the state process outlived the coordinator"
     finally:
         coordinator.kill()
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None, reason="a PID namespace needs root and unshare")
+def test_the_coordinator_runs_as_process_1_of_a_container(tmp_path: Path) -> None:
+    """As in the shipped Kubernetes manifest (no init): the state process's parent is process 1."""
+    port_file = tmp_path / "port"
+    command = ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-m", "memckpt.coordinator"]
+    with open(tmp_path / "coordinator.log", "wb") as log:
+        process = subprocess.Popen(
+            [*command, "--listen", "127.0.0.1:0", "--port-file", str(port_file)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        wait_until(lambda: port_file.exists() and port_file.read_text().strip() != "", 60, "the coordinator's port")
+        with grpc.insecure_channel(f"127.0.0.1:{port_file.read_text().strip()}") as channel:
+            status = pb_grpc.CoordinatorServiceStub(channel).GetClusterStatus(pb.GetClusterStatusRequest(), timeout=10)
+        assert list(status.agents) == []
+        assert process.poll() is None
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)  # process 1 of the namespace goes: the kernel ends the rest
+        process.wait()
 
 
 def test_agents_heartbeat_with_one_call_each_when_the_coordinator_has_no_streams() -> None:

@@ -4,9 +4,11 @@ answered, when that changes, and reports passed on unparsed. The servicer is cal
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
+from memckpt.coordinator import state
 from memckpt.coordinator.cluster import Cluster, Held
 from memckpt.coordinator.membership import AgentInfo
 from memckpt.coordinator.service import CoordinatorServicer
@@ -107,3 +109,26 @@ def test_a_report_malformed_past_its_header_is_dropped_and_filing_goes_on(caplog
     raw = pb.HeartbeatRequest(node="n0", incarnation=incarnation, held=held_to_proto(good)).SerializeToString()
     assert servicer.accept_report("n0", incarnation, raw, now=2.0)
     assert cluster.held["n0"] == good
+
+
+def test_leases_are_not_expired_while_the_heartbeats_are_read_late() -> None:
+    """After a stall of the state process, renewals wait unread in its socket: expiring then
+    would fail agents that heartbeat on time."""
+    expired: list[float] = []
+    on_time = False
+
+    class Leases:
+        def expire_leases(self) -> None:
+            expired.append(time.monotonic())
+
+    async def run() -> None:
+        nonlocal on_time
+        task = asyncio.create_task(state.expire_leases(Leases(), 0.01, ready=lambda: on_time))  # type: ignore[arg-type]
+        await asyncio.sleep(0.1)
+        assert expired == []
+        on_time = True
+        await asyncio.sleep(0.1)
+        task.cancel()
+
+    asyncio.run(run())
+    assert expired, "expired again once the heartbeats are read on time"

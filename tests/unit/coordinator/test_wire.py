@@ -67,6 +67,8 @@ def test_the_decoder_reuses_entries_as_they_came_on_the_wire() -> None:
         (b"\x20", "ends in the middle of a field"),  # memory_used's key without its value
         (b"\x1b", "wire type 3"),  # a group: never in a report
         (b"\x20" + b"\xff" * 11, "longer than 10 bytes"),
+        (b"\x20" + b"\xff" * 9 + b"\x7f", "more than 64 bits"),  # protobuf would cut it to 64 bits
+        (b"\x00\x01", "field number 0"),
     ],
 )
 def test_a_malformed_report_is_refused_precisely(raw: bytes, why: str) -> None:
