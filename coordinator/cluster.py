@@ -11,6 +11,8 @@ import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
+from itertools import groupby
+from operator import itemgetter
 from typing import NamedTuple
 
 from memckpt.coordinator.drain import DrainProgress, check_can_drain, drain_progress
@@ -23,6 +25,8 @@ from memckpt.names import check_name
 
 log = logging.getLogger(__name__)
 TARGET_PATIENCE = 3  # refreshes a target may look unprotectable before a new one replaces it
+_JOB_RANK = itemgetter(0, 1)  # of a Held
+_GENERATION = itemgetter(3)
 REFRESH_RANKS_PER_STEP = 500  # ranks a refresh recomputes between two yields (a few ms)
 
 
@@ -416,42 +420,42 @@ class Cluster:
         return decided
 
     def _set_held(self, node: str, held: tuple[Held, ...]) -> None:
-        """Replaces what `node` holds in the index, touching only the ranks whose entries changed:
-        a rank's entries are compared with those it had (a tuple compare: identity first, as the
-        wire decoder hands the same object for an entry the node reported unchanged; then by
-        value). A restarted coordinator learns jobs and generations from them."""
+        """Replaces what `node` holds in the index, touching only the ranks whose entries changed
+        (a rank's entries are compared with those it had, as tuples: in C, a field at a time). A
+        restarted coordinator learns jobs and generations from them."""
         self._held[node] = held
         by_key = self._by_node.setdefault(node, {})
-        grouped: dict[tuple[str, int], list[Held]] = {}
-        for h in held:
-            key = (h.job, h.rank)
-            if (group := grouped.get(key)) is None:
-                grouped[key] = [h]
-            else:
-                group.append(h)
-        regrouped: dict[tuple[str, int], tuple[Held, ...]] = {key: () for key in by_key if key not in grouped}
-        for key, group in grouped.items():
+        grouped: dict[tuple[str, int], tuple[Held, ...]] = {}
+        for key, group in groupby(held, _JOB_RANK):  # an agent reports a rank's entries together, or not
             entries = tuple(group)
-            if by_key.get(key) != entries:  # tuples compare items by identity first: equal ones cost no __eq__
-                regrouped[key] = entries
-        if not regrouped:
+            grouped[key] = grouped[key] + entries if key in grouped else entries
+        changed = [(key, entries) for key, entries in grouped.items() if by_key.get(key) != entries]
+        changed += [(key, ()) for key in by_key.keys() - grouped.keys()]
+        if not changed:
             return
+        index, dirty = self._index, self._dirty
         learned: dict[str, tuple[int, int]] = {}  # job -> (highest rank, newest generation), of changed ranks
-        for key, entries in regrouped.items():
-            self._dirty.add(key)
+        for key, entries in changed:
+            dirty.add(key)
             job, rank = key
             if not entries:
                 del by_key[key]
-                by_rank = self._index[job]
-                by_node = by_rank[rank]
-                del by_node[node]
-                if not by_node:
-                    del by_rank[rank]
+                gone = index[job][rank]
+                del gone[node]
+                if not gone:
+                    del index[job][rank]
                 continue
             by_key[key] = entries
-            self._index.setdefault(job, {}).setdefault(rank, {})[node] = entries
-            top_rank, generation = learned.get(job, (-1, 0))
-            learned[job] = (max(top_rank, rank), max(generation, *(h.generation for h in entries)))
+            if (by_rank := index.get(job)) is None:
+                by_rank = index[job] = {}
+            if (by_node := by_rank.get(rank)) is None:
+                by_node = by_rank[rank] = {}
+            by_node[node] = entries
+            generation = max(map(_GENERATION, entries))
+            if (seen := learned.get(job)) is None:
+                learned[job] = (rank, generation)
+            elif rank > seen[0] or generation > seen[1]:
+                learned[job] = (max(seen[0], rank), max(seen[1], generation))
         for job, (top_rank, generation) in learned.items():
             record = self._jobs.get(job)
             if record is None:

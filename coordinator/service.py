@@ -114,7 +114,6 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         # each group's members as protobuf, for heartbeat replies; dropped when groups (or who drains) change
         self._group_protos: tuple[GroupView | None, dict[tuple[AgentInfo, ...], list[pb.AgentDescription]]] = (None, {})
         self._protection: list[pb.JobProtection] = []  # every job's, for heartbeat replies; rebuilt each refresh
-        self._decoder = wire.InventoryDecoder()
         # node -> its last report filed as it came (from `state.py`'s front end): the same bytes
         # again (an idle node, a stopped job) are filed at the cost of comparing them
         self._filed_raw: dict[str, bytes] = {}
@@ -206,15 +205,13 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
     def _file(self, reports: list[tuple[str, tuple[int, Report]]]) -> None:
         for node, (incarnation, report) in reports:
             if isinstance(report, pb.HeartbeatRequest):
-                held = self._decoder.decode(node, report.held)
-                self._cluster.file_inventory(node, incarnation, held, report.memory_used_bytes)
+                self._cluster.file_inventory(node, incarnation, wire.held_from_proto(report.held), report.memory_used_bytes)
                 self._filed_raw.pop(node, None)
                 continue
             if self._filed_raw.get(node) == report:  # node, incarnation, inventory and memory as last filed
                 continue
             try:
-                entries, memory_used = wire.scan_report(report)
-                held = self._decoder.decode_encoded(node, entries)
+                held, memory_used = wire.decode_report(report)
             except InvalidRequest as exc:  # the front end read only its header
                 log.warning("node %s: a heartbeat's report is dropped: %s", node, exc)
                 continue
@@ -257,7 +254,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
     @map_errors
     async def RegisterAgent(self, request: pb.RegisterAgentRequest, context: Any) -> pb.RegisterAgentResponse:
         info = wire.agent_from_proto(request.agent)
-        held = self._decoder.decode(info.node, request.held)
+        held = wire.held_from_proto(request.held)
         with self._lock:
             self._pending.pop(info.node, None)  # an older incarnation's
             incarnation, change = self._cluster.register_agent(info, held, time.monotonic(), request.instance_id)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from memckpt.coordinator.cluster import Held
 from memckpt.coordinator.drain import DrainProgress
@@ -53,116 +53,37 @@ def drain_from_proto(message: pb.DrainStatus) -> DrainProgress:
 
 
 def held_from_proto(messages: Iterable[pb.HeldSnapshot]) -> tuple[Held, ...]:
-    return tuple(_held_from_proto(h) for h in messages)
+    """The entries of an inventory; an entry reported twice counts once. Built as tuples, not
+    through Held's keywords: a coordinator of 2,000 agents builds 80,000 at each refresh (at
+    40 entries a report, 110 us a report parsed whole, against 290 us recognizing unchanged
+    entries by their bytes and building only the others)."""
+    new, indices = tuple.__new__, _indices
+    entries = [
+        new(Held, (h.job, h.rank, h.step, h.generation, indices(h.fragment_indices), h.k, h.m, h.size_bytes, h.protected))
+        for h in messages
+    ]
+    return tuple(dict.fromkeys(entries))
 
 
-def _held_from_proto(h: pb.HeldSnapshot) -> Held:
-    return Held(
-        job=h.job,
-        rank=h.rank,
-        step=h.step,
-        generation=h.generation,
-        fragment_indices=tuple(h.fragment_indices),
-        k=h.k,
-        m=h.m,
-        size_bytes=h.size_bytes,
-        protected=h.protected,
-    )
+_ONE_INDEX = {i: (i,) for i in range(256)}  # most fragment entries hold one fragment
 
 
-class InventoryDecoder:
-    """`held_from_proto` for nodes that report their whole inventory again and again: an entry
-    a node reported in its previous report is not decoded again, and is the same `Held` object,
-    so that `Cluster` sees at once which ranks changed. An entry is recognized by its encoding:
-    as it came (`decode_encoded`, with `scan_report`), or serialized again (`decode`; a
-    fraction of the cost of decoding it)."""
-
-    def __init__(self) -> None:
-        self._last: dict[str, dict[bytes, Held]] = {}  # node -> encoding -> entry, of its last report
-
-    def decode(self, node: str, messages: Iterable[pb.HeldSnapshot]) -> tuple[Held, ...]:
-        return self._decode(node, ((message.SerializeToString(), message) for message in messages))
-
-    def decode_encoded(self, node: str, entries: Iterable[bytes]) -> tuple[Held, ...]:
-        """`decode` of entries as they came on the wire; raises InvalidRequest for a malformed one."""
-        return self._decode(node, ((entry, None) for entry in entries))
-
-    def _decode(self, node: str, entries: Iterable[tuple[bytes, pb.HeldSnapshot | None]]) -> tuple[Held, ...]:
-        last = self._last.get(node, {})
-        current: dict[bytes, Held] = {}  # an entry reported twice counts once
-        for encoded, message in entries:
-            held = last.get(encoded)
-            if held is None:
-                if message is None:
-                    try:
-                        message = pb.HeldSnapshot.FromString(encoded)
-                    except Exception as exc:  # protobuf's DecodeError
-                        raise InvalidRequest(f"node {node!r}: a malformed inventory entry: {exc}") from exc
-                held = _held_from_proto(message)
-            current[encoded] = held
-        self._last[node] = current
-        return tuple(current.values())
+def _indices(repeated: Sequence[int]) -> tuple[int, ...]:
+    if not repeated:
+        return ()
+    if len(repeated) == 1 and (one := _ONE_INDEX.get(repeated[0])) is not None:
+        return one
+    return tuple(repeated)
 
 
-# HeartbeatRequest's fields that `scan_report` reads (see coordinator.proto)
-HELD_FIELD = 3
-MEMORY_USED_FIELD = 4
-
-
-def scan_report(raw: bytes) -> tuple[list[bytes], int]:
-    """A HeartbeatRequest's inventory entries, each as encoded, and its memory_used_bytes, read
-    off the wire without building a message per entry: at 40 entries a report, wrapping each
-    in a message and encoding it again to recognize it took 450 us, most of what filing a
-    report costs. Raises InvalidRequest for a malformed encoding."""
-    entries: list[bytes] = []
-    memory_used = 0
-    end = len(raw)
-    i = 0
+def decode_report(raw: bytes) -> tuple[tuple[Held, ...], int]:
+    """A HeartbeatRequest's inventory and memory_used_bytes, as it came on the wire (the front
+    end of `state.py` passes reports on unparsed). Raises InvalidRequest when malformed."""
     try:
-        while i < end:
-            key, i = _varint(raw, i)
-            field, kind = key >> 3, key & 7
-            if field == 0:
-                raise InvalidRequest("field number 0 is not in a heartbeat report")
-            if kind == 2:  # length-delimited: strings, messages
-                size, i = _varint(raw, i)
-                if i + size > end:
-                    raise InvalidRequest(f"a field {field} of {size} bytes runs past the report's end")
-                if field == HELD_FIELD:
-                    entries.append(raw[i : i + size])
-                i += size
-            elif kind == 0:
-                value, i = _varint(raw, i)
-                if field == MEMORY_USED_FIELD:
-                    memory_used = value
-            elif kind in (1, 5):  # fixed 64 or 32 bits (none in a report today; skipped)
-                i += 8 if kind == 1 else 4
-            else:
-                raise InvalidRequest(f"wire type {kind} (field {field}) is not in a heartbeat report")
-    except IndexError:
-        raise InvalidRequest("the report ends in the middle of a field") from None
-    if i != end:
-        raise InvalidRequest("the report ends in the middle of a field")
-    return entries, memory_used
-
-
-def _varint(data: bytes, i: int) -> tuple[int, int]:
-    """The varint at data[i:] and the index after it (IndexError when it runs past the end)."""
-    byte = data[i]
-    if byte < 0x80:
-        return byte, i + 1
-    value = shift = 0
-    while True:
-        byte = data[i]
-        i += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            if value >> 64:
-                raise InvalidRequest("a varint of more than 64 bits")
-            return value, i
-        shift += 7
-        if shift > 63:
-            raise InvalidRequest("a varint longer than 10 bytes")
+        request = pb.HeartbeatRequest.FromString(raw)
+    except Exception as exc:  # protobuf's DecodeError
+        raise InvalidRequest(f"a malformed heartbeat report: {exc}") from exc
+    return held_from_proto(request.held), request.memory_used_bytes
 
 
 def held_to_proto(held: Iterable[Held]) -> list[pb.HeldSnapshot]:

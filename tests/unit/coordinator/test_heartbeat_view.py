@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from memckpt.coordinator import state
+from memckpt.coordinator import state, wire
 from memckpt.coordinator.cluster import Cluster, Held
 from memckpt.coordinator.membership import AgentInfo
 from memckpt.coordinator.service import CoordinatorServicer
@@ -80,22 +80,27 @@ def test_a_report_passed_on_unparsed_is_filed_as_the_request_would_be() -> None:
     assert not servicer.accept_report("n0", request.incarnation + 1, request.SerializeToString(), now=1.0), "another incarnation"
 
 
-def test_a_report_the_same_as_the_last_filed_costs_no_decoding_and_changes_nothing() -> None:
+def test_a_report_the_same_as_the_last_filed_costs_no_decoding_and_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     cluster, servicer = cluster_of(4)
     incarnation = cluster.membership.members["n0"].incarnation
     first = (Held(job="j", rank=0, step=3, generation=1),)
     raw = pb.HeartbeatRequest(node="n0", incarnation=incarnation, held=held_to_proto(first)).SerializeToString()
     assert servicer.accept_report("n0", incarnation, raw, now=1.0)
-    decoded = []
-    decode = servicer._decoder.decode_encoded
-    servicer._decoder.decode_encoded = lambda node, entries: decoded.append(node) or decode(node, entries)  # type: ignore[method-assign]
+    decoded: list[bytes] = []
+    decode = wire.decode_report
+
+    def counted(raw: bytes) -> tuple[tuple[Held, ...], int]:
+        decoded.append(raw)
+        return decode(raw)
+
+    monkeypatch.setattr(wire, "decode_report", counted)
     assert servicer.accept_report("n0", incarnation, bytes(raw), now=2.0)
     assert decoded == [] and cluster.held["n0"] == first
 
     second = (Held(job="j", rank=0, step=4, generation=1),)
     changed = pb.HeartbeatRequest(node="n0", incarnation=incarnation, held=held_to_proto(second)).SerializeToString()
     assert servicer.accept_report("n0", incarnation, changed, now=3.0)
-    assert decoded == ["n0"] and cluster.held["n0"] == second
+    assert decoded == [changed] and cluster.held["n0"] == second
 
 
 def test_a_report_malformed_past_its_header_is_dropped_and_filing_goes_on(caplog: pytest.LogCaptureFixture) -> None:
