@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol, TypeAlias
+from typing import NamedTuple, Protocol, TypeAlias
 
 
 class Entry(Protocol):
@@ -39,8 +39,7 @@ class Entry(Protocol):
 RankHoldings: TypeAlias = Mapping[str, Sequence[Entry]]  # node -> what it holds of one rank
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class FragmentSet:
+class FragmentSet(NamedTuple):  # named tuples: a plan builds one of each per rank, in a third of a dataclass's time
     step: int
     k: int
     m: int
@@ -49,8 +48,7 @@ class FragmentSet:
     generation: int = 0  # the attempt that committed the step
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RankSource:
+class RankSource(NamedTuple):
     rank: int
     copies: tuple[str, ...]  # nodes with a whole copy of the step, preferred in this order
     fragments: FragmentSet | None  # live holders of the step's fragments, if enough
@@ -103,10 +101,13 @@ def source_of(rank: int, holdings: RankHoldings, step: int, alive: frozenset[str
                 continue
             if not e.fragment_indices:
                 copies.append(node)
-                continue
-            holders = commits.setdefault(e.generation, (e, {}))[1]
-            for index in e.fragment_indices:
-                holders.setdefault(index, node)
+            elif (found := commits.get(e.generation)) is None:
+                commits[e.generation] = (e, dict.fromkeys(e.fragment_indices, node))
+            else:
+                holders = found[1]
+                for index in e.fragment_indices:
+                    if index not in holders:
+                        holders[index] = node
     fragments = None
     usable = [generation for generation, (e, holders) in commits.items() if len(holders) >= e.k]
     if usable:
