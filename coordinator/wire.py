@@ -7,7 +7,7 @@ from collections.abc import Iterable, Sequence
 from memckpt.coordinator.cluster import Held
 from memckpt.coordinator.drain import DrainProgress
 from memckpt.coordinator.membership import AgentInfo
-from memckpt.coordinator.plan import Decision, RankSource
+from memckpt.coordinator.plan import Decision, RankSource, RecoveryPlan
 from memckpt.errors import InvalidRequest
 from memckpt.protos import coordinator_pb2 as pb
 
@@ -106,17 +106,64 @@ def held_to_proto(held: Iterable[Held]) -> list[pb.HeldSnapshot]:
 def plan_to_proto(decision: Decision, addresses: dict[str, str]) -> pb.GetRecoveryPlanResponse:
     if decision.plan is None:
         return pb.GetRecoveryPlanResponse(has_plan=False, step=-1, reason=decision.reason)
-    sources = []
-    for source in decision.plan.sources:
-        message = pb.RankSource(
-            rank=source.rank, copies=[pb.AgentDescription(node=n, address=addresses.get(n, "")) for n in source.copies]
-        )
-        if source.fragments is not None:
-            f = source.fragments
-            message.k, message.m, message.size_bytes = f.k, f.m, f.size_bytes
-            message.fragments.extend(pb.FragmentHolder(index=i, node=n, address=addresses.get(n, "")) for i, n in f.holders)
-        sources.append(message)
-    return pb.GetRecoveryPlanResponse(has_plan=True, step=decision.plan.step, sources=sources, reason=decision.reason)
+    return pb.GetRecoveryPlanResponse.FromString(encode_plan(decision.plan, decision.reason, addresses))
+
+
+def encode_plan(plan: RecoveryPlan, reason: str, addresses: dict[str, str]) -> bytes:
+    """A GetRecoveryPlanResponse's encoding, the bytes protobuf gives, joined from pieces encoded
+    once: every holder's (node, address) and every fragment scheme repeat from rank to rank. A
+    plan of 16,000 ranks took 250 ms as messages, and is asked while the whole job waits.
+    (A message's encoding is its fields' encodings in field order, and a repeated message
+    field is one length-delimited field per element: RankSource's are joined in that order.)"""
+    copies: dict[str, bytes] = {}
+    holders: dict[tuple[int, str], bytes] = {}
+    schemes: dict[tuple[int, int, int], bytes] = {}
+    parts = [pb.GetRecoveryPlanResponse(has_plan=True, step=plan.step).SerializeToString()]
+    for source in plan.sources:
+        body = [_RANK_KEY + _encode_varint(source.rank)] if source.rank else []
+        for node in source.copies:
+            if (piece := copies.get(node)) is None:
+                described = pb.AgentDescription(node=node, address=addresses.get(node, "")).SerializeToString()
+                piece = copies[node] = _field(_COPIES_KEY, described)
+            body.append(piece)
+        if (f := source.fragments) is not None:
+            for held in f.holders:
+                if (piece := holders.get(held)) is None:
+                    index, node = held
+                    holder = pb.FragmentHolder(index=index, node=node, address=addresses.get(node, "")).SerializeToString()
+                    piece = holders[held] = _field(_FRAGMENTS_KEY, holder)
+                body.append(piece)
+            if (piece := schemes.get(scheme := (f.k, f.m, f.size_bytes))) is None:
+                piece = schemes[scheme] = pb.RankSource(k=f.k, m=f.m, size_bytes=f.size_bytes).SerializeToString()
+            body.append(piece)
+        parts.append(_field(_SOURCES_KEY, b"".join(body)))
+    parts.append(pb.GetRecoveryPlanResponse(reason=reason).SerializeToString())
+    return b"".join(parts)
+
+
+# keys (field number << 3 | wire type) of the fields `encode_plan` writes itself (coordinator.proto)
+_RANK_KEY = b"\x08"  # RankSource.rank, varint
+_COPIES_KEY = b"\x12"  # RankSource.copies, length-delimited
+_FRAGMENTS_KEY = b"\x1a"  # RankSource.fragments
+_SOURCES_KEY = b"\x1a"  # GetRecoveryPlanResponse.sources
+
+
+def _field(key: bytes, payload: bytes) -> bytes:
+    return key + _encode_varint(len(payload)) + payload
+
+
+def _encode_varint(value: int) -> bytes:
+    if value < 0x80:
+        return _SMALL_VARINTS[value]
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+_SMALL_VARINTS = [bytes((i,)) for i in range(0x80)]
 
 
 def location_to_proto(step: int, source: RankSource, addresses: dict[str, str]) -> pb.SnapshotLocation:

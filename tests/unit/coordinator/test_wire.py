@@ -5,7 +5,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from memckpt.coordinator.cluster import Held
-from memckpt.coordinator.wire import decode_report, held_from_proto, held_to_proto
+from memckpt.coordinator.plan import Decision, FragmentSet, RankSource, RecoveryPlan
+from memckpt.coordinator.wire import decode_report, encode_plan, held_from_proto, held_to_proto, plan_to_proto
 from memckpt.errors import InvalidRequest
 from memckpt.protos import coordinator_pb2 as pb
 
@@ -59,3 +60,55 @@ def test_a_report_decodes_to_the_entries_and_memory_it_was_built_from(held: list
 def test_a_malformed_report_is_refused_precisely(raw: bytes) -> None:
     with pytest.raises(InvalidRequest, match="a malformed heartbeat report"):
         decode_report(raw)
+
+
+def _plan_as_messages(plan: RecoveryPlan, reason: str, addresses: dict[str, str]) -> pb.GetRecoveryPlanResponse:
+    """The plan built message by message: what `encode_plan` must equal, byte for byte."""
+    sources = []
+    for source in plan.sources:
+        message = pb.RankSource(
+            rank=source.rank, copies=[pb.AgentDescription(node=n, address=addresses.get(n, "")) for n in source.copies]
+        )
+        if (f := source.fragments) is not None:
+            message.k, message.m, message.size_bytes = f.k, f.m, f.size_bytes
+            message.fragments.extend(pb.FragmentHolder(index=i, node=n, address=addresses.get(n, "")) for i, n in f.holders)
+        sources.append(message)
+    return pb.GetRecoveryPlanResponse(has_plan=True, step=plan.step, sources=sources, reason=reason)
+
+
+nodes = st.sampled_from([f"node-{i}" for i in range(6)])
+fragment_sets = st.builds(
+    FragmentSet,
+    step=st.integers(0, 1 << 40),
+    k=st.integers(0, 300),
+    m=st.integers(0, 300),
+    size_bytes=st.integers(0, 1 << 62),
+    holders=st.lists(st.tuples(st.integers(0, 300), nodes), max_size=6).map(tuple),
+)
+sources = st.builds(
+    RankSource,
+    rank=st.integers(0, 1 << 30),
+    copies=st.lists(nodes, max_size=3).map(tuple),
+    fragments=st.none() | fragment_sets,
+)
+
+
+@given(
+    st.lists(sources, max_size=20),
+    st.integers(0, 1 << 62),
+    st.text(max_size=300),
+    st.dictionaries(nodes, st.text(max_size=200)),
+)
+@settings(max_examples=200, deadline=None)
+def test_an_encoded_plan_is_the_bytes_protobuf_gives(
+    ranks: list[RankSource], step: int, reason: str, addresses: dict[str, str]
+) -> None:
+    plan = RecoveryPlan(step=step, sources=tuple(ranks))
+    expected = _plan_as_messages(plan, reason, addresses)
+    assert encode_plan(plan, reason, addresses) == expected.SerializeToString()
+    assert plan_to_proto(Decision(plan=plan, reason=reason), addresses) == expected
+
+
+def test_a_decision_without_a_plan_says_why() -> None:
+    reply = plan_to_proto(Decision(plan=None, reason="memory cannot restore the job: ranks [3]"), {})
+    assert not reply.has_plan and reply.step == -1 and reply.sources == [] and "ranks [3]" in reply.reason
