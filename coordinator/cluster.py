@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 TARGET_PATIENCE = 3  # refreshes a target may look unprotectable before a new one replaces it
 _JOB_RANK = itemgetter(0, 1)  # of a Held
 _GENERATION = itemgetter(3)
+_NO_STEPS: frozenset[int] = frozenset()
 REFRESH_RANKS_PER_STEP = 500  # ranks a refresh recomputes between two yields (a few ms)
 
 
@@ -343,13 +344,14 @@ class Cluster:
         self._dirty_jobs = set()
         generations = {job: record.generation for job, record in self._jobs.items()}
         draining = self.groups.draining
-        holders = self._holder_nodes()
-        for done, key in enumerate(list(self._dirty), 1):
-            self._dirty.discard(key)  # changed again from here on: recomputed again by the next refresh
-            self._recompute_progress(*key, generations.get(key[0]), self.membership.alive_nodes(), holders)
-            if done % ranks_per_step == 0:
-                yield done
-                holders = self._holder_nodes()
+        dirty = list(self._dirty)
+        for start in range(0, len(dirty), ranks_per_step):
+            chunk = dirty[start : start + ranks_per_step]
+            self._dirty.difference_update(chunk)  # changed again from here on: recomputed again by the next refresh
+            alive, holders = self.membership.alive_nodes(), self._holder_nodes()
+            for job, rank in chunk:
+                self._recompute_progress(job, rank, generations.get(job), alive, holders)
+            yield start + len(chunk)
         result: dict[str, JobProtection] = {}
         for job, ranks in self._progress.items():
             record = self._jobs.get(job)
@@ -375,31 +377,35 @@ class Cluster:
     def _recompute_progress(
         self, job: str, rank: int, generation: int | None, alive: frozenset[str], holders: frozenset[str]
     ) -> None:
-        by_node = self._index.get(job, {}).get(rank)
+        by_node = by_rank.get(rank) if (by_rank := self._index.get(job)) is not None else None
         if generation is None or not by_node:
-            self._progress.get(job, {}).pop(rank, None)
+            if (progress := self._progress.get(job)) is not None:
+                progress.pop(rank, None)
             return
         committed: set[int] = set()
         indices: dict[int, set[int]] = {}
         width = 0
         for node, entries in by_node.items():
-            if node in alive:
-                counts = node in holders
-                for h in entries:
-                    if h.generation != generation:
-                        continue
-                    if not h.fragment_indices:
-                        committed.add(h.step)
-                    elif not counts:
-                        continue
-                    elif (found := indices.get(h.step)) is None:
-                        indices[h.step] = set(h.fragment_indices)
-                        width = h.k + h.m
-                    else:
-                        found.update(h.fragment_indices)
-                        width = h.k + h.m
-        complete = {step for step, found in indices.items() if width and len(found) >= width}
-        self._progress.setdefault(job, {})[rank] = RankProgress(committed=frozenset(committed), complete=frozenset(complete))
+            if node not in alive:
+                continue
+            counts = node in holders
+            for h in entries:
+                if h.generation != generation:
+                    continue
+                if not h.fragment_indices:
+                    committed.add(h.step)
+                elif not counts:
+                    continue
+                elif (found := indices.get(h.step)) is None:
+                    indices[h.step] = set(h.fragment_indices)
+                    width = h.k + h.m
+                else:
+                    found.update(h.fragment_indices)
+                    width = h.k + h.m
+        complete = frozenset(step for step, found in indices.items() if len(found) >= width) if width else _NO_STEPS
+        if (progress := self._progress.get(job)) is None:
+            progress = self._progress[job] = {}
+        progress[rank] = RankProgress(frozenset(committed), complete)
 
     def _job_protection(self, job: str, record: JobRecord, ranks: dict[int, RankProgress], now: float) -> JobProtection:
         previous = self._protection.get(job)

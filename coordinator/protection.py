@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Set
 from dataclasses import dataclass
+from typing import NamedTuple
 
 NONE = -1
 LEAD_REFRESHES = 4  # a target lies as many steps ahead as the job commits in this many refreshes
@@ -35,9 +36,10 @@ STILL_REFRESHES = 2  # ...and for at least this many refreshes
 MAX_LEAD = 1000
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RankProgress:
-    """One rank's steps in the job's current generation, from the agents' inventories."""
+class RankProgress(NamedTuple):
+    """One rank's steps in the job's current generation, from the agents' inventories (a named
+    tuple: the coordinator builds one for each rank that changed, 16,000 at every refresh of a
+    large job)."""
 
     committed: Set[int] = frozenset()  # whole copies its owner holds (the latest and the one before)
     complete: Set[int] = frozenset()  # steps whose k+m fragments are all held by peers
