@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import gc
 import json
 import math
 import select
@@ -47,9 +48,13 @@ import psutil
 
 from memckpt.coordinator.cluster import Cluster, Held
 from memckpt.coordinator.membership import AgentInfo
+from memckpt.coordinator.service import CoordinatorServicer
+from memckpt.coordinator.state import GC_THRESHOLDS
 from memckpt.coordinator.wire import held_to_proto
+from memckpt.errors import Unavailable
 from memckpt.local import CoordinatorProcess, stop_process
 from memckpt.protos import coordinator_pb2 as pb
+from memckpt.rpc import exception_for_status
 
 JOB = "scale"
 K, M = 2, 1
@@ -66,6 +71,8 @@ FLOOR_WINDOW_S = 10.0  # the baseline's window at most
 T = TypeVar("T")
 REGISTER_CONCURRENCY = 32
 LOCATE_CONCURRENCY = 64
+LOCATE_ATTEMPTS = 5
+LOCATE_RETRY_S = 0.2
 TARGET_HEARTBEAT_P99_MS = 50.0
 TARGET_PLAN_S = 1.0
 SERVICE = "/memckpt.v1.CoordinatorService/"
@@ -397,8 +404,9 @@ class ScaleReport:
     plan_again_s: float  # the pinned plan asked again
     plan_step: int
     plan_sources: int
-    plan_compute_s: float  # Cluster.recovery_plan in process, no gRPC
+    plan_compute_s: float  # the plan's first ask in process, no gRPC: pending reports filed, the plan, the reply's bytes
     locate_all_s: float  # LocateSnapshots for every rank, LOCATE_CONCURRENCY in flight
+    locate_retries: dict[str, int]  # status code -> locates asked again after it
     locate_p50_ms: float
     locate_p99_ms: float
     locate_compute_s: float  # Cluster.locate of every rank in process
@@ -456,10 +464,22 @@ def tell(clients: Sequence[subprocess.Popen[str]], line: str) -> None:
         client.stdin.flush()
 
 
-async def restore_storm(address: str, shape: Shape) -> tuple[float, float, int, int, float, list[float]]:
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Storm:
+    plan_s: float
+    plan_again_s: float
+    step: int
+    sources: int
+    locate_all_s: float
+    locate_latencies_s: list[float]
+    locate_retries: dict[str, int]  # status code -> LocateSnapshots asked again after it
+
+
+async def restore_storm(address: str, shape: Shape) -> Storm:
     """A restarted job: a new generation, the whole job's plan (twice: computed, then pinned),
-    then every rank's LocateSnapshots. Returns plan_s, plan_again_s, step, sources, locate_all_s,
-    locate latencies."""
+    then every rank's LocateSnapshots. A locate that fails with a code the agents take for "ask
+    again" (memckpt.rpc: UNAVAILABLE, DEADLINE_EXCEEDED, CANCELLED) is asked again, as they do,
+    and counted."""
     async with grpc.aio.insecure_channel(address) as channel:
         start = channel.unary_unary(
             SERVICE + "StartGeneration",
@@ -497,12 +517,21 @@ async def restore_storm(address: str, shape: Shape) -> tuple[float, float, int, 
             raise RuntimeError(f"no plan for the whole job: {plan.reason}")
         progress(f"plan: step {plan.step} for {len(plan.sources)} ranks in {plan_s:.3f}s (pinned: {plan_again_s:.3f}s)")
         latencies: list[float] = []
+        retries: dict[str, int] = {}
         gate = asyncio.Semaphore(LOCATE_CONCURRENCY)
 
         async def one(rank: int) -> None:
             async with gate:
                 sent = time.perf_counter()
-                reply = await locate(pb.LocateSnapshotsRequest(job=JOB, rank=rank), timeout=600)
+                for attempt in range(1, LOCATE_ATTEMPTS + 1):
+                    try:
+                        reply = await locate(pb.LocateSnapshotsRequest(job=JOB, rank=rank), timeout=600)
+                        break
+                    except grpc.aio.AioRpcError as exc:
+                        if exception_for_status(exc.code()) is not Unavailable or attempt == LOCATE_ATTEMPTS:
+                            raise
+                        retries[exc.code().name] = retries.get(exc.code().name, 0) + 1
+                        await asyncio.sleep(LOCATE_RETRY_S)
                 latencies.append(time.perf_counter() - sent)
                 if not reply.locations or reply.lost_reason:
                     raise RuntimeError(f"rank {rank} cannot be located: {reply.lost_reason}")
@@ -510,21 +539,50 @@ async def restore_storm(address: str, shape: Shape) -> tuple[float, float, int, 
         began = time.perf_counter()
         await asyncio.gather(*(one(r) for r in range(shape.ranks)))
         locate_all_s = time.perf_counter() - began
-        progress(f"LocateSnapshots of {shape.ranks} ranks: {locate_all_s:.3f}s")
-        return plan_s, plan_again_s, plan.step, len(plan.sources), locate_all_s, latencies
+        asked_again = f" ({sum(retries.values())} asked again: {retries})" if retries else ""
+        progress(f"LocateSnapshots of {shape.ranks} ranks: {locate_all_s:.3f}s{asked_again}")
+        return Storm(
+            plan_s=plan_s,
+            plan_again_s=plan_again_s,
+            step=plan.step,
+            sources=len(plan.sources),
+            locate_all_s=locate_all_s,
+            locate_latencies_s=latencies,
+            locate_retries=retries,
+        )
 
 
 def compute_in_process(shape: Shape) -> tuple[float, float]:
-    """The plan and every rank's locate, on the same inventory, without gRPC or other load."""
+    """The plan's first ask and every rank's locate, on the same inventory, in process: no gRPC
+    and no other load. The plan's ask is timed as the coordinator meets it after a restart:
+    every agent's last report came since the last refresh and waits to be filed, and the
+    reply's bytes are the end."""
     cluster = Cluster(k=K, m=M, lease_s=1e9)
+    servicer = CoordinatorServicer(cluster, heartbeat_interval_s=1.0, warmup_s=0.0)
     committed, protected = shape.steps_at(0.0, math.inf)
+    reports = []
     for agent in range(shape.agents):
-        cluster.register_agent(agent_info(agent), inventory(shape, agent, committed, protected), now=0.0)
+        older = inventory(shape, agent, committed - 1, protected - 1)
+        incarnation, _ = cluster.register_agent(agent_info(agent), older, now=0.0)
+        newest = heartbeat_request(shape, agent, incarnation, committed, protected)
+        reports.append((agent, incarnation, newest.SerializeToString()))
+    cluster.refresh_protection(now=0.0)
+    for agent, incarnation, report in reports:
+        assert servicer.accept_report(node_name(agent), incarnation, report, now=0.0)
     generation = cluster.start_generation(JOB, shape.ranks, previous=1)
-    began = time.perf_counter()
-    decision = cluster.recovery_plan(JOB, generation)
-    plan_s = time.perf_counter() - began
-    assert decision.plan is not None and len(decision.plan.sources) == shape.ranks, decision.reason
+    request = pb.GetRecoveryPlanRequest(job=JOB, generation=generation)
+    thresholds = gc.get_threshold()
+    gc.freeze()  # the coordinator's collector settings (`state.py`)
+    gc.set_threshold(*GC_THRESHOLDS)
+    try:
+        began = time.perf_counter()
+        reply = asyncio.run(servicer.GetRecoveryPlan(request, None)).SerializeToString()
+        plan_s = time.perf_counter() - began
+    finally:
+        gc.set_threshold(*thresholds)
+        gc.unfreeze()
+    plan = pb.GetRecoveryPlanResponse.FromString(reply)
+    assert plan.has_plan and plan.step == committed and len(plan.sources) == shape.ranks, plan.reason
     began = time.perf_counter()
     for rank in range(shape.ranks):
         found, _ = cluster.locate(JOB, rank)
@@ -614,7 +672,7 @@ def run(args: argparse.Namespace) -> ScaleReport:
             ],
         )
 
-        def restart_the_job() -> tuple[float, float, int, int, float, list[float]]:
+        def restart_the_job() -> Storm:
             progress("steady state measured; the job stops, and restarts once every agent reported its last step")
             time.sleep(args.interval_s + 0.5)
             storm = asyncio.run(restore_storm(coordinator.address, shape))
@@ -635,7 +693,7 @@ def run(args: argparse.Namespace) -> ScaleReport:
             coordinator.stop()
             if args.coordinator_log and coordinator.log_path.exists():
                 Path(args.coordinator_log).write_bytes(coordinator.log_path.read_bytes())
-    plan_s, plan_again_s, step, sources, locate_all_s, locates = storm
+    locates = storm.locate_latencies_s
     results, register_s, cpu_window = measured.results, measured.register_s, measured.server_cpu_s
     progress("computing the plan in process")
     plan_compute_s, locate_compute_s = compute_in_process(shape)
@@ -680,19 +738,20 @@ def run(args: argparse.Namespace) -> ScaleReport:
         floor_cpu_pct=100 * floor.server_cpu_s / min(args.duration_s, FLOOR_WINDOW_S),
         floor_cpu_us_per_heartbeat=1e6 * floor.server_cpu_s / max(1, len(floor_latencies)),
         clients_cpu_pct=100 * sum(r["cpu_s"] / r["wall_s"] for r in results),
-        plan_s=plan_s,
-        plan_again_s=plan_again_s,
-        plan_step=step,
-        plan_sources=sources,
+        plan_s=storm.plan_s,
+        plan_again_s=storm.plan_again_s,
+        plan_step=storm.step,
+        plan_sources=storm.sources,
         plan_compute_s=plan_compute_s,
-        locate_all_s=locate_all_s,
+        locate_all_s=storm.locate_all_s,
+        locate_retries=storm.locate_retries,
         locate_p50_ms=percentile(locates, 0.50) * 1e3,
         locate_p99_ms=percentile(locates, 0.99) * 1e3,
         locate_compute_s=locate_compute_s,
         during_restore_heartbeat_p99_ms=percentile(during, 0.99) * 1e3,
         during_restore_heartbeat_max_ms=max(during, default=math.nan) * 1e3,
         heartbeat_target_met=p99_ms < TARGET_HEARTBEAT_P99_MS,
-        plan_target_met=plan_s < TARGET_PLAN_S,
+        plan_target_met=storm.plan_s < TARGET_PLAN_S,
     )
 
 
@@ -728,9 +787,14 @@ def format_table(r: ScaleReport) -> str:
         ("register all agents", f"{r.register_s:.2f} s", ""),
         ("GetRecoveryPlan", f"{r.plan_s:.3f} s", f"step {r.plan_step}, " + target(r.plan_target_met, f"{TARGET_PLAN_S:.0f} s")),
         ("  pinned, again", f"{r.plan_again_s:.3f} s", ""),
-        ("  in process", f"{r.plan_compute_s:.3f} s", "Cluster.recovery_plan, no gRPC"),
+        ("  in process", f"{r.plan_compute_s:.3f} s", "every agent's last report filed, the plan, its reply's bytes; no gRPC"),
         ("LocateSnapshots x all", f"{r.locate_all_s:.3f} s", f"{r.ranks} calls, {LOCATE_CONCURRENCY} in flight"),
         ("  per call p50/p99", f"{r.locate_p50_ms:.2f}/{r.locate_p99_ms:.2f} ms", ""),
+        (
+            "  asked again",
+            f"{sum(r.locate_retries.values())}",
+            ", ".join(f"{code}: {n}" for code, n in sorted(r.locate_retries.items())) or "as agents do after UNAVAILABLE etc.",
+        ),
         ("  in process", f"{r.locate_compute_s:.3f} s", "Cluster.locate of every rank"),
         (
             "heartbeat p99/max in restore",
