@@ -133,7 +133,7 @@ class Cluster:
 
     def file_inventory(self, node: str, incarnation: int, held: tuple[Held, ...], memory_used_bytes: int = 0) -> bool:
         """Files what a live member reported holding: only the ranks whose entries changed since
-        its last report are indexed again (entries equal to the last ones cost nothing). A report
+        its last report are indexed again (a rank's entries are compared, in C). A report
         of another incarnation (made before the agent registered again) or of a failed member
         is dropped: False."""
         member = self.membership.members.get(node)
@@ -331,9 +331,10 @@ class Cluster:
         self, ranks_per_step: int = REFRESH_RANKS_PER_STEP, now: float | None = None
     ) -> Iterator[int]:
         """`refresh_protection` cut in steps: yields (the ranks recomputed so far) after every
-        `ranks_per_step` ranks, so that a server answers calls in between; the state may change
-        there, and what changed is seen by the next refresh. Only the ranks whose entries
-        changed are recomputed."""
+        `ranks_per_step` ranks and after the last, so that a server answers calls in between;
+        the state may change there (even before the jobs' targets are computed from the ranks),
+        and what changed is seen by the next refresh. Only the ranks whose entries changed are
+        recomputed."""
         now = time.monotonic() if now is None else now
         if self._refreshed_at is not None and now > self._refreshed_at:
             gap = now - self._refreshed_at

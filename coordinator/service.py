@@ -204,19 +204,22 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
 
     def _file(self, reports: list[tuple[str, tuple[int, Report]]]) -> None:
         for node, (incarnation, report) in reports:
-            if isinstance(report, pb.HeartbeatRequest):
-                self._cluster.file_inventory(node, incarnation, wire.held_from_proto(report.held), report.memory_used_bytes)
-                self._filed_raw.pop(node, None)
-                continue
-            if self._filed_raw.get(node) == report:  # node, incarnation, inventory and memory as last filed
+            raw = report if isinstance(report, bytes) else None
+            if raw is not None and self._filed_raw.get(node) == raw:  # node, incarnation, inventory and memory as last filed
                 continue
             try:
-                held, memory_used = wire.decode_report(report)
-            except InvalidRequest as exc:  # the front end read only its header
+                if isinstance(report, pb.HeartbeatRequest):
+                    held, memory_used = wire.held_from_proto(report.held), report.memory_used_bytes
+                else:
+                    held, memory_used = wire.decode_report(report)
+            except InvalidRequest as exc:  # the front end read only its header; a queued one was answered already
                 log.warning("node %s: a heartbeat's report is dropped: %s", node, exc)
                 continue
-            if self._cluster.file_inventory(node, incarnation, held, memory_used):
-                self._filed_raw[node] = report
+            filed = self._cluster.file_inventory(node, incarnation, held, memory_used)
+            if raw is None:
+                self._filed_raw.pop(node, None)
+            elif filed:
+                self._filed_raw[node] = raw
 
     def _publish_change(self, change: Change) -> None:
         metrics.AGENT_FAILURES.inc(len(change.failed))

@@ -1,8 +1,9 @@
-"""Conversions between the coordinator's dataclasses and its protobuf messages."""
+"""Conversions between the coordinator's data (dataclasses, named tuples) and its protobuf messages."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from operator import itemgetter
 
 from memckpt.coordinator.cluster import Held
 from memckpt.coordinator.drain import DrainProgress
@@ -62,9 +63,12 @@ def held_from_proto(messages: Iterable[pb.HeldSnapshot]) -> tuple[Held, ...]:
         new(Held, (h.job, h.rank, h.step, h.generation, indices(h.fragment_indices), h.k, h.m, h.size_bytes, h.protected))
         for h in messages
     ]
+    if entries and min(map(_RANK, entries)) < 0:
+        raise InvalidRequest(f"an inventory entry of rank {min(map(_RANK, entries))}: ranks are counted from 0")
     return tuple(dict.fromkeys(entries))
 
 
+_RANK = itemgetter(1)  # of a Held
 _ONE_INDEX = {i: (i,) for i in range(256)}  # most fragment entries hold one fragment
 
 
@@ -153,8 +157,11 @@ def _field(key: bytes, payload: bytes) -> bytes:
 
 
 def _encode_varint(value: int) -> bytes:
-    if value < 0x80:
+    """A non-negative integer's varint (a negative int32 would take ten bytes: none is written here)."""
+    if 0 <= value < 0x80:
         return _SMALL_VARINTS[value]
+    if value < 0:
+        raise ValueError(f"a negative varint: {value}")
     out = bytearray()
     while value >= 0x80:
         out.append(value & 0x7F | 0x80)

@@ -116,6 +116,20 @@ def test_a_report_malformed_past_its_header_is_dropped_and_filing_goes_on(caplog
     assert cluster.held["n0"] == good
 
 
+@pytest.mark.parametrize("parsed", [True, False], ids=["parsed", "as-it-came"])
+def test_a_report_of_a_negative_rank_is_dropped_and_filing_goes_on(caplog: pytest.LogCaptureFixture, parsed: bool) -> None:
+    cluster, servicer = cluster_of(4)
+    incarnation = cluster.membership.members["n0"].incarnation
+    negative = Held(job="j", rank=-3, step=3, generation=1)
+    bad = pb.HeartbeatRequest(node="n0", incarnation=incarnation, held=held_to_proto([negative]))
+    assert servicer.accept_report("n0", incarnation, bad if parsed else bad.SerializeToString(), now=1.0)
+    assert cluster.held["n0"] == () and "rank -3" in caplog.text and "j" not in cluster.jobs
+    good = (Held(job="j", rank=0, step=3, generation=1),)
+    request = pb.HeartbeatRequest(node="n0", incarnation=incarnation, held=held_to_proto(good))
+    assert servicer.accept_report("n0", incarnation, request if parsed else request.SerializeToString(), now=2.0)
+    assert cluster.held["n0"] == good and cluster.jobs["j"].world_size == 1
+
+
 def test_leases_are_not_expired_while_the_heartbeats_are_read_late() -> None:
     """After a stall of the state process, renewals wait unread in its socket: expiring then
     would fail agents that heartbeat on time."""

@@ -22,6 +22,13 @@ def test_an_entry_reported_twice_counts_once_and_the_order_is_kept() -> None:
     assert held_from_proto(held_to_proto([FRAGMENT, COPY, FRAGMENT])) == (FRAGMENT, COPY)
 
 
+def test_an_entry_of_a_negative_rank_is_refused() -> None:
+    """A job's world size is learned from the ranks its agents hold: -3 would make it -2."""
+    bad = pb.HeartbeatRequest(node="a", held=held_to_proto([COPY, COPY._replace(rank=-3)])).SerializeToString()
+    with pytest.raises(InvalidRequest, match="rank -3"):
+        decode_report(bad)
+
+
 held_entries = st.builds(
     Held,
     job=st.text(alphabet="abcxyz-_.0123456789", min_size=1, max_size=40),
@@ -51,13 +58,13 @@ def test_a_report_decodes_to_the_entries_and_memory_it_was_built_from(held: list
     [
         b"\x1a\x05ab",  # an entry of 5 bytes with 2 left
         b"\x20",  # memory_used's key without its value
-        b"\x1b",  # a group: never in a report
+        b"\x1b",  # a group never closed
         b"\x20" + b"\xff" * 11,  # a varint longer than 10 bytes
         b"\x00\x01",  # field number 0
         b"\x1a\x02\x08\xff",  # an entry whose rank is cut short
     ],
 )
-def test_a_malformed_report_is_refused_precisely(raw: bytes) -> None:
+def test_a_malformed_report_is_refused(raw: bytes) -> None:
     with pytest.raises(InvalidRequest, match="a malformed heartbeat report"):
         decode_report(raw)
 
