@@ -49,7 +49,7 @@ import psutil
 from memckpt.coordinator.cluster import Cluster, Held
 from memckpt.coordinator.membership import AgentInfo
 from memckpt.coordinator.service import CoordinatorServicer
-from memckpt.coordinator.state import GC_THRESHOLDS
+from memckpt.coordinator.state import quiet_collector
 from memckpt.coordinator.wire import held_to_proto
 from memckpt.errors import Unavailable
 from memckpt.local import CoordinatorProcess, stop_process
@@ -295,14 +295,6 @@ class SimulatedAgents:
             await channel.close()
 
 
-def quiet_collector() -> None:
-    """The coordinator's collector settings (`state.py`), for the load generators and the bare
-    server too: a load generator's pause in a full collection (70-300 ms measured, at a
-    thousand agents' streams) made every reply that came meanwhile look that late."""
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
-
-
 async def read_line(loop: asyncio.AbstractEventLoop) -> str:
     return await loop.run_in_executor(None, sys.stdin.readline)
 
@@ -315,6 +307,8 @@ async def client_main(args: argparse.Namespace) -> int:
     sim = SimulatedAgents(shape, args.first_agent, args.agent_count, args.address, args.interval_s, args.rpc)
     cpu_start = time.process_time()
     await sim.register_all()
+    # as the coordinator does: a full collection paused a load generator 70-300 ms, and every
+    # reply that came meanwhile was measured that late
     quiet_collector()
     print("ready", flush=True)
     _, t0, begin, end = (await read_line(loop)).split()
@@ -589,8 +583,7 @@ def compute_in_process(shape: Shape) -> tuple[float, float]:
     generation = cluster.start_generation(JOB, shape.ranks, previous=1)
     request = pb.GetRecoveryPlanRequest(job=JOB, generation=generation)
     thresholds = gc.get_threshold()
-    gc.freeze()  # the coordinator's collector settings (`state.py`)
-    gc.set_threshold(*GC_THRESHOLDS)
+    quiet_collector()  # the coordinator's collector settings
     try:
         began = time.perf_counter()
         reply = asyncio.run(servicer.GetRecoveryPlan(request, None)).SerializeToString()

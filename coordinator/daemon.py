@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import hmac
 import logging
 import os
@@ -22,10 +21,10 @@ from memckpt.coordinator.cluster import Cluster
 from memckpt.coordinator.config import CoordinatorConfig
 from memckpt.coordinator.service import CoordinatorServicer
 from memckpt.coordinator.state import (
-    GC_THRESHOLDS,
     STATE_SILENT_S,
     Frontend,
     expire_leases,
+    quiet_collector,
     refresh_forever,
     start_metrics,
     tick_interval,
@@ -90,8 +89,7 @@ async def serve_async(config: CoordinatorConfig, stop: threading.Event) -> int:
             await frontend.close()
         raise ConfigError(f"cannot listen on {config.listen}")
     await server.start()
-    gc.freeze()  # what start-up made lives as long as the process: never walk it again
-    gc.set_threshold(*GC_THRESHOLDS)
+    quiet_collector()  # what start-up made lives as long as the process: never walk it again
     if config.port_file is not None:
         config.port_file.write_text(f"{port}\n")
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)

@@ -463,8 +463,7 @@ async def serve_state(config: CoordinatorConfig, sock: socket.socket) -> int:
     serving = threading.Event()
     serving.set()
     metrics_server = start_metrics(config, servicer, serving)
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
+    quiet_collector()
     link.send_view_if_changed()
     tick_s = tick_interval(config)
     stop = threading.Event()
@@ -527,6 +526,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     os.nice(STATE_NICE)
     return asyncio.run(serve_state(config, socket.socket(fileno=int(args[0]))))
+
+
+def quiet_collector() -> None:
+    """Python's cyclic collector set for a long-lived process with large tables: what exists
+    now (start-up's objects) is never walked again, and collections are rare (`GC_THRESHOLDS`)."""
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 # --- the state's cadence (in the state process, or in the daemon's with state_process off) ------
